@@ -1,0 +1,89 @@
+//! Stage 4 costs: token verification on a cache miss (signature + claims)
+//! and on a cache hit (SHA-256 + moka lookup + revocation check), for HS256
+//! and ES256; and the cheap refusals that never reach a signature.
+//!
+//! Run with `cargo bench --bench auth`.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use portcullis::auth::jwt::JwtAuthenticator;
+use portcullis::auth::sign;
+use portcullis::config::Auth;
+use portcullis::metrics::Metrics;
+use portcullis::revocation::{Revocation, RevocationSet, RevocationStore, StoreError};
+use tokio::sync::broadcast;
+
+/// An in-memory store: the benchmark measures verification, not disk I/O.
+struct MemStore(RevocationSet, broadcast::Sender<Revocation>);
+
+#[async_trait::async_trait]
+impl RevocationStore for MemStore {
+    fn is_revoked(&self, sub: &str, jti: Option<&str>, iat: Option<u64>) -> bool {
+        self.0.is_revoked(sub, jti, iat)
+    }
+    async fn revoke(&self, r: Revocation) -> Result<(), StoreError> {
+        self.0.insert(&r, 0);
+        Ok(())
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+        self.1.subscribe()
+    }
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys").join(name)
+}
+
+fn config(alg: &str) -> Auth {
+    let mut cfg = Auth { algorithms: vec![alg.to_string()], ..Auth::default() };
+    match alg {
+        "HS256" => cfg.hmac_secret = "bench-secret-bench-secret-bench-secret".into(),
+        "ES256" => {
+            cfg.public_key_file = fixture("ec256.pub");
+            cfg.private_key_file = fixture("ec256.key");
+        }
+        other => unreachable!("no bench config for {other}"),
+    }
+    cfg
+}
+
+fn verify(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    // Revocations present, so the hit path does real lookups.
+    let set = RevocationSet::default();
+    for i in 0..1000 {
+        set.insert(&Revocation::Jti { jti: format!("revoked-{i}") }, 0);
+    }
+    let store = Arc::new(MemStore(set, broadcast::channel(16).0));
+
+    for alg in ["HS256", "ES256"] {
+        let cfg = config(alg);
+        let auth = JwtAuthenticator::new(&cfg, &BTreeMap::new(), store.clone(), Arc::new(Metrics::new()))
+            .expect("authenticator");
+        let token = sign::mint(&cfg, "bench-user", Duration::from_secs(3600), None).expect("token");
+        let (body, sig) = token.rsplit_once('.').expect("three parts");
+        let forged = format!("{body}.{}{}", if sig.starts_with('A') { "B" } else { "A" }, &sig[1..]);
+        let none = format!("eyJhbGciOiJub25lIn0.{}.", body.split_once('.').expect("payload").1);
+
+        let mut g = c.benchmark_group(format!("token_verify/{alg}"));
+        g.bench_function("miss", |b| b.iter(|| auth.verify_uncached(black_box(&token)).expect("valid")));
+        rt.block_on(auth.verify_token(&token)).expect("valid");
+        g.bench_function("hit", |b| {
+            b.iter(|| rt.block_on(auth.verify_token(black_box(&token))).expect("valid"))
+        });
+        g.bench_function("forged", |b| b.iter(|| auth.verify_uncached(black_box(&forged)).unwrap_err()));
+        g.bench_function("alg_none", |b| b.iter(|| auth.verify_uncached(black_box(&none)).unwrap_err()));
+        g.finish();
+    }
+}
+
+criterion_group!(benches, verify);
+criterion_main!(benches);

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The project's test command (README "Testing"): installs what the tests
+# need when it is missing, then runs the whole suite.
+#   ./scripts/test.sh            everything
+#   ./scripts/test.sh -- <args>  extra arguments for `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "test.sh: installing ${need_apt[*]} from Debian's packages"
+  export DEBIAN_FRONTEND=noninteractive
+  # Never start the packaged services: the tests start their own on free ports.
+  had_policy=0
+  [ -e /usr/sbin/policy-rc.d ] && had_policy=1 && cp /usr/sbin/policy-rc.d /tmp/policy-rc.d.bak
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  if [ $had_policy = 1 ]; then mv /tmp/policy-rc.d.bak /usr/sbin/policy-rc.d; else rm -f /usr/sbin/policy-rc.d; fi
+fi
+
+shift_args=()
+if [ "${1:-}" = "--" ]; then shift; shift_args=("$@"); fi
+
+cargo build --locked --bin portcullis
+# The load tester's tests also run against the real gateway binary.
+PORTCULLIS_BIN="$PWD/target/debug/portcullis" cargo test --workspace --locked "${shift_args[@]}"
+bash scripts/check-dashboard.sh target/debug/portcullis

@@ -1,0 +1,196 @@
+//! The admin plane, on its own listener (loopback by default):
+//! `/metrics`, `/healthz`, `/readyz`, `POST /admin/revoke`,
+//! `GET /admin/connections`. With `admin.token` set, `/admin/*` requires
+//! `Authorization: Bearer <token>`, compared in constant time.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::gateway::Shared;
+use crate::revocation::Revocation;
+use crate::session::registry::unix_now;
+
+/// Largest admin request body.
+const MAX_BODY: usize = 64 * 1024;
+
+type Resp = Response<Full<Bytes>>;
+
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Resp {
+    let mut r = text(status, value.to_string());
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
+    let cfg = shared.config.load();
+    let want = cfg.admin.token.as_bytes();
+    if want.is_empty() {
+        return true;
+    }
+    let got = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(got.as_bytes().ct_eq(want))
+}
+
+async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/metrics") => {
+            let mut r = text(StatusCode::OK, shared.metrics.render());
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            r
+        }
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            let ready = shared.ready();
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let draining = shared.draining.load(std::sync::atomic::Ordering::Acquire);
+            json(
+                status,
+                &serde_json::json!({
+                    "ready": ready,
+                    "draining": draining,
+                    "connections": shared.caps.total(),
+                    "handshaking": shared.caps.handshaking(),
+                }),
+            )
+        }
+        (_, p) if p.starts_with("/admin/") => {
+            if !authorized(shared, &req) {
+                let mut r = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+                r.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
+                );
+                return r;
+            }
+            match (req.method(), p) {
+                (&Method::POST, "/admin/revoke") => revoke(shared, req).await,
+                (&Method::GET, "/admin/connections") => {
+                    let sub = req.uri().query().and_then(|q| {
+                        q.split('&').find_map(|kv| kv.strip_prefix("sub=")).map(percent_decode)
+                    });
+                    let list = shared.registry.list(sub.as_deref());
+                    json(StatusCode::OK, &serde_json::to_value(list).unwrap_or_default())
+                }
+                _ => text(StatusCode::NOT_FOUND, "not found\n"),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    jti: Option<String>,
+    sub: Option<String>,
+    before: Option<u64>,
+}
+
+async fn revoke(shared: &Shared, req: Request<Incoming>) -> Resp {
+    let bad = |msg: &str| json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": msg }));
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad("body too large or unreadable"),
+    };
+    let Ok(b) = serde_json::from_slice::<RevokeBody>(&body) else {
+        return bad("expected {\"jti\": \"…\"} or {\"sub\": \"…\", \"before\": unix_s}");
+    };
+    let r = match (b.jti, b.sub) {
+        (Some(jti), None) if !jti.is_empty() && b.before.is_none() => Revocation::Jti { jti },
+        (None, Some(sub)) if !sub.is_empty() => {
+            Revocation::Subject { sub, before: b.before.unwrap_or_else(unix_now) }
+        }
+        _ => {
+            return bad(
+                "give either a non-empty \"jti\" or a non-empty \"sub\" (with an optional \"before\")",
+            )
+        }
+    };
+    if let Err(e) = shared.store.revoke(r.clone()).await {
+        tracing::error!(error = %e, "revocation not persisted");
+        return json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({ "error": e.to_string() }));
+    }
+    let closed = shared.registry.kick_revoked(&r);
+    shared.metrics.set_revocations(shared.store.len());
+    tracing::info!(
+        event = "revoke",
+        closed,
+        kind = if matches!(r, Revocation::Jti { .. }) { "jti" } else { "sub" }
+    );
+    json(StatusCode::OK, &serde_json::json!({ "revoked": r, "closed": closed }))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = (b[i] == b'%' && i + 2 < b.len())
+            .then(|| std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .flatten();
+        match (hex, b[i]) {
+            (Some(v), _) => {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, c) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,50 @@
+//! Stages 1 and 2, admission: caps taken as RAII permits before any byte is
+//! read, and the per-IP handshake rate.
+//!
+//! Dropping a permit, wherever the connection ends, releases its slot: no
+//! code path has to remember to give a cap back.
+
+pub mod caps;
+pub mod rate;
+
+use std::net::{IpAddr, Ipv6Addr};
+
+pub use caps::{Caps, ConnPermit, HandshakePermit, IpPermit};
+pub use rate::RateLimiter;
+
+/// The unit per-IP limits count: an IPv4 address, or an IPv6 /64 (one
+/// subscriber's allocation; counting single v6 addresses would let one host
+/// rotate through 2^64 of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpKey(IpAddr);
+
+impl IpKey {
+    pub fn new(ip: IpAddr) -> IpKey {
+        match ip {
+            IpAddr::V4(v4) => IpKey(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpKey(IpAddr::V4(v4)),
+                None => {
+                    let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                    IpKey(IpAddr::V6(Ipv6Addr::from(bits)))
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_is_keyed_per_64_and_mapped_v4_as_v4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(IpKey::new(a), IpKey::new(b));
+        assert_ne!(IpKey::new(a), IpKey::new(c));
+        let m: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
+        assert_eq!(IpKey::new(m), IpKey::new("127.0.0.2".parse().unwrap()));
+    }
+}

@@ -1,0 +1,739 @@
+//! The JWT authenticator: stage 4 of the pipeline.
+//!
+//! Order of work, cheapest first, so a bad token costs as little as possible:
+//! 1. carrier: the first configured carrier present gives the token;
+//! 2. size: over [`MAX_TOKEN_BYTES`] is refused before any parsing;
+//! 3. cache: a hit skips 4–6 (the SHA-256 of the token is the key);
+//! 4. header: `alg` must be allowed and a key must serve it (with `kid`),
+//!    else refused without verifying any signature;
+//! 5. signature and registered claims, by `jsonwebtoken` with one
+//!    [`Validation`] per algorithm family (`exp` and `nbf` always, leeway
+//!    from config, `iss` / `aud` only when configured — `validate_aud` is
+//!    off otherwise, so a token's `aud` is ignored);
+//! 6. our own claim rules: `sub` a non-empty string, `iat` numeric and not in
+//!    the future, lifetime within `auth.max_token_ttl_s`, forwarded claims
+//!    safe as header values;
+//! 7. revocation, on every handshake, cache hit or not.
+//!
+//! Keys, validation rules and the cache live together in one [`ArcSwap`]ed
+//! state, so a SIGHUP reload swaps them atomically: no handshake ever sees
+//! new keys with an old cache (an entry verified under a removed key).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, Validation};
+use serde_json::{Map, Value};
+
+use super::cache::{unix_now, TokenCache, Verified};
+use super::keys::{allowed_algorithms, KeySet};
+use super::{carrier, AuthRefusal, Authenticator, Identity};
+use crate::config::{self, Carrier, ConfigError};
+use crate::handshake::RequestHead;
+use crate::metrics::Metrics;
+use crate::reject::Reject;
+use crate::revocation::SharedStore;
+
+/// Tokens longer than this are refused before any parsing: no legitimate
+/// JWT is near it, and it bounds the work (base64, JSON) an attacker buys.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// A leeway above this is a misconfiguration (and would overflow
+/// `now - leeway` arithmetic inside `jsonwebtoken`).
+pub const MAX_LEEWAY_S: u64 = 86_400;
+
+/// Everything a verification depends on, swapped whole on reload.
+struct State {
+    keys: KeySet,
+    /// `auth.algorithms`, parsed.
+    allowed: Vec<Algorithm>,
+    /// One `Validation` per family present in `allowed`: `jsonwebtoken`
+    /// refuses a `Validation` whose algorithms span families.
+    validations: Vec<(AlgorithmFamily, Validation)>,
+    carriers: Vec<Carrier>,
+    cookie_name: String,
+    /// (claim, header) pairs to forward upstream.
+    claim_headers: Vec<(String, String)>,
+    leeway: u64,
+    max_ttl: u64,
+    /// Verified claims; part of the state so a reload starts empty.
+    cache: TokenCache,
+}
+
+impl State {
+    fn build(cfg: &config::Auth, claim_headers: &BTreeMap<String, String>) -> Result<State, ConfigError> {
+        if cfg.leeway_s > MAX_LEEWAY_S {
+            return Err(ConfigError::Invalid {
+                key: "auth.leeway_s",
+                msg: format!("at most {MAX_LEEWAY_S}"),
+            });
+        }
+        let allowed = allowed_algorithms(cfg)?;
+        let keys = KeySet::load(cfg)?;
+        let mut validations = Vec::new();
+        for family in [AlgorithmFamily::Hmac, AlgorithmFamily::Rsa, AlgorithmFamily::Ec, AlgorithmFamily::Ed]
+        {
+            let algs: Vec<Algorithm> =
+                family.algorithms().iter().copied().filter(|a| allowed.contains(a)).collect();
+            if let Some(&first) = algs.first() {
+                let mut v = Validation::new(first);
+                v.algorithms = algs;
+                v.leeway = cfg.leeway_s;
+                v.validate_exp = true;
+                v.validate_nbf = true;
+                let mut required = vec!["exp", "sub"];
+                // A configured check must also require the claim:
+                // `jsonwebtoken` passes a token that simply omits it.
+                if !cfg.issuer.is_empty() {
+                    v.set_issuer(&[&cfg.issuer]);
+                    required.push("iss");
+                }
+                if cfg.audience.is_empty() {
+                    v.validate_aud = false;
+                } else {
+                    v.set_audience(&[&cfg.audience]);
+                    v.validate_aud = true;
+                    required.push("aud");
+                }
+                v.set_required_spec_claims(&required);
+                validations.push((family, v));
+            }
+        }
+        Ok(State {
+            keys,
+            allowed,
+            validations,
+            carriers: cfg.carriers.clone(),
+            cookie_name: cfg.cookie_name.clone(),
+            claim_headers: claim_headers.iter().map(|(c, h)| (c.clone(), h.clone())).collect(),
+            leeway: cfg.leeway_s,
+            max_ttl: cfg.max_token_ttl_s,
+            cache: TokenCache::new(cfg.cache_capacity),
+        })
+    }
+
+    fn validation(&self, family: AlgorithmFamily) -> Option<&Validation> {
+        self.validations.iter().find(|(f, _)| *f == family).map(|(_, v)| v)
+    }
+}
+
+/// Verifies JWTs per SPEC stage 4; see the module doc for the order of work.
+pub struct JwtAuthenticator {
+    /// Keys, rules and cache; replaced whole by [`JwtAuthenticator::reload`].
+    state: ArcSwap<State>,
+    /// Revocations, consulted on every handshake (not part of the reloadable
+    /// state: revocations outlive key rotations).
+    store: SharedStore,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for JwtAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state.load();
+        f.debug_struct("JwtAuthenticator")
+            .field("algorithms", &st.allowed)
+            .field("keys", &st.keys.len())
+            .field("cache", &st.cache)
+            .finish()
+    }
+}
+
+/// A JSON number as whole unix seconds (`jsonwebtoken` accepts floats too).
+fn seconds(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64().filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64).map(|f| f.round() as u64)
+    })
+}
+
+/// A claim as a header value: strings raw, numbers and booleans as text,
+/// anything else as JSON.
+fn claim_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => other.to_string(),
+    }
+}
+
+impl JwtAuthenticator {
+    /// Loads keys and rules from `cfg`. `claim_headers` is
+    /// `upstream.claim_headers` (claim name → upstream header name).
+    pub fn new(
+        cfg: &config::Auth,
+        claim_headers: &BTreeMap<String, String>,
+        store: SharedStore,
+        metrics: Arc<Metrics>,
+    ) -> Result<JwtAuthenticator, ConfigError> {
+        let state = State::build(cfg, claim_headers)?;
+        Ok(JwtAuthenticator { state: ArcSwap::from_pointee(state), store, metrics })
+    }
+
+    /// Replaces keys (PEM, JWKS, secret), validation rules, carriers and
+    /// claim headers atomically, with an empty cache. On error nothing
+    /// changes and the old configuration keeps serving.
+    pub fn reload(
+        &self,
+        cfg: &config::Auth,
+        claim_headers: &BTreeMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        let state = State::build(cfg, claim_headers)?;
+        self.state.store(Arc::new(state));
+        Ok(())
+    }
+
+    /// Verifies `token` (cache, signature, claims, revocation) as the
+    /// handshake does, without a carrier: for tests, benches and embedders
+    /// that obtained the token themselves.
+    pub async fn verify_token(&self, token: &str) -> Result<Identity, Reject> {
+        self.identity(&self.state.load_full(), token).await
+    }
+
+    /// Cache or verification, then revocation (never cached).
+    async fn identity(&self, st: &State, token: &str) -> Result<Identity, Reject> {
+        let v = self.verified(st, token).await?;
+        if self.store.is_revoked(&v.sub, v.jti.as_deref(), v.iat) {
+            return Err(Reject::RevokedToken);
+        }
+        Ok(Identity {
+            sub: v.sub.clone(),
+            expires_at: Some(v.expires_at),
+            issued_at: v.iat,
+            jti: v.jti.clone(),
+            forward: v.forward.clone(),
+            carrier: None,
+        })
+    }
+
+    /// The verified claims of `token`, from the cache or a verification.
+    async fn verified(&self, st: &State, token: &str) -> Result<Arc<Verified>, Reject> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return Err(Reject::InvalidToken);
+        }
+        let key = TokenCache::key(token);
+        if let Some(v) = st.cache.get(&key).await {
+            self.metrics.auth_cache(true);
+            return Ok(v);
+        }
+        self.metrics.auth_cache(false);
+        let v = Arc::new(self.verify_with(st, token)?);
+        st.cache.insert(key, v.clone()).await;
+        Ok(v)
+    }
+
+    /// Verifies `token` without the cache or revocation: the cost of a
+    /// cache miss (exposed for the benchmarks).
+    pub fn verify_uncached(&self, token: &str) -> Result<Verified, Reject> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return Err(Reject::InvalidToken);
+        }
+        self.verify_with(&self.state.load(), token)
+    }
+
+    fn verify_with(&self, st: &State, token: &str) -> Result<Verified, Reject> {
+        let refuse = |why: &str| {
+            tracing::debug!(why, "token refused");
+            Reject::InvalidToken
+        };
+        // Header only: a few hundred nanoseconds, and enough to refuse a
+        // disallowed algorithm (`none` does not even parse) or an unknown
+        // `kid` without touching a signature.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| refuse("undecodable header"))?;
+        if !st.allowed.contains(&header.alg) {
+            return Err(refuse("algorithm not allowed"));
+        }
+        let key =
+            st.keys.select(header.alg, header.kid.as_deref()).ok_or_else(|| refuse("no key for alg/kid"))?;
+        let validation = st.validation(header.alg.family()).ok_or_else(|| refuse("algorithm not allowed"))?;
+
+        let started = tokio::time::Instant::now();
+        let decoded = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation);
+        self.metrics.token_verify(started.elapsed());
+        let claims = match decoded {
+            Ok(d) => d.claims,
+            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => return Err(Reject::ExpiredToken),
+            Err(e) => {
+                tracing::debug!(error = %e, "token refused");
+                return Err(Reject::InvalidToken);
+            }
+        };
+
+        // `jsonwebtoken` required `sub` as a string and `exp` as a number.
+        let sub = match claims.get("sub") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(refuse("empty or non-string sub")),
+        };
+        let exp = claims.get("exp").and_then(seconds).ok_or_else(|| refuse("bad exp"))?;
+        let iat = match claims.get("iat") {
+            None => None,
+            Some(v) => Some(seconds(v).ok_or_else(|| refuse("bad iat"))?),
+        };
+        let jti = match claims.get("jti") {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(refuse("non-string jti")),
+        };
+        let now = unix_now();
+        // A token "issued in the future" would dodge revocation by subject
+        // ("issued before T") and stretch its lifetime; refuse it.
+        if iat.is_some_and(|iat| iat > now.saturating_add(st.leeway)) {
+            return Err(refuse("iat in the future"));
+        }
+        let lifetime = exp.saturating_sub(iat.unwrap_or(now));
+        if lifetime > st.max_ttl {
+            return Err(refuse("lifetime above auth.max_token_ttl_s"));
+        }
+        let mut forward = Vec::with_capacity(st.claim_headers.len());
+        for (claim, header) in &st.claim_headers {
+            if let Some(v) = claims.get(claim) {
+                let text = claim_text(v);
+                // A CR/LF in a claim would inject headers upstream.
+                if text.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+                    return Err(refuse("claim not safe as a header value"));
+                }
+                forward.push((header.clone(), text));
+            }
+        }
+        Ok(Verified { sub, exp, expires_at: exp.saturating_add(st.leeway), iat, jti, forward })
+    }
+}
+
+#[async_trait::async_trait]
+impl Authenticator for JwtAuthenticator {
+    async fn authenticate(&self, head: &RequestHead, _client: SocketAddr) -> Result<Identity, AuthRefusal> {
+        // One snapshot for carriers and keys: a reload mid-handshake never
+        // mixes the two.
+        let st = self.state.load_full();
+        let Some((carrier, token)) = carrier::extract(head, &st.carriers, &st.cookie_name) else {
+            return Err(Reject::MissingToken.into());
+        };
+        let mut id = self.identity(&st, &token).await?;
+        id.carrier = Some(carrier);
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::keys::tests::{fixture, jwk};
+    use crate::revocation::{Revocation, RevocationSet, RevocationStore, StoreError};
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+    use tokio::sync::broadcast;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    /// An in-memory store for tests.
+    struct MemStore(RevocationSet, broadcast::Sender<Revocation>);
+
+    #[async_trait::async_trait]
+    impl RevocationStore for MemStore {
+        fn is_revoked(&self, sub: &str, jti: Option<&str>, iat: Option<u64>) -> bool {
+            self.0.is_revoked(sub, jti, iat)
+        }
+        async fn revoke(&self, r: Revocation) -> Result<(), StoreError> {
+            self.0.insert(&r, unix_now());
+            Ok(())
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+            self.1.subscribe()
+        }
+    }
+
+    fn store() -> Arc<MemStore> {
+        Arc::new(MemStore(RevocationSet::default(), broadcast::channel(4).0))
+    }
+
+    fn cfg(algs: &[&str]) -> config::Auth {
+        config::Auth {
+            algorithms: algs.iter().map(|s| s.to_string()).collect(),
+            hmac_secret: SECRET.into(),
+            leeway_s: 0,
+            max_token_ttl_s: 3600,
+            carriers: vec![Carrier::Header, Carrier::Subprotocol],
+            ..config::Auth::default()
+        }
+    }
+
+    fn authn(cfg: &config::Auth) -> (JwtAuthenticator, Arc<MemStore>, Arc<Metrics>) {
+        let s = store();
+        let m = Arc::new(Metrics::new());
+        let claims = BTreeMap::from([("tenant".to_string(), "X-Tenant".to_string())]);
+        (JwtAuthenticator::new(cfg, &claims, s.clone(), m.clone()).unwrap(), s, m)
+    }
+
+    fn now() -> u64 {
+        unix_now()
+    }
+
+    fn claims(sub: &str) -> Value {
+        json!({ "sub": sub, "iat": now(), "exp": now() + 600 })
+    }
+
+    fn encoding_key(alg: Algorithm) -> EncodingKey {
+        let file = match alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+                return EncodingKey::from_secret(SECRET.as_bytes()).unwrap()
+            }
+            Algorithm::ES256 => "ec256.key",
+            Algorithm::ES384 => "ec384.key",
+            Algorithm::EdDSA => "ed25519.key",
+            _ => "rsa.key",
+        };
+        let pem = std::fs::read(fixture(file)).unwrap();
+        match alg.family() {
+            AlgorithmFamily::Rsa => EncodingKey::from_rsa_pem(&pem),
+            AlgorithmFamily::Ec => EncodingKey::from_ec_pem(&pem),
+            _ => EncodingKey::from_ed_pem(&pem),
+        }
+        .unwrap()
+    }
+
+    fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+        let mut h = Header::new(alg);
+        h.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&h, claims, &encoding_key(alg)).unwrap()
+    }
+
+    fn hs(claims: &Value) -> String {
+        sign(Algorithm::HS256, None, claims)
+    }
+
+    fn head_with(token: &str) -> RequestHead {
+        RequestHead {
+            method: "GET".into(),
+            target: "/".into(),
+            headers: vec![("Authorization".into(), format!("Bearer {token}"))],
+        }
+    }
+
+    fn client() -> SocketAddr {
+        "127.0.0.1:1".parse().unwrap()
+    }
+
+    fn b64(v: &Value) -> String {
+        URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    fn counter(m: &Metrics, series: &str) -> f64 {
+        let text = m.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} not in\n{text}"))
+    }
+
+    fn verify_count(m: &Metrics) -> f64 {
+        let text = m.render();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("portcullis_token_verify_duration_seconds_count")?.trim().parse().ok()
+            })
+            .unwrap_or(0.0)
+    }
+
+    #[tokio::test]
+    async fn every_algorithm_accepts() {
+        for (alg, pubkey) in [
+            (Algorithm::HS256, None),
+            (Algorithm::HS384, None),
+            (Algorithm::HS512, None),
+            (Algorithm::RS256, Some("rsa.pub")),
+            (Algorithm::PS256, Some("rsa.pub")),
+            (Algorithm::ES256, Some("ec256.pub")),
+            (Algorithm::ES384, Some("ec384.pub")),
+            (Algorithm::EdDSA, Some("ed25519.pub")),
+        ] {
+            let name = format!("{alg:?}");
+            let mut c = cfg(&[&name]);
+            if let Some(p) = pubkey {
+                c.public_key_file = fixture(p);
+            }
+            let (a, _, _) = authn(&c);
+            let mut cl = claims("alice");
+            cl["jti"] = "j1".into();
+            cl["tenant"] = "acme".into();
+            let id = a.authenticate(&head_with(&sign(alg, None, &cl)), client()).await.unwrap();
+            assert_eq!(id.sub, "alice", "{name}");
+            assert_eq!(id.jti.as_deref(), Some("j1"));
+            assert_eq!(id.issued_at, cl["iat"].as_u64());
+            assert_eq!(id.expires_at, cl["exp"].as_u64());
+            assert_eq!(id.forward, vec![("X-Tenant".to_string(), "acme".to_string())]);
+            assert_eq!(id.carrier, Some(Carrier::Header));
+        }
+    }
+
+    async fn refused(a: &JwtAuthenticator, token: &str) -> Reject {
+        match a.verify_token(token).await {
+            Err(r) => r,
+            Ok(id) => panic!("accepted {id:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn forged_expired_and_immature() {
+        let (a, _, _) = authn(&cfg(&["HS256"]));
+        let good = hs(&claims("u"));
+        let (body, sig) = good.rsplit_once('.').unwrap();
+        let mut forged_sig = sig.to_string();
+        let last = if forged_sig.ends_with('A') { "B" } else { "A" };
+        forged_sig.replace_range(0..1, last);
+        assert_eq!(refused(&a, &format!("{body}.{forged_sig}")).await, Reject::InvalidToken);
+        // Payload swapped under the original signature.
+        let (h, _) = body.split_once('.').unwrap();
+        let other = b64(&json!({"sub": "admin", "exp": now() + 600}));
+        assert_eq!(refused(&a, &format!("{h}.{other}.{sig}")).await, Reject::InvalidToken);
+        let expired = hs(&json!({"sub": "u", "iat": now() - 100, "exp": now() - 10}));
+        assert_eq!(refused(&a, &expired).await, Reject::ExpiredToken);
+        // An expired token with a bad signature is invalid, not expired.
+        let forged_expired = format!("{}.{forged_sig}", expired.rsplit_once('.').unwrap().0);
+        assert_eq!(refused(&a, &forged_expired).await, Reject::InvalidToken);
+        let immature = hs(&json!({"sub": "u", "nbf": now() + 100, "exp": now() + 600}));
+        assert_eq!(refused(&a, &immature).await, Reject::InvalidToken);
+    }
+
+    #[tokio::test]
+    async fn leeway_applies_to_exp_and_nbf() {
+        let mut c = cfg(&["HS256"]);
+        c.leeway_s = 30;
+        let (a, _, _) = authn(&c);
+        let t = hs(&json!({"sub": "u", "nbf": now() + 20, "exp": now() - 20}));
+        let id = a.verify_token(&t).await.unwrap();
+        assert_eq!(id.expires_at, Some(now() - 20 + 30));
+    }
+
+    #[tokio::test]
+    async fn alg_none_and_garbage_and_oversized() {
+        let (a, _, m) = authn(&cfg(&["HS256"]));
+        let body = b64(&claims("u"));
+        for header in [json!({"alg": "none"}), json!({"alg": "None", "typ": "JWT"}), json!({"alg": "HS256x"})]
+        {
+            let t = format!("{}.{body}.", b64(&header));
+            assert_eq!(refused(&a, &t).await, Reject::InvalidToken, "{header}");
+        }
+        for t in ["garbage", "a.b.c", "...", "eyJ.eyJ.x", "Basic x", &"a".repeat(100)] {
+            assert_eq!(refused(&a, t).await, Reject::InvalidToken, "{t}");
+        }
+        let mut big = claims("u");
+        big["pad"] = "x".repeat(MAX_TOKEN_BYTES).into();
+        assert_eq!(refused(&a, &hs(&big)).await, Reject::InvalidToken);
+        // Nothing above reached a signature check.
+        assert_eq!(verify_count(&m), 0.0);
+    }
+
+    #[tokio::test]
+    async fn wrong_algorithm_and_confusion() {
+        let mut c = cfg(&["ES256"]);
+        c.hmac_secret = String::new();
+        c.public_key_file = fixture("ec256.pub");
+        let (a, _, _) = authn(&c);
+        assert!(a.verify_token(&sign(Algorithm::ES256, None, &claims("u"))).await.is_ok());
+        // HS256 with the real secret: not allowed.
+        assert_eq!(refused(&a, &hs(&claims("u"))).await, Reject::InvalidToken);
+        // The classic confusion: HS256 "signed" with the public key PEM bytes.
+        let pem = std::fs::read(fixture("ec256.pub")).unwrap();
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims("u"),
+            &EncodingKey::from_secret(&pem).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(refused(&a, &t).await, Reject::InvalidToken);
+        // Even with HS256 allowed, it is checked against the secret only.
+        let mut c = cfg(&["HS256", "ES256"]);
+        c.public_key_file = fixture("ec256.pub");
+        let (a, _, _) = authn(&c);
+        assert_eq!(refused(&a, &t).await, Reject::InvalidToken);
+        // ES384 token against a P-256 key: not served.
+        assert_eq!(refused(&a, &sign(Algorithm::ES384, None, &claims("u"))).await, Reject::InvalidToken);
+        // An RS256 token when only EC keys exist.
+        assert_eq!(refused(&a, &sign(Algorithm::RS256, None, &claims("u"))).await, Reject::InvalidToken);
+    }
+
+    #[tokio::test]
+    async fn issuer_and_audience() {
+        let mut c = cfg(&["HS256"]);
+        let with = |iss: Option<&str>, aud: Option<Value>| {
+            let mut cl = claims("u");
+            if let Some(i) = iss {
+                cl["iss"] = i.into();
+            }
+            if let Some(a) = aud {
+                cl["aud"] = a;
+            }
+            hs(&cl)
+        };
+        // Not configured: any aud is ignored, any iss is fine.
+        let (a, _, _) = authn(&c);
+        assert!(a.verify_token(&with(Some("x"), Some("whoever".into()))).await.is_ok());
+        assert!(a.verify_token(&with(None, Some(json!(["a", "b"])))).await.is_ok());
+
+        c.issuer = "https://issuer".into();
+        c.audience = "gw".into();
+        let (a, _, _) = authn(&c);
+        assert!(a.verify_token(&with(Some("https://issuer"), Some("gw".into()))).await.is_ok());
+        assert!(a.verify_token(&with(Some("https://issuer"), Some(json!(["x", "gw"])))).await.is_ok());
+        for t in [
+            with(Some("https://evil"), Some("gw".into())),
+            with(Some("https://issuer"), Some("other".into())),
+            with(None, Some("gw".into())),
+            with(Some("https://issuer"), None),
+        ] {
+            assert_eq!(refused(&a, &t).await, Reject::InvalidToken);
+        }
+    }
+
+    #[tokio::test]
+    async fn claim_rules() {
+        let (a, _, _) = authn(&cfg(&["HS256"]));
+        let n = now();
+        for cl in [
+            json!({"exp": n + 60}),                                         // no sub
+            json!({"sub": "", "exp": n + 60}),                              // empty sub
+            json!({"sub": 42, "exp": n + 60}),                              // non-string sub
+            json!({"sub": "u"}),                                            // no exp
+            json!({"sub": "u", "exp": "soon"}),                             // non-numeric exp
+            json!({"sub": "u", "iat": n - 10, "exp": n + 3600}),            // lifetime 3610 > 3600
+            json!({"sub": "u", "exp": n + 3700}),                           // no iat: exp - now > 3600
+            json!({"sub": "u", "iat": n + 600, "exp": n + 700}),            // issued in the future
+            json!({"sub": "u", "iat": "x", "exp": n + 60}),                 // non-numeric iat
+            json!({"sub": "u", "jti": 7, "exp": n + 60}),                   // non-string jti
+            json!({"sub": "u", "tenant": "a\r\nX-Evil: 1", "exp": n + 60}), // header injection
+        ] {
+            assert_eq!(refused(&a, &hs(&cl)).await, Reject::InvalidToken, "{cl}");
+        }
+        let id = a.verify_token(&hs(&json!({"sub": "u", "iat": n, "exp": n + 3600}))).await.unwrap();
+        assert_eq!(id.forward, vec![]);
+        let id = a.verify_token(&hs(&json!({"sub": "u", "exp": n + 60, "tenant": 7}))).await.unwrap();
+        assert_eq!(id.forward, vec![("X-Tenant".to_string(), "7".to_string())]);
+        let id =
+            a.verify_token(&hs(&json!({"sub": "u", "exp": n + 60, "tenant": {"a": [1]}}))).await.unwrap();
+        assert_eq!(id.forward, vec![("X-Tenant".to_string(), "{\"a\":[1]}".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn missing_token_and_carriers() {
+        let mut c = cfg(&["HS256"]);
+        c.carriers = vec![Carrier::Subprotocol, Carrier::Header];
+        let (a, _, _) = authn(&c);
+        let none = RequestHead { method: "GET".into(), target: "/".into(), headers: vec![] };
+        assert_eq!(a.authenticate(&none, client()).await, Err(AuthRefusal::Reason(Reject::MissingToken)));
+        let t = hs(&claims("u"));
+        let sp = RequestHead {
+            method: "GET".into(),
+            target: "/".into(),
+            headers: vec![("Sec-WebSocket-Protocol".into(), format!("bearer, {t}"))],
+        };
+        assert_eq!(a.authenticate(&sp, client()).await.unwrap().carrier, Some(Carrier::Subprotocol));
+        // Present but malformed: invalid, not missing, and no fall-through.
+        let basic = RequestHead {
+            method: "GET".into(),
+            target: "/".into(),
+            headers: vec![("Authorization".into(), "Basic x".into())],
+        };
+        assert_eq!(a.authenticate(&basic, client()).await, Err(AuthRefusal::Reason(Reject::InvalidToken)));
+    }
+
+    #[tokio::test]
+    async fn cache_hits_and_misses_are_counted() {
+        let (a, _, m) = authn(&cfg(&["HS256"]));
+        let t = hs(&claims("u"));
+        for _ in 0..3 {
+            a.verify_token(&t).await.unwrap();
+        }
+        assert_eq!(counter(&m, "portcullis_auth_cache_total{result=\"hit\"}"), 2.0);
+        assert_eq!(counter(&m, "portcullis_auth_cache_total{result=\"miss\"}"), 1.0);
+        assert_eq!(verify_count(&m), 1.0);
+        // A failed verification is not cached.
+        let bad = hs(&json!({"sub": "u", "exp": now() + 100_000}));
+        for _ in 0..2 {
+            assert_eq!(refused(&a, &bad).await, Reject::InvalidToken);
+        }
+        assert_eq!(counter(&m, "portcullis_auth_cache_total{result=\"miss\"}"), 3.0);
+    }
+
+    #[tokio::test]
+    async fn revocation_checked_even_on_cache_hit() {
+        let (a, s, _) = authn(&cfg(&["HS256"]));
+        let mut cl = claims("alice");
+        cl["jti"] = "j-1".into();
+        let t = hs(&cl);
+        a.verify_token(&t).await.unwrap(); // now cached
+        s.revoke(Revocation::Jti { jti: "j-1".into() }).await.unwrap();
+        assert_eq!(refused(&a, &t).await, Reject::RevokedToken);
+
+        let t2 = hs(&json!({"sub": "bob", "iat": now() - 5, "exp": now() + 600}));
+        let no_iat = hs(&json!({"sub": "bob", "exp": now() + 600}));
+        let carol = hs(&json!({"sub": "carol", "iat": now(), "exp": now() + 600}));
+        for t in [&t2, &no_iat, &carol] {
+            a.verify_token(t).await.unwrap(); // now cached
+        }
+        s.revoke(Revocation::Subject { sub: "bob".into(), before: now() }).await.unwrap();
+        assert_eq!(refused(&a, &t2).await, Reject::RevokedToken);
+        // Without iat: counts as issued before any cut-off.
+        assert_eq!(refused(&a, &no_iat).await, Reject::RevokedToken);
+        // Issued after the cut-off: still good.
+        s.revoke(Revocation::Subject { sub: "carol".into(), before: now() - 10 }).await.unwrap();
+        assert!(a.verify_token(&carol).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn jwks_kid_selection() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("jwks.json");
+        let keys = json!({ "keys": [
+            jwk("ec256.key", Algorithm::ES256, Some("ec")),
+            jwk("rsa.key", Algorithm::RS256, Some("rsa")),
+        ]});
+        std::fs::write(&p, keys.to_string()).unwrap();
+        let mut c = cfg(&["ES256", "RS256"]);
+        c.hmac_secret = String::new();
+        c.jwks_file = p.clone();
+        let (a, _, _) = authn(&c);
+        assert!(a.verify_token(&sign(Algorithm::ES256, Some("ec"), &claims("u"))).await.is_ok());
+        assert!(a.verify_token(&sign(Algorithm::RS256, Some("rsa"), &claims("u"))).await.is_ok());
+        for t in [
+            sign(Algorithm::ES256, Some("nope"), &claims("u")), // unknown kid
+            sign(Algorithm::ES256, Some("rsa"), &claims("u")),  // kid of another type
+            sign(Algorithm::ES256, None, &claims("u")),         // no kid, no anonymous key
+        ] {
+            assert_eq!(refused(&a, &t).await, Reject::InvalidToken);
+        }
+    }
+
+    #[tokio::test]
+    async fn reload_swaps_keys_and_clears_cache() {
+        let (a, _, m) = authn(&cfg(&["HS256"]));
+        let t = hs(&claims("u"));
+        a.verify_token(&t).await.unwrap();
+        let mut c = cfg(&["HS256"]);
+        c.hmac_secret = "another-secret-another-secret-!!".into();
+        a.reload(&c, &BTreeMap::new()).unwrap();
+        // The cached entry is gone with the old key.
+        assert_eq!(refused(&a, &t).await, Reject::InvalidToken);
+        assert_eq!(counter(&m, "portcullis_auth_cache_total{result=\"hit\"}"), 0.0);
+        // A bad reload keeps the current state.
+        let mut bad = cfg(&["ES256"]);
+        bad.public_key_file = fixture("missing.pub");
+        assert!(a
+            .reload(&bad, &BTreeMap::new())
+            .unwrap_err()
+            .to_string()
+            .starts_with("auth.public_key_file"));
+        let t2 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims("u"),
+            &EncodingKey::from_secret(c.hmac_secret.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(a.verify_token(&t2).await.is_ok());
+    }
+}

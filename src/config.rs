@@ -1,0 +1,604 @@
+//! Every configuration key, its default and its validation, in one place.
+//!
+//! The README's reference table mirrors this file. Unknown keys are errors
+//! (`deny_unknown_fields`), and every validation error names its key, so an
+//! operator's typo never silently becomes a default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+pub const DEFAULT_PUBLIC: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
+pub const DEFAULT_BACKLOG: u32 = 4096;
+pub const DEFAULT_DRAIN_DELAY_S: u64 = 0;
+pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 30;
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_HANDSHAKES: usize = 2048;
+pub const DEFAULT_PER_IP_MAX_CONNECTIONS: usize = 256;
+pub const DEFAULT_PER_IP_RATE: f64 = 20.0;
+pub const DEFAULT_PER_IP_BURST: u32 = 40;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 8192;
+pub const DEFAULT_PER_USER_MAX_CONNECTIONS: usize = 8;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 4 << 20;
+pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 10_000;
+
+pub const DEFAULT_PING_INTERVAL_MS: u64 = 20_000;
+pub const DEFAULT_PONG_TIMEOUT_MS: u64 = 10_000;
+
+pub const DEFAULT_LEEWAY_S: u64 = 30;
+pub const DEFAULT_MAX_TOKEN_TTL_S: u64 = 86_400;
+pub const DEFAULT_COOKIE_NAME: &str = "portcullis_token";
+pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
+pub const DEFAULT_LOGIN_TOKEN_TTL_S: u64 = 3600;
+pub const DEFAULT_LOGIN_PER_IP_RATE: f64 = 1.0;
+pub const DEFAULT_LOGIN_PER_IP_BURST: u32 = 5;
+
+pub const DEFAULT_REVOCATION_PATH: &str = "portcullis-revocations.log";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 3000;
+
+/// A configuration error. `key` is the dotted TOML key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {msg}")]
+    Parse { path: String, msg: String },
+    #[error("{key}: {msg}")]
+    Invalid { key: &'static str, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &'static str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, msg: msg.into() }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: Listen,
+    pub limits: Limits,
+    pub heartbeat: Heartbeat,
+    pub auth: Auth,
+    pub revocation: Revocation,
+    pub upstream: Upstream,
+    pub admin: Admin,
+    pub log: Log,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    /// Paths that accept a WebSocket upgrade.
+    pub paths: Vec<String>,
+    pub backlog: u32,
+    pub proxy_protocol: bool,
+    pub trusted_proxies: Vec<IpNet>,
+    pub drain_delay_s: u64,
+    pub drain_timeout_s: u64,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            public: DEFAULT_PUBLIC.parse().expect("constant address"),
+            admin: DEFAULT_ADMIN.parse().expect("constant address"),
+            paths: vec!["/".into()],
+            backlog: DEFAULT_BACKLOG,
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
+            drain_delay_s: DEFAULT_DRAIN_DELAY_S,
+            drain_timeout_s: DEFAULT_DRAIN_TIMEOUT_S,
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUserCap {
+    #[default]
+    Reject,
+    EvictOldest,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCapStoreError {
+    #[default]
+    Local,
+    Reject,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_handshakes: usize,
+    pub per_ip_max_connections: usize,
+    pub per_ip_rate: f64,
+    pub per_ip_burst: u32,
+    pub handshake_timeout_ms: u64,
+    pub max_header_bytes: usize,
+    pub per_user_max_connections: usize,
+    pub on_user_cap: OnUserCap,
+    pub max_message_bytes: usize,
+    /// 0 = unlimited.
+    pub per_conn_msgs_per_s: f64,
+    pub max_outbound_bytes: usize,
+    pub write_timeout_ms: u64,
+    /// 0 = unlimited.
+    pub max_lifetime_s: u64,
+    pub on_cap_store_error: OnCapStoreError,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            per_ip_max_connections: DEFAULT_PER_IP_MAX_CONNECTIONS,
+            per_ip_rate: DEFAULT_PER_IP_RATE,
+            per_ip_burst: DEFAULT_PER_IP_BURST,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            per_user_max_connections: DEFAULT_PER_USER_MAX_CONNECTIONS,
+            on_user_cap: OnUserCap::Reject,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            per_conn_msgs_per_s: 0.0,
+            max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
+            write_timeout_ms: DEFAULT_WRITE_TIMEOUT_MS,
+            max_lifetime_s: 0,
+            on_cap_store_error: OnCapStoreError::Local,
+        }
+    }
+}
+
+impl Limits {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Heartbeat {
+    pub ping_interval_ms: u64,
+    pub pong_timeout_ms: u64,
+    /// 0 = off.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            ping_interval_ms: DEFAULT_PING_INTERVAL_MS,
+            pong_timeout_ms: DEFAULT_PONG_TIMEOUT_MS,
+            idle_timeout_ms: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Carrier {
+    Header,
+    Subprotocol,
+    Cookie,
+    Query,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// Algorithm names as JWT spells them (`HS256`, `ES256`, `EdDSA`, …).
+    pub algorithms: Vec<String>,
+    pub hmac_secret: String,
+    pub hmac_secret_file: PathBuf,
+    pub public_key_file: PathBuf,
+    pub private_key_file: PathBuf,
+    pub jwks_file: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    pub leeway_s: u64,
+    pub max_token_ttl_s: u64,
+    pub carriers: Vec<Carrier>,
+    pub cookie_name: String,
+    pub allowed_origins: Vec<String>,
+    pub cache_capacity: u64,
+    pub login: Login,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            algorithms: vec!["HS256".into()],
+            hmac_secret: String::new(),
+            hmac_secret_file: PathBuf::new(),
+            public_key_file: PathBuf::new(),
+            private_key_file: PathBuf::new(),
+            jwks_file: PathBuf::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            leeway_s: DEFAULT_LEEWAY_S,
+            max_token_ttl_s: DEFAULT_MAX_TOKEN_TTL_S,
+            carriers: vec![Carrier::Header, Carrier::Subprotocol],
+            cookie_name: DEFAULT_COOKIE_NAME.into(),
+            allowed_origins: Vec::new(),
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            login: Login::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Login {
+    pub enabled: bool,
+    pub users_file: PathBuf,
+    pub token_ttl_s: u64,
+    pub per_ip_rate: f64,
+    pub per_ip_burst: u32,
+}
+
+impl Default for Login {
+    fn default() -> Self {
+        Login {
+            enabled: false,
+            users_file: PathBuf::new(),
+            token_ttl_s: DEFAULT_LOGIN_TOKEN_TTL_S,
+            per_ip_rate: DEFAULT_LOGIN_PER_IP_RATE,
+            per_ip_burst: DEFAULT_LOGIN_PER_IP_BURST,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationBackend {
+    #[default]
+    File,
+    Redis,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Revocation {
+    pub backend: RevocationBackend,
+    /// The embedded store's log; with Redis, the local write-through copy.
+    pub path: PathBuf,
+    pub redis_url: String,
+    /// Redis: how long a per-user connection lease lives unless renewed.
+    pub lease_ttl_ms: u64,
+}
+
+pub const DEFAULT_LEASE_TTL_MS: u64 = 30_000;
+
+impl Default for Revocation {
+    fn default() -> Self {
+        Revocation {
+            backend: RevocationBackend::File,
+            path: DEFAULT_REVOCATION_PATH.into(),
+            redis_url: DEFAULT_REDIS_URL.into(),
+            lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Upstream {
+    /// `echo` or `ws://host:port/path`.
+    pub url: String,
+    pub connect_timeout_ms: u64,
+    /// Claim name → request header sent upstream.
+    pub claim_headers: BTreeMap<String, String>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            url: "echo".into(),
+            connect_timeout_ms: DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS,
+            claim_headers: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Admin {
+    /// When set, `/admin/*` requires `Authorization: Bearer <token>`.
+    pub token: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// Algorithms the verifier knows; anything else (notably `none`) is refused.
+pub const KNOWN_ALGORITHMS: [&str; 12] = [
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+    "EdDSA",
+];
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let cfg = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { msg, .. } => ConfigError::Parse { path: path.display().to_string(), msg },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text. Errors fit on one line.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let msg = e.message().replace('\n', " ");
+            let msg = match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start];
+                    let line = before.matches('\n').count() + 1;
+                    // The table the error sits in, so "unknown field" names a full key.
+                    let table = before
+                        .lines()
+                        .rev()
+                        .find_map(|l| l.trim().strip_prefix('[').and_then(|t| t.split(']').next()))
+                        .map(|t| format!(" in [{}]", t.trim_matches('[')))
+                        .unwrap_or_default();
+                    format!("line {line}{table}: {msg}")
+                }
+                None => msg,
+            };
+            ConfigError::Parse { path: "config".into(), msg }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let a = &self.auth;
+        if self.listen.paths.is_empty() {
+            return Err(invalid("listen.paths", "needs at least one path"));
+        }
+        if let Some(p) = self.listen.paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(invalid("listen.paths", format!("{p:?} must start with '/'")));
+        }
+        if self.listen.backlog == 0 {
+            return Err(invalid("listen.backlog", "must be at least 1"));
+        }
+        if self.listen.proxy_protocol && self.listen.trusted_proxies.is_empty() {
+            return Err(invalid(
+                "listen.trusted_proxies",
+                "proxy_protocol needs at least one trusted proxy CIDR",
+            ));
+        }
+        let cert = !self.listen.tls_cert_file.as_os_str().is_empty();
+        let key = !self.listen.tls_key_file.as_os_str().is_empty();
+        if cert != key {
+            return Err(invalid(
+                if cert { "listen.tls_key_file" } else { "listen.tls_cert_file" },
+                "TLS needs both tls_cert_file and tls_key_file",
+            ));
+        }
+        for (key, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_handshakes", l.max_handshakes),
+            ("limits.per_ip_max_connections", l.per_ip_max_connections),
+            ("limits.per_user_max_connections", l.per_user_max_connections),
+            ("limits.max_header_bytes", l.max_header_bytes),
+            ("limits.max_message_bytes", l.max_message_bytes),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if !(l.per_ip_rate.is_finite() && l.per_ip_rate > 0.0) {
+            return Err(invalid("limits.per_ip_rate", "must be a positive number"));
+        }
+        if l.per_ip_burst == 0 {
+            return Err(invalid("limits.per_ip_burst", "must be at least 1"));
+        }
+        if l.handshake_timeout_ms == 0 {
+            return Err(invalid("limits.handshake_timeout_ms", "must be at least 1"));
+        }
+        if l.max_header_bytes < 256 {
+            return Err(invalid("limits.max_header_bytes", "must be at least 256"));
+        }
+        if !(l.per_conn_msgs_per_s.is_finite() && l.per_conn_msgs_per_s >= 0.0) {
+            return Err(invalid("limits.per_conn_msgs_per_s", "must be 0 (off) or positive"));
+        }
+        if l.max_outbound_bytes <= l.max_message_bytes {
+            return Err(invalid(
+                "limits.max_outbound_bytes",
+                format!(
+                    "must be above limits.max_message_bytes ({} <= {})",
+                    l.max_outbound_bytes, l.max_message_bytes
+                ),
+            ));
+        }
+        if l.write_timeout_ms == 0 {
+            return Err(invalid("limits.write_timeout_ms", "must be at least 1"));
+        }
+        if self.heartbeat.ping_interval_ms == 0 {
+            return Err(invalid("heartbeat.ping_interval_ms", "must be at least 1"));
+        }
+        if self.heartbeat.pong_timeout_ms == 0 {
+            return Err(invalid("heartbeat.pong_timeout_ms", "must be at least 1"));
+        }
+        if a.algorithms.is_empty() {
+            return Err(invalid("auth.algorithms", "needs at least one algorithm"));
+        }
+        for alg in &a.algorithms {
+            if alg.eq_ignore_ascii_case("none") {
+                return Err(invalid("auth.algorithms", "\"none\" is never allowed"));
+            }
+            if !KNOWN_ALGORITHMS.contains(&alg.as_str()) {
+                return Err(invalid(
+                    "auth.algorithms",
+                    format!("unknown algorithm {alg:?} (known: {})", KNOWN_ALGORITHMS.join(", ")),
+                ));
+            }
+        }
+        let has_secret = !a.hmac_secret.is_empty() || !a.hmac_secret_file.as_os_str().is_empty();
+        if !a.hmac_secret.is_empty() && !a.hmac_secret_file.as_os_str().is_empty() {
+            return Err(invalid("auth.hmac_secret", "set hmac_secret or hmac_secret_file, not both"));
+        }
+        if a.algorithms.iter().any(|alg| alg.starts_with("HS")) && !has_secret {
+            return Err(invalid(
+                "auth.hmac_secret",
+                "an HS algorithm is allowed but no secret is set (hmac_secret or hmac_secret_file)",
+            ));
+        }
+        let asym = a.algorithms.iter().any(|alg| !alg.starts_with("HS"));
+        if asym && a.public_key_file.as_os_str().is_empty() && a.jwks_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "auth.public_key_file",
+                "an asymmetric algorithm is allowed but neither public_key_file nor jwks_file is set",
+            ));
+        }
+        if a.carriers.is_empty() {
+            return Err(invalid("auth.carriers", "needs at least one carrier"));
+        }
+        if a.carriers.contains(&Carrier::Cookie) && a.allowed_origins.is_empty() {
+            return Err(invalid(
+                "auth.allowed_origins",
+                "the cookie carrier needs an Origin allow-list (cross-site WebSocket hijacking)",
+            ));
+        }
+        if a.cookie_name.is_empty() {
+            return Err(invalid("auth.cookie_name", "must not be empty"));
+        }
+        if a.max_token_ttl_s == 0 {
+            return Err(invalid("auth.max_token_ttl_s", "must be at least 1"));
+        }
+        if a.login.enabled {
+            if a.login.users_file.as_os_str().is_empty() {
+                return Err(invalid("auth.login.users_file", "required when login is enabled"));
+            }
+            if a.login.token_ttl_s == 0 || a.login.token_ttl_s > a.max_token_ttl_s {
+                return Err(invalid("auth.login.token_ttl_s", "must be between 1 and auth.max_token_ttl_s"));
+            }
+            if !(a.login.per_ip_rate.is_finite() && a.login.per_ip_rate > 0.0) {
+                return Err(invalid("auth.login.per_ip_rate", "must be a positive number"));
+            }
+            if a.login.per_ip_burst == 0 {
+                return Err(invalid("auth.login.per_ip_burst", "must be at least 1"));
+            }
+        }
+        if self.upstream.url != "echo" {
+            if !self.upstream.url.starts_with("ws://") {
+                return Err(invalid("upstream.url", "must be \"echo\" or a ws://host:port/path URL"));
+            }
+            if crate::upstream::UpstreamUrl::parse(&self.upstream.url).is_none() {
+                return Err(invalid("upstream.url", format!("cannot parse {:?}", self.upstream.url)));
+            }
+        }
+        if self.upstream.connect_timeout_ms == 0 {
+            return Err(invalid("upstream.connect_timeout_ms", "must be at least 1"));
+        }
+        for (claim, header) in &self.upstream.claim_headers {
+            let ok = !header.is_empty()
+                && header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok || claim.is_empty() {
+                return Err(invalid(
+                    "upstream.claim_headers",
+                    format!("{claim:?} -> {header:?} is not a valid header name"),
+                ));
+            }
+        }
+        if self.revocation.backend == RevocationBackend::Redis
+            && !(self.revocation.redis_url.starts_with("redis://")
+                || self.revocation.redis_url.starts_with("unix://")
+                || self.revocation.redis_url.starts_with("redis+unix://"))
+        {
+            return Err(invalid("revocation.redis_url", "must be a redis:// or unix:// URL"));
+        }
+        if self.revocation.path.as_os_str().is_empty() {
+            return Err(invalid("revocation.path", "must not be empty"));
+        }
+        if self.revocation.lease_ttl_ms < 100 {
+            return Err(invalid("revocation.lease_ttl_ms", "must be at least 100"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", format!("{:?} is not a log level", self.log.level)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_need_a_secret_for_hs256() {
+        assert!(err("").starts_with("auth.hmac_secret"));
+        let cfg = Config::parse("[auth]\nhmac_secret = \"s\"\n").unwrap();
+        assert_eq!(cfg.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(cfg.listen.paths, vec!["/".to_string()]);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("[limits]\nmax_conections = 3\n");
+        assert!(e.contains("max_conections"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn refusals_name_their_key() {
+        let s = "[auth]\nhmac_secret = \"s\"\n";
+        assert!(err(&format!("{s}algorithms = [\"none\"]\n")).starts_with("auth.algorithms"));
+        assert!(err("[auth]\nalgorithms = [\"HS256\"]\n").starts_with("auth.hmac_secret"));
+        assert!(err(&format!("{s}carriers = [\"cookie\"]\n")).starts_with("auth.allowed_origins"));
+        assert!(err(&format!("{s}[limits]\nmax_outbound_bytes = 10\nmax_message_bytes = 10\n"))
+            .starts_with("limits.max_outbound_bytes"));
+        assert!(err(&format!("{s}[upstream]\nurl = \"http://x\"\n")).starts_with("upstream.url"));
+        assert!(err("[auth]\nalgorithms = [\"ES256\"]\n").starts_with("auth.public_key_file"));
+    }
+}

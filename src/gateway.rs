@@ -1,0 +1,335 @@
+//! The gateway: shared state, start-up, background duties, live reload and
+//! the drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admit::{Caps, RateLimiter};
+use crate::auth::jwt::JwtAuthenticator;
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError, RevocationBackend};
+use crate::login::Login;
+use crate::metrics::Metrics;
+use crate::reject::CloseReason;
+use crate::revocation::file::FileStore;
+use crate::revocation::SharedStore;
+use crate::session::registry::Registry;
+use crate::upstream::UpstreamUrl;
+use crate::{admin, server};
+
+/// How often background upkeep runs (rate-limiter eviction, gauges).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
+/// How often the revocation log is compacted.
+const COMPACT_EVERY: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Store(#[from] crate::revocation::StoreError),
+}
+
+/// State every connection task and the admin plane share.
+pub struct Shared {
+    /// The configuration in force; SIGHUP swaps it whole. Listen addresses,
+    /// the upstream and the store backend are fixed at start.
+    pub config: ArcSwap<Config>,
+    pub metrics: Arc<Metrics>,
+    pub caps: Arc<Caps>,
+    /// Per-IP handshake rate (stage 2).
+    pub rate: RateLimiter,
+    pub auth: Arc<dyn Authenticator>,
+    /// The built-in JWT authenticator, when it is the one in use (for reload).
+    pub jwt: Option<Arc<JwtAuthenticator>>,
+    pub store: SharedStore,
+    pub registry: Arc<Registry>,
+    pub upstream: Option<UpstreamUrl>,
+    pub login: Option<Login>,
+    pub tls: ArcSwap<Option<TlsAcceptor>>,
+    pub log_limiter: crate::events::LogLimiter,
+    /// Upgraded connections now open.
+    pub open: AtomicUsize,
+    /// Set at SIGTERM: `/readyz` answers 503 from then on.
+    pub draining: AtomicBool,
+    file_store: Option<Arc<FileStore>>,
+}
+
+impl Shared {
+    /// Is the gateway ready for more traffic (`/readyz`)?
+    pub fn ready(&self) -> bool {
+        let cfg = self.config.load();
+        !self.draining.load(Ordering::Acquire)
+            && self.caps.total() < cfg.limits.max_connections
+            && self.caps.handshaking() < cfg.limits.max_handshakes
+    }
+
+    /// Applies a new configuration (SIGHUP): keys, TLS certificates,
+    /// limits, heartbeat and allowed origins, all or nothing.
+    pub fn reload(&self, new: Config) -> Result<(), ConfigError> {
+        let result = (|| {
+            let tls = crate::tls::acceptor(&new.listen)?;
+            if let Some(jwt) = &self.jwt {
+                jwt.reload(&new.auth, &new.upstream.claim_headers)?;
+            }
+            self.tls.store(Arc::new(tls));
+            self.rate.set_quota(new.limits.per_ip_rate, new.limits.per_ip_burst);
+            // Fixed at start: addresses, upstream, store; keep the old ones.
+            let old = self.config.load_full();
+            let mut merged = new;
+            merged.listen.public = old.listen.public;
+            merged.listen.admin = old.listen.admin;
+            merged.listen.backlog = old.listen.backlog;
+            merged.upstream.url = old.upstream.url.clone();
+            merged.revocation = old.revocation.clone();
+            self.config.store(Arc::new(merged));
+            Ok(())
+        })();
+        self.metrics.config_reload(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!(event = "reload", result = "ok", "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(event = "reload", result = "error", error = %e, "configuration reload refused; the old one stays")
+            }
+        }
+        result
+    }
+}
+
+/// A bound gateway, ready to [`run`](Gateway::run).
+pub struct Gateway {
+    shared: Arc<Shared>,
+    public: TcpListener,
+    admin: TcpListener,
+}
+
+fn listen(addr: SocketAddr, backlog: u32, what: &'static str) -> Result<TcpListener, StartError> {
+    let bind = |addr| -> std::io::Result<TcpListener> {
+        let socket = if addr_is_v4(addr) { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    bind(addr).map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn addr_is_v4(a: SocketAddr) -> bool {
+    a.is_ipv4()
+}
+
+/// The open-file soft limit, from /proc (no unsafe code needed).
+fn nofile_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+impl Gateway {
+    /// Binds both listeners and builds the state, with the JWT authenticator.
+    pub async fn bind(cfg: Config) -> Result<Gateway, StartError> {
+        Gateway::bind_with(cfg, None).await
+    }
+
+    /// As [`bind`](Gateway::bind), with a custom authenticator when given.
+    pub async fn bind_with(cfg: Config, auth: Option<Arc<dyn Authenticator>>) -> Result<Gateway, StartError> {
+        cfg.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let (store, file_store): (SharedStore, Option<Arc<FileStore>>) = match cfg.revocation.backend {
+            RevocationBackend::File => {
+                let fs = Arc::new(FileStore::open(&cfg.revocation.path, cfg.auth.max_token_ttl_s)?);
+                (fs.clone(), Some(fs))
+            }
+            RevocationBackend::Redis => {
+                return Err(StartError::Config(ConfigError::Invalid {
+                    key: "revocation.backend",
+                    msg: "the redis backend is not available in this build".into(),
+                }))
+            }
+        };
+        metrics.set_revocations(store.len());
+        // The embedded store is always available; Redis reports its own state.
+        metrics.set_store_up(true);
+        let (auth, jwt): (Arc<dyn Authenticator>, Option<Arc<JwtAuthenticator>>) = match auth {
+            Some(a) => (a, None),
+            None => {
+                let j = Arc::new(JwtAuthenticator::new(
+                    &cfg.auth,
+                    &cfg.upstream.claim_headers,
+                    store.clone(),
+                    metrics.clone(),
+                )?);
+                (j.clone(), Some(j))
+            }
+        };
+        let login = if cfg.auth.login.enabled { Some(Login::load(&cfg.auth.login)?) } else { None };
+        let upstream = if cfg.upstream.url == "echo" { None } else { UpstreamUrl::parse(&cfg.upstream.url) };
+        let tls = crate::tls::acceptor(&cfg.listen)?;
+
+        let fds_per_conn = if upstream.is_some() { 2 } else { 1 };
+        if let Some(limit) = nofile_limit() {
+            let need = (cfg.limits.max_connections as u64) * fds_per_conn + 64;
+            if need > limit {
+                tracing::warn!(
+                    need,
+                    limit,
+                    "limits.max_connections needs more file descriptors than the open-file limit allows \
+                     ({fds_per_conn} per connection); raise LimitNOFILE or lower the cap"
+                );
+            }
+        }
+
+        let public = listen(cfg.listen.public, cfg.listen.backlog, "listen.public")?;
+        let admin = listen(cfg.listen.admin, 128, "listen.admin")?;
+        let shared = Arc::new(Shared {
+            caps: Caps::new(metrics.clone()),
+            rate: RateLimiter::new(cfg.limits.per_ip_rate, cfg.limits.per_ip_burst),
+            registry: Registry::new(metrics.clone()),
+            config: ArcSwap::from_pointee(cfg),
+            metrics,
+            auth,
+            jwt,
+            store,
+            upstream,
+            login,
+            tls: ArcSwap::from_pointee(tls),
+            log_limiter: Default::default(),
+            open: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            file_store,
+        });
+        Ok(Gateway { shared, public, admin })
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public.local_addr().unwrap_or(self.shared.config.load().listen.public)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.shared.config.load().listen.admin)
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains (SPEC §1 Shutdown) and
+    /// returns once every connection is gone or the drain timeout passed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Gateway { shared, public, admin } = self;
+        let (stop_accept_tx, mut stop_accept_rx) = watch::channel(false);
+        let (stop_admin_tx, stop_admin_rx) = watch::channel(false);
+
+        let accept = tokio::spawn(server::accept_loop(shared.clone(), public, async move {
+            let _ = stop_accept_rx.wait_for(|s| *s).await;
+        }));
+        let admin_task = tokio::spawn(admin::serve(shared.clone(), admin, stop_admin_rx));
+        let upkeep = tokio::spawn(housekeeping(shared.clone()));
+        let kicker = tokio::spawn(kick_remote_revocations(shared.clone()));
+
+        shutdown.await;
+        drain(&shared, || {
+            let _ = stop_accept_tx.send(true);
+        })
+        .await;
+        let _ = accept.await;
+        let _ = stop_admin_tx.send(true);
+        let _ = admin_task.await;
+        upkeep.abort();
+        kicker.abort();
+    }
+}
+
+/// The drain: readiness 503 while still accepting for `drain_delay_s`,
+/// then stop accepting and close live connections with 1001 spread over
+/// the first half of `drain_timeout_s` (no reconnect storm), leaving the
+/// second half for their close handshakes.
+async fn drain(shared: &Arc<Shared>, stop_accepting: impl FnOnce()) {
+    let cfg = shared.config.load_full();
+    shared.draining.store(true, Ordering::Release);
+    tracing::info!(
+        event = "drain",
+        delay_s = cfg.listen.drain_delay_s,
+        timeout_s = cfg.listen.drain_timeout_s,
+        "draining"
+    );
+    tokio::time::sleep(Duration::from_secs(cfg.listen.drain_delay_s)).await;
+    stop_accepting();
+    shared.registry.start_closing();
+    let timeout = Duration::from_secs(cfg.listen.drain_timeout_s);
+    let end = tokio::time::Instant::now() + timeout;
+    let conns = shared.registry.all();
+    let step = if conns.is_empty() { Duration::ZERO } else { (timeout / 2) / conns.len() as u32 };
+    for (i, c) in conns.iter().enumerate() {
+        if i > 0 && !step.is_zero() {
+            tokio::time::sleep(step).await;
+        }
+        c.kick(CloseReason::Drain);
+    }
+    while shared.caps.total() > 0 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = shared.caps.total();
+    if left > 0 {
+        tracing::warn!(left, "drain timeout passed with connections still open");
+    } else {
+        tracing::info!(event = "drain", "drained");
+    }
+}
+
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    let mut since_compact = Duration::ZERO;
+    loop {
+        tick.tick().await;
+        shared.rate.housekeep();
+        if let Some(l) = &shared.login {
+            l.housekeep();
+        }
+        since_compact += HOUSEKEEPING_EVERY;
+        if since_compact >= COMPACT_EVERY {
+            since_compact = Duration::ZERO;
+            if let Some(fs) = shared.file_store.clone() {
+                let _ = tokio::task::spawn_blocking(move || fs.compact()).await;
+            }
+        }
+        shared.metrics.set_revocations(shared.store.len());
+    }
+}
+
+/// Revocations arriving from the store (this instance's or another's)
+/// kick the live connections they cover.
+async fn kick_remote_revocations(shared: Arc<Shared>) {
+    let mut rx = shared.store.subscribe();
+    loop {
+        match rx.recv().await {
+            Ok(r) => {
+                shared.registry.kick_revoked(&r);
+                shared.metrics.set_revocations(shared.store.len());
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // Missed some: re-check every live connection.
+                for c in shared.registry.all() {
+                    if shared.store.is_revoked(&c.sub, c.jti.as_deref(), c.iat) {
+                        c.kick(CloseReason::Revoked);
+                    }
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! Stage 3, the handshake: read the request head under a total deadline and
+//! a size limit, validate it as an RFC 6455 upgrade, and write the answers
+//! (the 101, and every refusal status).
+//!
+//! The head is read and parsed here (`httparse`) rather than inside
+//! tungstenite, so that the deadline is total (slowloris), the 431 is ours,
+//! authentication can be async, and the per-connection buffers stay small.
+
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout_at, Instant};
+
+use crate::reject::Reject;
+
+/// Headers beyond this count answer 431, like an oversized head.
+const MAX_HEADERS: usize = 64;
+/// How long a refusal may take to write before the socket is just dropped.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A parsed request head, as authenticators and the upstream see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    /// The request-target as sent: `/path?query`.
+    pub target: String,
+    /// Every header line in order, names as sent.
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestHead {
+    pub fn path(&self) -> &str {
+        self.target.split_once('?').map_or(self.target.as_str(), |(p, _)| p)
+    }
+
+    pub fn query(&self) -> Option<&str> {
+        self.target.split_once('?').map(|(_, q)| q)
+    }
+
+    /// The first header of that name (case-insensitive).
+    pub fn header<'a>(&'a self, name: &str) -> Option<&'a str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Does any header of that name hold `token` in its comma list?
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.headers_named(name).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+}
+
+/// Why reading a head failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadError {
+    /// The deadline passed; `started` tells whether any byte had arrived
+    /// (408) or none (silent close).
+    Timeout {
+        started: bool,
+    },
+    TooLarge,
+    Malformed,
+    /// The peer closed or the socket failed before a complete head.
+    Closed,
+}
+
+impl ReadError {
+    pub fn reject(&self) -> Reject {
+        match self {
+            ReadError::Timeout { .. } | ReadError::Closed => Reject::HandshakeTimeout,
+            ReadError::TooLarge => Reject::HeaderTooLarge,
+            ReadError::Malformed => Reject::BadRequest,
+        }
+    }
+}
+
+/// A complete head and the bytes that followed it in the same reads
+/// (a request body, or frames a client sent before the 101).
+#[derive(Debug)]
+pub struct Head {
+    pub head: RequestHead,
+    pub rest: Vec<u8>,
+}
+
+/// Reads a request head until `deadline` and at most `max_bytes`.
+///
+/// `buf` may already hold bytes (e.g. after a PROXY header). Parsing runs
+/// only when the blank line has arrived, so a byte-at-a-time client costs a
+/// scan of the new bytes, not a re-parse per byte.
+pub async fn read_head<S: AsyncRead + Unpin>(
+    io: &mut S,
+    mut buf: Vec<u8>,
+    deadline: Instant,
+    max_bytes: usize,
+) -> Result<Head, ReadError> {
+    let mut chunk = [0u8; 1024];
+    let mut scanned = 0;
+    loop {
+        if let Some(end) = find_head_end(&buf, scanned) {
+            let head = parse(&buf[..end])?;
+            let rest = buf.split_off(end);
+            return Ok(Head { head, rest });
+        }
+        if buf.len() >= max_bytes {
+            return Err(ReadError::TooLarge);
+        }
+        // Back up 3 bytes so a "\r\n\r\n" split across reads is found.
+        scanned = buf.len().saturating_sub(3);
+        let room = (max_bytes - buf.len()).min(chunk.len());
+        match timeout_at(deadline, io.read(&mut chunk[..room])).await {
+            Err(_) => return Err(ReadError::Timeout { started: !buf.is_empty() }),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(ReadError::Closed),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The index just past the first blank line at or after `from`.
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    buf.get(from..)?.windows(4).position(|w| w == b"\r\n\r\n").map(|i| from + i + 4)
+}
+
+/// Parses a complete head. Exposed for the parser bench and fuzzing.
+pub fn parse(bytes: &[u8]) -> Result<RequestHead, ReadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(ReadError::Malformed),
+        Err(httparse::Error::TooManyHeaders) => return Err(ReadError::TooLarge),
+        Err(_) => return Err(ReadError::Malformed),
+    }
+    if req.version != Some(1) {
+        return Err(ReadError::Malformed);
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(ReadError::Malformed);
+    };
+    let headers = req
+        .headers
+        .iter()
+        .map(|h| {
+            std::str::from_utf8(h.value)
+                .map(|v| (h.name.to_string(), v.trim().to_string()))
+                .map_err(|_| ReadError::Malformed)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RequestHead { method: method.to_string(), target: target.to_string(), headers })
+}
+
+/// Checks a head as an RFC 6455 upgrade (the path was checked before).
+/// Returns the `Sec-WebSocket-Key` on success.
+pub fn validate_upgrade(head: &RequestHead) -> Result<&str, Reject> {
+    if head.method != "GET" || head.header("host").is_none() {
+        return Err(Reject::BadRequest);
+    }
+    if !head.has_token("upgrade", "websocket") || !head.has_token("connection", "upgrade") {
+        return Err(Reject::BadRequest);
+    }
+    match head.header("sec-websocket-version") {
+        Some("13") => {}
+        _ => return Err(Reject::BadVersion),
+    }
+    let key = head.header("sec-websocket-key").ok_or(Reject::BadRequest)?;
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(raw) if raw.len() == 16 => Ok(key),
+        _ => Err(Reject::BadRequest),
+    }
+}
+
+/// Is the request's `Origin` acceptable? An absent `Origin` is a
+/// non-browser client and passes; an empty allow-list allows any.
+pub fn origin_allowed(head: &RequestHead, allowed: &[String]) -> bool {
+    match head.header("origin") {
+        None => true,
+        Some(_) if allowed.is_empty() => true,
+        Some(o) => allowed.iter().any(|a| a.eq_ignore_ascii_case(o)),
+    }
+}
+
+/// The 101 answer. `protocol` is the one subprotocol named back, if any.
+pub fn switching_protocols(key: &str, protocol: Option<&str>) -> Vec<u8> {
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut r = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"
+    );
+    if let Some(p) = protocol {
+        r.push_str("Sec-WebSocket-Protocol: ");
+        r.push_str(p);
+        r.push_str("\r\n");
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// A complete `Connection: close` response.
+pub fn response(status: u16, extra_headers: &[(&str, String)], content_type: &str, body: &str) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 {status} {}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
+        reason_phrase(status),
+        body.len()
+    );
+    for (k, v) in extra_headers {
+        r.push_str(k);
+        r.push_str(": ");
+        r.push_str(v);
+        r.push_str("\r\n");
+    }
+    r.push_str("\r\n");
+    r.push_str(body);
+    r.into_bytes()
+}
+
+/// The answer to a refusal: status, the headers SPEC ties to it, and the
+/// reason as a short plain-text body.
+pub fn refusal(reason: Reject, status: u16, retry_after_s: Option<u64>) -> Vec<u8> {
+    let mut extra: Vec<(&str, String)> = Vec::new();
+    match reason {
+        Reject::MissingToken => {
+            extra.push(("WWW-Authenticate", "Bearer realm=\"portcullis\"".into()));
+        }
+        Reject::InvalidToken | Reject::ExpiredToken | Reject::RevokedToken => {
+            let desc = reason.token_error().unwrap_or("the token is invalid");
+            extra.push((
+                "WWW-Authenticate",
+                format!("Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{desc}\""),
+            ));
+        }
+        Reject::BadVersion => extra.push(("Sec-WebSocket-Version", "13".into())),
+        _ => {}
+    }
+    if let Some(s) = retry_after_s {
+        extra.push(("Retry-After", s.to_string()));
+    }
+    let body = format!("{}\n", reason.label());
+    response(status, &extra, "text/plain; charset=utf-8", &body)
+}
+
+/// Writes a final answer and closes our side, bounded in time: a peer that
+/// does not read cannot hold the task.
+pub async fn answer_and_close<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) {
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+        io.write_all(bytes).await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &[u8] = b"GET /chat?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    #[test]
+    fn parses_and_validates_a_firefox_style_upgrade() {
+        let h = parse(GOOD).unwrap();
+        assert_eq!(h.path(), "/chat");
+        assert_eq!(h.query(), Some("x=1"));
+        assert_eq!(validate_upgrade(&h), Ok("dGhlIHNhbXBsZSBub25jZQ=="));
+    }
+
+    #[test]
+    fn refuses_bad_upgrades_with_the_right_reason() {
+        let text = std::str::from_utf8(GOOD).unwrap();
+        let cases = [
+            (text.replace("GET", "POST"), Reject::BadRequest),
+            (text.replace("Upgrade: websocket", "Upgrade: h2c"), Reject::BadRequest),
+            (text.replace("keep-alive, Upgrade", "keep-alive"), Reject::BadRequest),
+            (text.replace("Version: 13", "Version: 8"), Reject::BadVersion),
+            (text.replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ="), Reject::BadRequest),
+            (text.replace("Host: h\r\n", ""), Reject::BadRequest),
+        ];
+        for (req, want) in cases {
+            let h = parse(req.as_bytes()).unwrap();
+            assert_eq!(validate_upgrade(&h), Err(want), "{req}");
+        }
+    }
+
+    #[test]
+    fn http10_and_garbage_are_malformed() {
+        assert_eq!(parse(b"GET / HTTP/1.0\r\n\r\n"), Err(ReadError::Malformed));
+        assert_eq!(parse(b"\x16\x03\x01garbage\r\n\r\n"), Err(ReadError::Malformed));
+    }
+
+    #[tokio::test]
+    async fn head_split_across_reads_and_rest_kept() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let w = tokio::spawn(async move {
+            for chunk in GOOD.chunks(7) {
+                b.write_all(chunk).await.unwrap();
+            }
+            b.write_all(b"extra").await.unwrap();
+            b
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = read_head(&mut a, Vec::new(), deadline, 8192).await.unwrap();
+        assert_eq!(got.head.path(), "/chat");
+        let _b = w.await.unwrap();
+        assert!(b"extra".starts_with(&got.rest));
+    }
+
+    #[tokio::test]
+    async fn oversized_head_is_too_large() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        b.write_all(&[b'a'; 600]).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert_eq!(read_head(&mut a, Vec::new(), deadline, 512).await.unwrap_err(), ReadError::TooLarge);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_is_total_not_per_read() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            loop {
+                if b.write_all(b"G").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(500);
+        let err = read_head(&mut a, Vec::new(), deadline, 8192).await.unwrap_err();
+        assert_eq!(err, ReadError::Timeout { started: true });
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn origin_rules() {
+        let mut h = parse(GOOD).unwrap();
+        let allowed = vec!["https://app.example".to_string()];
+        assert!(origin_allowed(&h, &allowed));
+        h.headers.push(("Origin".into(), "https://evil.example".into()));
+        assert!(!origin_allowed(&h, &allowed));
+        assert!(origin_allowed(&h, &[]));
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        let r = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", Some("bearer"))).unwrap();
+        assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(r.contains("Sec-WebSocket-Protocol: bearer\r\n"));
+    }
+}

@@ -1,0 +1,46 @@
+//! # Portcullis
+//!
+//! A hardened WebSocket gateway: it refuses zombie connections **before**
+//! the HTTP upgrade and reaps the ones that go silent afterwards.
+//!
+//! # Layout
+//!
+//! The pipeline of SPEC §1, in the order a connection meets it:
+//!
+//! - [`server`]: the accept loop and one connection's walk through the stages.
+//! - [`admit`]: stage 1–2, caps as RAII permits and the per-IP GCRA rate.
+//! - [`client_addr`]: who the client is (PROXY protocol, trusted `X-Forwarded-For`).
+//! - [`tls`]: `wss://` termination.
+//! - [`handshake`]: stage 3, the request head under a total deadline, RFC 6455 checks, answers.
+//! - [`auth`]: stage 4, the [`auth::Authenticator`] extension point and the JWT implementation.
+//! - [`revocation`]: revocation stores (embedded file log).
+//! - [`session::registry`]: stage 5 per-user caps, and live connections to kick.
+//! - [`upstream`]: stage 6, the backend connection.
+//! - [`session`]: stage 8, relay, heartbeat and every reaping rule.
+//!
+//! Around it: [`config`] (every key and default), [`reject`] (every reason),
+//! [`metrics`] (every metric name), [`events`] (metric + log line per
+//! verdict), [`admin`] (the admin plane), [`login`] (`POST /login`),
+//! [`gateway`] (state, start-up, reload, drain).
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod admit;
+pub mod auth;
+pub mod client_addr;
+pub mod config;
+pub mod events;
+pub mod gateway;
+pub mod handshake;
+pub mod login;
+pub mod metrics;
+pub mod reject;
+pub mod revocation;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod upstream;
+
+pub use config::Config;
+pub use gateway::{Gateway, Shared, StartError};
+pub use reject::{CloseReason, Reject};

@@ -1,0 +1,198 @@
+//! The `portcullis` binary: a thin shell over the library (CLI, config,
+//! logging, signals). Errors are one line and exit 2; never a backtrace.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use portcullis::config::{Config, LogFormat};
+use portcullis::Gateway;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "A hardened WebSocket gateway")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, conflicts_with = "demo")]
+        config: Option<PathBuf>,
+        /// Run the embedded demo: echo upstream, ephemeral HS256 key.
+        #[arg(long)]
+        demo: bool,
+        /// Override `listen.public`.
+        #[arg(long)]
+        public: Option<SocketAddr>,
+        /// Override `listen.admin`.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+    /// Mint a token with the configured signing key; prints it alone.
+    Token {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        sub: String,
+        /// Lifetime: `90s`, `30m`, `1h`, `2d` or seconds.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        #[arg(long)]
+        jti: Option<String>,
+    },
+    /// Read a password on stdin, print its argon2id PHC hash.
+    HashPassword,
+    /// Validate a configuration file.
+    CheckConfig { file: PathBuf },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86_400),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 1h)"))?;
+    if n == 0 {
+        return Err("the duration must be positive".into());
+    }
+    Ok(Duration::from_secs(n * mult))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::CheckConfig { file } => {
+            Config::load(&file)?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Cmd::HashPassword => {
+            let mut pw = String::new();
+            std::io::stdin().read_to_string(&mut pw).context("reading stdin")?;
+            let pw = pw.strip_suffix('\n').unwrap_or(&pw);
+            let pw = pw.strip_suffix('\r').unwrap_or(pw);
+            if pw.is_empty() {
+                anyhow::bail!("empty password on stdin");
+            }
+            println!("{}", portcullis::login::hash_password(pw.as_bytes()).map_err(anyhow::Error::msg)?);
+            Ok(())
+        }
+        Cmd::Token { config, sub, ttl, jti } => {
+            let cfg = Config::load(&config)?;
+            if ttl.as_secs() > cfg.auth.max_token_ttl_s {
+                anyhow::bail!(
+                    "--ttl: longer than auth.max_token_ttl_s ({} s); the gateway would refuse it",
+                    cfg.auth.max_token_ttl_s
+                );
+            }
+            let token = portcullis::auth::sign::mint(&cfg.auth, &sub, ttl, jti.as_deref())?;
+            println!("{token}");
+            Ok(())
+        }
+        Cmd::Serve { config, demo, public, admin } => {
+            let (mut cfg, path) = match (config, demo) {
+                (Some(p), _) => (Config::load(&p)?, Some(p)),
+                (None, true) => (demo_config(), None),
+                (None, false) => anyhow::bail!("serve: give --config FILE or --demo"),
+            };
+            if let Some(a) = public {
+                cfg.listen.public = a;
+            }
+            if let Some(a) = admin {
+                cfg.listen.admin = a;
+            }
+            init_logging(&cfg);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(serve(cfg, path, demo))
+        }
+    }
+}
+
+/// The embedded demo: defaults, an echo upstream, an ephemeral HS256 key,
+/// and a revocation log in the temp directory.
+fn demo_config() -> Config {
+    let mut cfg = Config::default();
+    let secret: [u8; 32] = rand::random();
+    cfg.auth.hmac_secret = secret.iter().map(|b| format!("{b:02x}")).collect();
+    cfg.revocation.path = std::env::temp_dir().join(format!("portcullis-demo-{}.log", std::process::id()));
+    cfg
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(cfg: Config, path: Option<PathBuf>, demo: bool) -> anyhow::Result<()> {
+    let gateway = Gateway::bind(cfg.clone()).await?;
+    let public = gateway.public_addr();
+    let admin = gateway.admin_addr();
+    eprintln!("listening public={public} admin={admin}");
+    if demo {
+        let token = portcullis::auth::sign::mint(&cfg.auth, "demo", Duration::from_secs(3600), None)?;
+        eprintln!("token: {token}");
+        eprintln!("try: websocat -H 'Authorization: Bearer {token}' ws://{public}/");
+        eprintln!("metrics: curl http://{admin}/metrics");
+    }
+    let shared = gateway.shared();
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let reloader = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &path {
+                Some(p) => match Config::load(p) {
+                    Ok(new) => {
+                        let _ = shared.reload(new);
+                    }
+                    Err(e) => {
+                        shared.metrics.config_reload(false);
+                        tracing::error!(event = "reload", result = "error", error = %e, "configuration reload refused; the old one stays");
+                    }
+                },
+                None => tracing::info!("SIGHUP: the demo has no configuration file to reload"),
+            }
+        }
+    });
+    gateway
+        .run(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
+        .await;
+    reloader.abort();
+    Ok(())
+}

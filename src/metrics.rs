@@ -1,0 +1,308 @@
+//! Every metric name, its HELP text, its buckets and its label values.
+//!
+//! Each gateway owns a [`Metrics`]: a Prometheus recorder that is *not*
+//! installed globally, so two gateways in one process (tests, embedding)
+//! never mix their counts. Every series is registered up front, which both
+//! exports every label value at 0 from start (dashboards see it before it
+//! first happens) and leaves the hot path an atomic add on a held handle.
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::reject::{CloseReason, Reject};
+
+pub const CONNECTIONS: &str = "portcullis_connections";
+pub const HANDSHAKES_TOTAL: &str = "portcullis_handshakes_total";
+pub const HANDSHAKE_DURATION: &str = "portcullis_handshake_duration_seconds";
+pub const DISCONNECTS_TOTAL: &str = "portcullis_disconnects_total";
+pub const CONNECTION_DURATION: &str = "portcullis_connection_duration_seconds";
+pub const AUTH_CACHE_TOTAL: &str = "portcullis_auth_cache_total";
+pub const TOKEN_VERIFY_DURATION: &str = "portcullis_token_verify_duration_seconds";
+pub const REVOCATIONS: &str = "portcullis_revocations";
+pub const USERS_CONNECTED: &str = "portcullis_users_connected";
+pub const MESSAGES_TOTAL: &str = "portcullis_messages_total";
+pub const BYTES_TOTAL: &str = "portcullis_bytes_total";
+pub const LOGINS_TOTAL: &str = "portcullis_logins_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
+pub const STORE_UP: &str = "portcullis_store_up";
+pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
+
+/// Handshake latency: from accept to the verdict; sub-millisecond refusals
+/// up to a full slowloris deadline.
+const HANDSHAKE_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Signature verification: µs (HS256) to ms (RSA under load).
+const VERIFY_BUCKETS: [f64; 12] =
+    [0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05];
+/// Connection lifetimes: a second to a day.
+const CONNECTION_BUCKETS: [f64; 12] =
+    [1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 43200.0, 86400.0];
+
+/// Which way a relayed message went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    ClientToUpstream,
+    UpstreamToClient,
+}
+
+impl Direction {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Direction::ClientToUpstream => "client_to_upstream",
+            Direction::UpstreamToClient => "upstream_to_client",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginOutcome {
+    Ok,
+    BadCredentials,
+    RateLimited,
+}
+
+/// Operations of a shared store whose failures are counted.
+pub const STORE_OPS: [&str; 6] =
+    ["revoke", "resync", "subscribe", "lease_claim", "lease_renew", "lease_release"];
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+    handshaking: Gauge,
+    open: Gauge,
+    accepted: Counter,
+    rejected: Vec<Counter>,
+    handshake_ok: Histogram,
+    handshake_rejected: Histogram,
+    disconnects: Vec<Counter>,
+    connection_duration: Histogram,
+    cache_hit: Counter,
+    cache_miss: Counter,
+    token_verify: Histogram,
+    revocations: Gauge,
+    users: Gauge,
+    messages: [Counter; 2],
+    bytes: [Counter; 2],
+    logins: [Counter; 3],
+    reload_ok: Counter,
+    reload_error: Counter,
+    store_up: Gauge,
+    store_errors: Vec<Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(HANDSHAKE_DURATION.into()), &HANDSHAKE_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(TOKEN_VERIFY_DURATION.into()), &VERIFY_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), &CONNECTION_BUCKETS)
+            })
+            // Only fails on an empty bucket list; ours are constants.
+            .expect("constant, non-empty buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        let r = &recorder;
+
+        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+            // The recorder keeps one description per name whatever its kind.
+            r.describe_counter(name.into(), unit, help.into());
+        };
+        describe(CONNECTIONS, None, "Sockets held, by state: handshaking (before the 101) or open.");
+        describe(HANDSHAKES_TOTAL, None, "Handshakes by outcome and reason (ok when accepted).");
+        describe(HANDSHAKE_DURATION, None, "Seconds from accept to the handshake's verdict.");
+        describe(DISCONNECTS_TOTAL, None, "Upgraded connections ended, by reason.");
+        describe(CONNECTION_DURATION, None, "Seconds an upgraded connection lived.");
+        describe(AUTH_CACHE_TOTAL, None, "Verified-claims cache lookups by result.");
+        describe(TOKEN_VERIFY_DURATION, None, "Seconds spent verifying a token signature (cache misses).");
+        describe(REVOCATIONS, None, "Revocations currently held (jti and subject).");
+        describe(USERS_CONNECTED, None, "Distinct subjects with at least one open connection.");
+        describe(MESSAGES_TOTAL, None, "WebSocket data messages relayed, by direction.");
+        describe(BYTES_TOTAL, None, "Payload bytes of relayed data messages, by direction.");
+        describe(LOGINS_TOTAL, None, "POST /login attempts by outcome.");
+        describe(CONFIG_RELOADS_TOTAL, None, "SIGHUP configuration reloads by result.");
+        describe(STORE_UP, None, "1 while the shared store (Redis) is connected, 0 when not.");
+        describe(STORE_ERRORS_TOTAL, None, "Shared store operations that failed, by operation.");
+
+        let process = metrics_process::Collector::default();
+        metrics::with_local_recorder(r, || process.describe());
+
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+        let key = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, *v)).collect::<Vec<_>>())
+        };
+        let counter = |name, labels: &[(&'static str, &'static str)]| {
+            let c = r.register_counter(&key(name, labels), &meta);
+            c.increment(0);
+            c
+        };
+        let gauge = |name, labels: &[(&'static str, &'static str)]| {
+            let g = r.register_gauge(&key(name, labels), &meta);
+            g.set(0.0);
+            g
+        };
+        let histogram =
+            |name, labels: &[(&'static str, &'static str)]| r.register_histogram(&key(name, labels), &meta);
+
+        let dir = |d: Direction| [("direction", d.label())];
+        let m = Metrics {
+            handshaking: gauge(CONNECTIONS, &[("state", "handshaking")]),
+            open: gauge(CONNECTIONS, &[("state", "open")]),
+            accepted: counter(HANDSHAKES_TOTAL, &[("outcome", "accepted"), ("reason", "ok")]),
+            rejected: Reject::ALL
+                .iter()
+                .map(|r| counter(HANDSHAKES_TOTAL, &[("outcome", "rejected"), ("reason", r.label())]))
+                .collect(),
+            handshake_ok: histogram(HANDSHAKE_DURATION, &[("outcome", "accepted")]),
+            handshake_rejected: histogram(HANDSHAKE_DURATION, &[("outcome", "rejected")]),
+            disconnects: CloseReason::ALL
+                .iter()
+                .map(|c| counter(DISCONNECTS_TOTAL, &[("reason", c.label())]))
+                .collect(),
+            connection_duration: histogram(CONNECTION_DURATION, &[]),
+            cache_hit: counter(AUTH_CACHE_TOTAL, &[("result", "hit")]),
+            cache_miss: counter(AUTH_CACHE_TOTAL, &[("result", "miss")]),
+            token_verify: histogram(TOKEN_VERIFY_DURATION, &[]),
+            revocations: gauge(REVOCATIONS, &[]),
+            users: gauge(USERS_CONNECTED, &[]),
+            messages: [
+                counter(MESSAGES_TOTAL, &dir(Direction::ClientToUpstream)),
+                counter(MESSAGES_TOTAL, &dir(Direction::UpstreamToClient)),
+            ],
+            bytes: [
+                counter(BYTES_TOTAL, &dir(Direction::ClientToUpstream)),
+                counter(BYTES_TOTAL, &dir(Direction::UpstreamToClient)),
+            ],
+            logins: [
+                counter(LOGINS_TOTAL, &[("outcome", "ok")]),
+                counter(LOGINS_TOTAL, &[("outcome", "bad_credentials")]),
+                counter(LOGINS_TOTAL, &[("outcome", "rate_limited")]),
+            ],
+            reload_ok: counter(CONFIG_RELOADS_TOTAL, &[("result", "ok")]),
+            reload_error: counter(CONFIG_RELOADS_TOTAL, &[("result", "error")]),
+            store_up: gauge(STORE_UP, &[]),
+            store_errors: STORE_OPS.iter().map(|op| counter(STORE_ERRORS_TOTAL, &[("op", op)])).collect(),
+            process,
+            handle,
+            recorder,
+        };
+        m
+    }
+
+    /// The Prometheus text exposition, process metrics refreshed first.
+    pub fn render(&self) -> String {
+        metrics::with_local_recorder(&self.recorder, || self.process.collect());
+        self.handle.render()
+    }
+
+    pub fn handshaking(&self) -> &Gauge {
+        &self.handshaking
+    }
+    pub fn open(&self) -> &Gauge {
+        &self.open
+    }
+
+    pub fn handshake_accepted(&self, took: Duration) {
+        self.accepted.increment(1);
+        self.handshake_ok.record(took.as_secs_f64());
+    }
+
+    pub fn handshake_rejected(&self, reason: Reject, took: Duration) {
+        self.rejected[reason as usize].increment(1);
+        self.handshake_rejected.record(took.as_secs_f64());
+    }
+
+    pub fn disconnect(&self, reason: CloseReason, lived: Duration) {
+        self.disconnects[reason as usize].increment(1);
+        self.connection_duration.record(lived.as_secs_f64());
+    }
+
+    pub fn auth_cache(&self, hit: bool) {
+        if hit { &self.cache_hit } else { &self.cache_miss }.increment(1);
+    }
+
+    pub fn token_verify(&self, d: Duration) {
+        self.token_verify.record(d.as_secs_f64());
+    }
+
+    pub fn set_revocations(&self, n: usize) {
+        self.revocations.set(n as f64);
+    }
+
+    pub fn set_users_connected(&self, n: usize) {
+        self.users.set(n as f64);
+    }
+
+    pub fn relayed(&self, d: Direction, bytes: usize) {
+        let i = d as usize;
+        self.messages[i].increment(1);
+        self.bytes[i].increment(bytes as u64);
+    }
+
+    pub fn login(&self, outcome: LoginOutcome) {
+        self.logins[outcome as usize].increment(1);
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        if ok { &self.reload_ok } else { &self.reload_error }.increment(1);
+    }
+
+    pub fn set_store_up(&self, up: bool) {
+        self.store_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// `op` must be one of [`STORE_OPS`]; an unknown op is counted as the
+    /// first so a typo cannot invent a label value.
+    pub fn store_error(&self, op: &str) {
+        let i = STORE_OPS.iter().position(|o| *o == op).unwrap_or(0);
+        self.store_errors[i].increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_label_value_is_exported_at_zero() {
+        let m = Metrics::new();
+        let text = m.render();
+        for r in Reject::ALL {
+            let line = format!("{HANDSHAKES_TOTAL}{{outcome=\"rejected\",reason=\"{}\"}} 0", r.label());
+            assert!(text.contains(&line), "missing {line}");
+        }
+        for c in CloseReason::ALL {
+            let line = format!("{DISCONNECTS_TOTAL}{{reason=\"{}\"}} 0", c.label());
+            assert!(text.contains(&line), "missing {line}");
+        }
+        for name in [CONNECTIONS, AUTH_CACHE_TOTAL, LOGINS_TOTAL, STORE_UP, STORE_ERRORS_TOTAL] {
+            assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}");
+        }
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+
+    #[test]
+    fn histograms_have_buckets() {
+        let m = Metrics::new();
+        m.handshake_accepted(Duration::from_millis(3));
+        let text = m.render();
+        assert!(
+            text.contains(
+                "portcullis_handshake_duration_seconds_bucket{outcome=\"accepted\",le=\"0.005\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("quantile="), "summaries rendered: {text}");
+    }
+}

@@ -1,0 +1,291 @@
+//! Live connections by id and by subject: what `/admin/connections` lists,
+//! what revocation, eviction and drain kick, and what the per-user cap
+//! (stage 5) counts.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::config::OnUserCap;
+use crate::metrics::Metrics;
+use crate::reject::{CloseReason, Reject};
+use crate::revocation::Revocation;
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// One live connection, shared by its session task and the registry.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub sub: String,
+    pub ip: IpAddr,
+    /// Unix seconds of admission.
+    pub since: u64,
+    pub jti: Option<String>,
+    pub iat: Option<u64>,
+    /// Unix seconds of the last frame from the client.
+    last_seen: AtomicU64,
+    /// 0 = not kicked; else 1 + index in `CloseReason::ALL`. The first kick wins.
+    kicked: AtomicU8,
+    kick: Notify,
+}
+
+impl ConnInfo {
+    /// Asks the session to close with `reason`; false if already kicked.
+    pub fn kick(&self, reason: CloseReason) -> bool {
+        let v = reason as u8 + 1;
+        let first = self.kicked.compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if first {
+            // notify_one stores a permit: a kick before the session waits is kept.
+            self.kick.notify_one();
+        }
+        first
+    }
+
+    pub fn kicked_reason(&self) -> Option<CloseReason> {
+        match self.kicked.load(Ordering::Acquire) {
+            0 => None,
+            v => CloseReason::ALL.get(usize::from(v - 1)).copied(),
+        }
+    }
+
+    /// Resolves once kicked, with the reason.
+    pub async fn kicked(&self) -> CloseReason {
+        loop {
+            if let Some(r) = self.kicked_reason() {
+                return r;
+            }
+            self.kick.notified().await;
+        }
+    }
+
+    pub fn touch(&self, now_unix: u64) {
+        self.last_seen.store(now_unix, Ordering::Relaxed);
+    }
+
+    pub fn last_seen(&self) -> u64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+}
+
+/// What `/admin/connections` shows of a connection.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ConnView {
+    pub id: String,
+    pub sub: String,
+    pub ip: String,
+    pub since: u64,
+    pub last_seen: u64,
+}
+
+pub struct Registry {
+    /// Tells this instance's ids from another's in logs and admin output.
+    instance: String,
+    next_id: AtomicU64,
+    conns: DashMap<u64, Arc<ConnInfo>>,
+    /// sub → its connection ids, oldest first. The per-user cap counts this
+    /// list under the entry's shard lock, so check-and-insert is atomic.
+    by_sub: DashMap<String, Vec<u64>>,
+    metrics: Arc<Metrics>,
+    /// Set by the drain: a connection admitted from then on is kicked at once.
+    closing: AtomicBool,
+}
+
+/// A registered connection; dropping it unregisters (releasing the per-user
+/// slot), however the connection ended.
+pub struct Slot {
+    registry: Arc<Registry>,
+    pub info: Arc<ConnInfo>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.registry.remove(&self.info);
+    }
+}
+
+impl Registry {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Registry> {
+        let instance = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+        Arc::new(Registry {
+            instance,
+            next_id: AtomicU64::new(1),
+            conns: DashMap::new(),
+            by_sub: DashMap::new(),
+            metrics,
+            closing: AtomicBool::new(false),
+        })
+    }
+
+    /// Stage 5: admits a connection of `sub` within `max_per_user`. With
+    /// `EvictOldest`, the user's oldest connection is kicked (`evicted`) and
+    /// leaves the count at once, so the newcomer is admitted.
+    pub fn register(
+        self: &Arc<Self>,
+        sub: &str,
+        ip: IpAddr,
+        jti: Option<String>,
+        iat: Option<u64>,
+        max_per_user: usize,
+        policy: OnUserCap,
+    ) -> Result<Slot, Reject> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let now = unix_now();
+        let info = Arc::new(ConnInfo {
+            id,
+            sub: sub.to_string(),
+            ip,
+            since: now,
+            jti,
+            iat,
+            last_seen: AtomicU64::new(now),
+            kicked: AtomicU8::new(0),
+            kick: Notify::new(),
+        });
+        {
+            let mut ids = self.by_sub.entry(sub.to_string()).or_default();
+            while ids.len() >= max_per_user {
+                if policy == OnUserCap::Reject {
+                    let empty = ids.is_empty();
+                    drop(ids);
+                    if empty {
+                        self.by_sub.remove_if(sub, |_, v| v.is_empty());
+                    }
+                    return Err(Reject::UserCap);
+                }
+                let oldest = ids.remove(0);
+                if let Some(c) = self.conns.get(&oldest) {
+                    c.kick(CloseReason::Evicted);
+                }
+            }
+            ids.push(id);
+        }
+        self.conns.insert(id, info.clone());
+        if self.closing.load(Ordering::Acquire) {
+            info.kick(CloseReason::Drain);
+        }
+        self.metrics.set_users_connected(self.by_sub.len());
+        Ok(Slot { registry: self.clone(), info })
+    }
+
+    fn remove(&self, info: &ConnInfo) {
+        self.conns.remove(&info.id);
+        if let Some(mut ids) = self.by_sub.get_mut(&info.sub) {
+            ids.retain(|i| *i != info.id);
+        }
+        self.by_sub.remove_if(&info.sub, |_, v| v.is_empty());
+        self.metrics.set_users_connected(self.by_sub.len());
+    }
+
+    /// Kicks every live connection `r` covers; returns how many were kicked.
+    pub fn kick_revoked(&self, r: &Revocation) -> usize {
+        let ids: Vec<u64> = match r {
+            Revocation::Subject { sub, .. } => self.by_sub.get(sub).map(|v| v.clone()).unwrap_or_default(),
+            Revocation::Jti { .. } => self.conns.iter().map(|e| *e.key()).collect(),
+        };
+        ids.iter()
+            .filter_map(|id| self.conns.get(id).map(|c| c.clone()))
+            .filter(|c| r.matches(&c.sub, c.jti.as_deref(), c.iat))
+            .filter(|c| c.kick(CloseReason::Revoked))
+            .count()
+    }
+
+    /// Every live connection, optionally of one subject, oldest first.
+    pub fn list(&self, sub: Option<&str>) -> Vec<ConnView> {
+        let mut v: Vec<Arc<ConnInfo>> = match sub {
+            Some(s) => self
+                .by_sub
+                .get(s)
+                .map(|ids| ids.iter().filter_map(|id| self.conns.get(id).map(|c| c.clone())).collect())
+                .unwrap_or_default(),
+            None => self.conns.iter().map(|e| e.value().clone()).collect(),
+        };
+        v.sort_by_key(|c| c.id);
+        v.iter()
+            .map(|c| ConnView {
+                id: format!("{}-{}", self.instance, c.id),
+                sub: c.sub.clone(),
+                ip: c.ip.to_string(),
+                since: c.since,
+                last_seen: c.last_seen(),
+            })
+            .collect()
+    }
+
+    /// From now on, every newly registered connection is kicked (`drain`).
+    pub fn start_closing(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// Handles of every live connection (for drain).
+    pub fn all(&self) -> Vec<Arc<ConnInfo>> {
+        self.conns.iter().map(|e| e.value().clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Live connections of `sub`.
+    pub fn count_of(&self, sub: &str) -> usize {
+        self.by_sub.get(sub).map_or(0, |v| v.len())
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg() -> Arc<Registry> {
+        Registry::new(Arc::new(Metrics::new()))
+    }
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn cap_rejects_then_frees_on_drop() {
+        let r = reg();
+        let a = r.register("u", IP, None, None, 2, OnUserCap::Reject).unwrap();
+        let _b = r.register("u", IP, None, None, 2, OnUserCap::Reject).unwrap();
+        assert_eq!(r.register("u", IP, None, None, 2, OnUserCap::Reject).err(), Some(Reject::UserCap));
+        drop(a);
+        assert!(r.register("u", IP, None, None, 2, OnUserCap::Reject).is_ok());
+    }
+
+    #[test]
+    fn evict_oldest_kicks_the_oldest() {
+        let r = reg();
+        let a = r.register("u", IP, None, None, 1, OnUserCap::EvictOldest).unwrap();
+        let b = r.register("u", IP, None, None, 1, OnUserCap::EvictOldest).unwrap();
+        assert_eq!(a.info.kicked_reason(), Some(CloseReason::Evicted));
+        assert_eq!(b.info.kicked_reason(), None);
+        assert_eq!(r.count_of("u"), 1);
+        drop(a);
+        assert_eq!(r.count_of("u"), 1, "dropping the evicted one leaves the newcomer");
+    }
+
+    #[test]
+    fn revocation_kicks_matching_only() {
+        let r = reg();
+        let a = r.register("u", IP, Some("j1".into()), Some(100), 8, OnUserCap::Reject).unwrap();
+        let b = r.register("u", IP, Some("j2".into()), Some(300), 8, OnUserCap::Reject).unwrap();
+        assert_eq!(r.kick_revoked(&Revocation::Subject { sub: "u".into(), before: 200 }), 1);
+        assert_eq!(a.info.kicked_reason(), Some(CloseReason::Revoked));
+        assert_eq!(r.kick_revoked(&Revocation::Jti { jti: "j2".into() }), 1);
+        assert_eq!(b.info.kicked_reason(), Some(CloseReason::Revoked));
+        assert_eq!(r.list(Some("u")).len(), 2);
+    }
+}

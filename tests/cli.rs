@@ -1,0 +1,248 @@
+//! The binary itself: the demo end to end, drain on SIGTERM, SIGHUP
+//! reload, and the one-line errors with exit code 2.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+/// A running `portcullis serve`, its addresses and what it printed.
+struct Proc {
+    child: Child,
+    public: SocketAddr,
+    admin: SocketAddr,
+    token: Option<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("PORTCULLIS_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut public, mut admin, mut token) = (None, None, None);
+    let want_token = args.contains(&"--demo");
+    while Instant::now() < deadline && !(public.is_some() && (!want_token || token.is_some())) {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
+        if let Some(rest) = line.strip_prefix("listening ") {
+            for kv in rest.split_whitespace() {
+                match kv.split_once('=') {
+                    Some(("public", a)) => public = a.parse().ok(),
+                    Some(("admin", a)) => admin = a.parse().ok(),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(t) = line.strip_prefix("token: ") {
+            token = Some(t.to_string());
+        }
+    }
+    Proc {
+        child,
+        public: public.expect("printed its public address"),
+        admin: admin.unwrap(),
+        token,
+        stderr: rx,
+    }
+}
+
+fn signal(p: &Proc, sig: &str) {
+    let ok = Command::new("kill").args([sig, &p.child.id().to_string()]).status().unwrap().success();
+    assert!(ok);
+}
+
+fn wait_exit(p: &mut Proc, within: Duration) -> i32 {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        assert!(Instant::now() < deadline, "did not exit in {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn demo_runs_end_to_end_and_drains_on_sigterm() {
+    let mut p = spawn(&["serve", "--demo", "--public", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let token = p.token.clone().expect("printed a token");
+    let mut c = ws(p.public, &token).await;
+    echo(&mut c, "hello from the demo").await;
+    let m = body(&http(p.admin, "GET", "/metrics", &[], "").await).to_string();
+    assert_eq!(value_of(&m, "portcullis_connections{state=\"open\"}"), 1.0);
+    assert_eq!(http(p.admin, "GET", "/readyz", &[], "").await.status, 200);
+
+    signal(&p, "-TERM");
+    let (code, _) = close_code(&mut c, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(1001));
+    drop(c);
+    assert_eq!(wait_exit(&mut p, Duration::from_secs(10)), 0);
+}
+
+#[tokio::test]
+async fn readiness_turns_503_during_the_drain_delay_while_still_accepting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listen]\npublic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_delay_s = 1\ndrain_timeout_s = 2\n\
+             [auth]\nhmac_secret = \"{SECRET}\"\n[revocation]\npath = \"{}\"\n",
+            dir.path().join("r.log").display()
+        ),
+    )
+    .unwrap();
+    let mut p = spawn(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(http(p.admin, "GET", "/readyz", &[], "").await.status, 200);
+    signal(&p, "-INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(http(p.admin, "GET", "/readyz", &[], "").await.status, 503);
+    let mut c = ws(p.public, &token("late")).await;
+    echo(&mut c, "still accepted during the delay").await;
+    assert_eq!(close_code(&mut c, Duration::from_secs(5)).await.0, Some(1001));
+    assert_eq!(wait_exit(&mut p, Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    for (text, key) in [
+        ("[limits]\nmax_conections = 5\n", "max_conections"),
+        ("[auth]\nalgorithms = [\"none\"]\nhmac_secret = \"s\"\n", "auth.algorithms"),
+        ("[auth]\nalgorithms = [\"HS256\"]\n", "auth.hmac_secret"),
+        ("[auth]\nhmac_secret = \"s\"\ncarriers = [\"cookie\"]\n", "auth.allowed_origins"),
+        (
+            "[auth]\nhmac_secret = \"s\"\n[limits]\nmax_message_bytes = 100\nmax_outbound_bytes = 100\n",
+            "limits.max_outbound_bytes",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        for args in
+            [vec!["check-config", path.to_str().unwrap()], vec!["serve", "--config", path.to_str().unwrap()]]
+        {
+            let out = Command::new(BIN).args(&args).output().unwrap();
+            assert_eq!(out.status.code(), Some(2), "{args:?} on {text:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(key), "{err} should name {key}");
+            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+    let out = Command::new(BIN).args(["check-config", "/nonexistent/p.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN).args(["serve", "--bogus"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn token_subcommand_mints_a_token_the_gateway_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, format!("[auth]\nhmac_secret = \"{SECRET}\"\n")).unwrap();
+    let out = Command::new(BIN)
+        .args(["token", "--config", path.to_str().unwrap(), "--sub", "olga", "--ttl", "10m", "--jti", "t-1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let token = token.trim();
+    assert_eq!(token.split('.').count(), 3);
+    let gw = start(config(dir.path())).await;
+    let mut c = ws(gw.public, token).await;
+    echo(&mut c, "minted").await;
+    let list = body(&http(gw.admin, "GET", "/admin/connections", &[], "").await).to_string();
+    assert!(list.contains("\"sub\":\"olga\""), "{list}");
+    drop(c);
+    gw.stop().await;
+}
+
+#[test]
+fn hash_password_prints_an_argon2id_phc_hash() {
+    let mut child =
+        Command::new(BIN).arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"hunter2\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+}
+
+#[tokio::test]
+async fn sighup_applies_a_good_config_and_keeps_the_old_on_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    let write = |origins: &str, extra: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[listen]\npublic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[auth]\nhmac_secret = \"{SECRET}\"\nallowed_origins = [{origins}]\n{extra}[revocation]\npath = \"{}\"\n",
+                dir.path().join("r.log").display()
+            ),
+        )
+        .unwrap()
+    };
+    write("\"https://old.example\"", "");
+    let mut p = spawn(&["serve", "--config", path.to_str().unwrap()]);
+    let auth = format!("Bearer {}", token("pat"));
+    let try_origin = |o: &'static str| {
+        let auth = auth.clone();
+        let addr = p.public;
+        async move {
+            raw(addr, upgrade_request("/", &[("Origin", o), ("Authorization", &auth)]).as_bytes())
+                .await
+                .status
+        }
+    };
+    assert_eq!(try_origin("https://new.example").await, 403);
+    let mut live = ws(p.public, &token("keeper")).await;
+
+    write("\"https://new.example\"", "");
+    signal(&p, "-HUP");
+    let m = wait_series(p.admin, "portcullis_config_reloads_total{result=\"ok\"}", 1.0).await;
+    assert!(m);
+    assert_eq!(try_origin("https://new.example").await, 101);
+    echo(&mut live, "untouched by the reload").await;
+
+    write("\"https://new.example\"", "bogus_key = 1\n");
+    signal(&p, "-HUP");
+    assert!(wait_series(p.admin, "portcullis_config_reloads_total{result=\"error\"}", 1.0).await);
+    assert_eq!(try_origin("https://new.example").await, 101, "the old config stays");
+    echo(&mut live, "still").await;
+    drop(live);
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let _ = p.stderr.try_recv();
+}
+
+async fn wait_series(admin: SocketAddr, series: &str, want: f64) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        let m = body(&http(admin, "GET", "/metrics", &[], "").await).to_string();
+        if value_of(&m, series) == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -1,0 +1,249 @@
+//! Proxy mode against a real WebSocket backend started by the test.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// What the backend saw of each handshake: request-target and headers.
+type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>;
+
+#[derive(Clone, Copy)]
+enum Behaviour {
+    Echo,
+    /// Close with this code after the first message.
+    CloseWith(u16),
+    /// Drop the TCP connection after the first message, without a close.
+    Vanish,
+    /// Record the client's close code and reply.
+    RecordClose,
+}
+
+struct Backend {
+    addr: SocketAddr,
+    seen: Seen,
+    closes: Arc<Mutex<Vec<Option<u16>>>>,
+}
+
+#[allow(clippy::result_large_err)] // tungstenite's callback signature
+async fn backend(behaviour: Behaviour) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let closes: Arc<Mutex<Vec<Option<u16>>>> = Arc::default();
+    let (seen2, closes2) = (seen.clone(), closes.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let seen = seen2.clone();
+            let closes = closes2.clone();
+            tokio::spawn(async move {
+                let cb = |req: &Request, mut resp: Response| {
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    seen.lock().unwrap().push((req.uri().to_string(), headers));
+                    if let Some(p) = req.headers().get("sec-websocket-protocol") {
+                        let first = p.to_str().unwrap().split(',').next().unwrap().trim().to_string();
+                        resp.headers_mut().insert("sec-websocket-protocol", first.parse().unwrap());
+                    }
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else { return };
+                match behaviour {
+                    Behaviour::Echo => {
+                        while let Some(Ok(m)) = ws.next().await {
+                            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Behaviour::CloseWith(code) => {
+                        let _ = ws.next().await;
+                        let _ = ws
+                            .close(Some(CloseFrame { code: CloseCode::from(code), reason: "bye".into() }))
+                            .await;
+                        while let Some(Ok(_)) = ws.next().await {}
+                    }
+                    Behaviour::Vanish => {
+                        let _ = ws.next().await;
+                        drop(ws);
+                    }
+                    Behaviour::RecordClose => {
+                        while let Some(m) = ws.next().await {
+                            match m {
+                                Ok(Message::Close(f)) => {
+                                    closes.lock().unwrap().push(f.map(|f| u16::from(f.code)));
+                                }
+                                Ok(_) => {}
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Backend { addr, seen, closes }
+}
+
+fn proxy_config(dir: &std::path::Path, backend: SocketAddr) -> portcullis::Config {
+    let mut cfg = config(dir);
+    cfg.upstream.url = format!("ws://{backend}/base");
+    cfg.upstream.claim_headers.insert("role".into(), "X-User-Role".into());
+    cfg.auth.carriers = vec![
+        portcullis::config::Carrier::Header,
+        portcullis::config::Carrier::Subprotocol,
+        portcullis::config::Carrier::Query,
+    ];
+    cfg
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+}
+
+#[tokio::test]
+async fn identity_and_request_reach_the_backend_without_spoofs() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(Behaviour::Echo).await;
+    let gw = start(proxy_config(dir.path(), be.addr)).await;
+    let t = token_with(json!({ "sub": "ivy", "role": "admin" }));
+    let mut c = ws_connect(
+        gw.public,
+        "/?room=1",
+        &[
+            ("Authorization", &format!("Bearer {t}")),
+            ("X-Portcullis-Sub", "root"),
+            ("X-User-Role", "superuser"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("Cookie", "theme=dark"),
+        ],
+    )
+    .await
+    .unwrap();
+    echo(&mut c, "through the backend").await;
+    let seen = be.seen.lock().unwrap().clone();
+    let (target, headers) = &seen[0];
+    assert_eq!(target, "/base/?room=1");
+    assert_eq!(header(headers, "x-portcullis-sub"), vec!["ivy"]);
+    assert_eq!(header(headers, "x-user-role"), vec!["admin"]);
+    assert_eq!(header(headers, "x-forwarded-for"), vec!["127.0.0.1"], "an untrusted client's XFF is dropped");
+    assert_eq!(header(headers, "cookie"), vec!["theme=dark"]);
+    assert!(header(headers, "authorization").is_empty(), "the credential stays at the gateway");
+    drop(c);
+    gw.assert_gauges_zero().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn query_token_is_stripped_and_subprotocols_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(Behaviour::Echo).await;
+    let mut cfg = proxy_config(dir.path(), be.addr);
+    cfg.auth.carriers = vec![portcullis::config::Carrier::Query];
+    let gw = start(cfg).await;
+    let t = token("jay");
+    let mut c =
+        ws_connect(gw.public, &format!("/?a=1&access_token={t}&b=2"), &[("Sec-WebSocket-Protocol", "chat")])
+            .await
+            .unwrap();
+    echo(&mut c, "q").await;
+    let seen = be.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].0, "/base/?a=1&b=2");
+    assert_eq!(header(&seen[0].1, "sec-websocket-protocol"), vec!["chat"]);
+    drop(c);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn ten_thousand_messages_each_way_arrive_whole_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(Behaviour::Echo).await;
+    let gw = start(proxy_config(dir.path(), be.addr)).await;
+    let c = ws(gw.public, &token("kim")).await;
+    let (mut tx, mut rx) = c.split();
+    const N: usize = 10_000;
+    let writer = tokio::spawn(async move {
+        for i in 0..N {
+            let m = if i % 3 == 0 {
+                Message::binary(vec![(i % 251) as u8; i % 700])
+            } else {
+                Message::text(format!("msg-{i}"))
+            };
+            tx.send(m).await.unwrap();
+        }
+        tx
+    });
+    for i in 0..N {
+        let m = tokio::time::timeout(Duration::from_secs(10), rx.next()).await.unwrap().unwrap().unwrap();
+        let want = if i % 3 == 0 {
+            Message::binary(vec![(i % 251) as u8; i % 700])
+        } else {
+            Message::text(format!("msg-{i}"))
+        };
+        assert_eq!(m, want, "message {i}");
+    }
+    let tx = writer.await.unwrap();
+    drop((tx, rx));
+    assert_eq!(gw.metric("portcullis_messages_total{direction=\"client_to_upstream\"}").await, N as f64);
+    gw.wait_metric("portcullis_messages_total{direction=\"upstream_to_client\"}", N as f64).await;
+    gw.assert_gauges_zero().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn close_codes_are_carried_across() {
+    let dir = tempfile::tempdir().unwrap();
+    // Backend closes with 4002: the client sees 4002.
+    let be = backend(Behaviour::CloseWith(4002)).await;
+    let gw = start(proxy_config(dir.path(), be.addr)).await;
+    let mut c = ws(gw.public, &token("lee")).await;
+    c.send(Message::text("go")).await.unwrap();
+    assert_eq!(close_code(&mut c, Duration::from_secs(3)).await.0, Some(4002));
+    gw.wait_metric("portcullis_disconnects_total{reason=\"upstream_close\"}", 1.0).await;
+    gw.stop().await;
+
+    // Client closes with 4001: the backend sees 4001.
+    let be = backend(Behaviour::RecordClose).await;
+    let gw = start(proxy_config(dir.path(), be.addr)).await;
+    let mut c = ws(gw.public, &token("lee")).await;
+    c.close(Some(CloseFrame { code: CloseCode::from(4001), reason: "done".into() })).await.unwrap();
+    let _ = close_code(&mut c, Duration::from_secs(3)).await;
+    gw.wait_metric("portcullis_disconnects_total{reason=\"client_close\"}", 1.0).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while be.closes.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(be.closes.lock().unwrap().clone(), vec![Some(4001)]);
+    gw.assert_gauges_zero().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_vanished_backend_closes_the_client_with_1014() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(Behaviour::Vanish).await;
+    let gw = start(proxy_config(dir.path(), be.addr)).await;
+    // tungstenite refuses to receive 1014 (it treats it as reserved), so
+    // this client is raw.
+    let mut s = raw_ws(gw.public, &token("max")).await;
+    use tokio::io::AsyncWriteExt;
+    s.write_all(&masked_text(b"hello?")).await.unwrap();
+    assert_eq!(raw_close_code(&mut s, Duration::from_secs(3)).await, Some(1014));
+    gw.wait_metric("portcullis_disconnects_total{reason=\"upstream_lost\"}", 1.0).await;
+    gw.assert_gauges_zero().await;
+    gw.stop().await;
+}
