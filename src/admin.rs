@@ -103,6 +103,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                     "draining": draining,
                     "connections": shared.caps.total(),
                     "handshaking": shared.caps.handshaking(),
+                    "store": if shared.store_up() { "up" } else { "down" },
                 }),
             )
         }

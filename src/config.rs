@@ -289,9 +289,13 @@ pub struct Revocation {
     pub redis_url: String,
     /// Redis: how long a per-user connection lease lives unless renewed.
     pub lease_ttl_ms: u64,
+    /// Redis: the bound on every Redis call a handshake waits for (the
+    /// per-user lease claim); past it `limits.on_cap_store_error` applies.
+    pub redis_timeout_ms: u64,
 }
 
 pub const DEFAULT_LEASE_TTL_MS: u64 = 30_000;
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 200;
 
 impl Default for Revocation {
     fn default() -> Self {
@@ -300,6 +304,7 @@ impl Default for Revocation {
             path: DEFAULT_REVOCATION_PATH.into(),
             redis_url: DEFAULT_REDIS_URL.into(),
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+            redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
         }
     }
 }
@@ -559,6 +564,9 @@ impl Config {
         }
         if self.revocation.lease_ttl_ms < 100 {
             return Err(invalid("revocation.lease_ttl_ms", "must be at least 100"));
+        }
+        if self.revocation.redis_timeout_ms == 0 || self.revocation.redis_timeout_ms > 10_000 {
+            return Err(invalid("revocation.redis_timeout_ms", "must be between 1 and 10000"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", format!("{:?} is not a log level", self.log.level)));

@@ -4,7 +4,8 @@
 //! Refusal lines are rate-limited: under attack a flood of identical lines
 //! would fill disks and hide everything else, so past
 //! [`REFUSAL_LINES_PER_S`] a second they are counted, and the count is
-//! logged when the next second starts.
+//! logged by the first refusal of a later second, or by the gateway's
+//! housekeeping ([`LogLimiter::flush`]) when the flood has stopped.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +57,21 @@ impl LogLimiter {
     }
 }
 
+impl LogLimiter {
+    /// Logs the count suppressed so far, if any; called periodically, so
+    /// that the last second of a flood is reported without waiting for
+    /// the next refusal.
+    pub fn flush(&self) {
+        log_suppressed(self.suppressed.swap(0, Ordering::Relaxed));
+    }
+}
+
+fn log_suppressed(suppressed: u64) {
+    if suppressed > 0 {
+        tracing::warn!(event = "suppressed", suppressed, "refusal log lines suppressed (rate-limited)");
+    }
+}
+
 /// Records a refusal: counter, latency histogram, rate-limited log line.
 pub fn rejected(
     metrics: &Metrics,
@@ -67,9 +83,7 @@ pub fn rejected(
 ) {
     metrics.handshake_rejected(reason, took);
     let (log, suppressed) = limiter.admit();
-    if suppressed > 0 {
-        tracing::warn!(suppressed, "refusal log lines suppressed (rate-limited)");
-    }
+    log_suppressed(suppressed);
     if log {
         tracing::info!(
             event = "rejected",

@@ -20,7 +20,9 @@ use crate::login::Login;
 use crate::metrics::Metrics;
 use crate::reject::CloseReason;
 use crate::revocation::file::FileStore;
+use crate::revocation::redis::RedisStore;
 use crate::revocation::SharedStore;
+use crate::session::leases::UserCaps;
 use crate::session::registry::Registry;
 use crate::upstream::UpstreamUrl;
 use crate::{admin, server};
@@ -68,24 +70,45 @@ pub struct Shared {
     /// Set at SIGTERM: `/readyz` answers 503 from then on.
     pub draining: AtomicBool,
     file_store: Option<Arc<FileStore>>,
+    /// The Redis backend, when in use: its link's health and its tasks.
+    redis: Option<RedisStore>,
 }
 
 impl Shared {
     /// Is the gateway ready for more traffic (`/readyz`)?
     pub fn ready(&self) -> bool {
         let cfg = self.config.load();
+        // With the shared store down, `on_cap_store_error = "reject"`
+        // refuses every user: not ready, so a load balancer prefers an
+        // instance that still reaches Redis. With `local` it serves on.
+        let store_ok =
+            self.store_up() || cfg.limits.on_cap_store_error == crate::config::OnCapStoreError::Local;
         !self.draining.load(Ordering::Acquire)
+            && store_ok
             && self.caps.total() < cfg.limits.max_connections
             && self.caps.handshaking() < cfg.limits.max_handshakes
+    }
+
+    /// Is the revocation store reachable? Always for the embedded file; for
+    /// Redis, while its link is up.
+    pub fn store_up(&self) -> bool {
+        self.redis.as_ref().is_none_or(RedisStore::is_up)
     }
 
     /// Applies a new configuration (SIGHUP): keys, TLS certificates,
     /// limits, heartbeat and allowed origins, all or nothing.
     pub fn reload(&self, new: Config) -> Result<(), ConfigError> {
         let result = (|| {
+            // Everything that can fail is loaded first; only then applied.
+            // Embedders call this directly, not only `Config::load`: validate.
+            new.validate()?;
             let tls = crate::tls::acceptor(&new.listen)?;
+            let signer = self.login.as_ref().map(|_| Login::prepare(&new.auth)).transpose()?;
             if let Some(jwt) = &self.jwt {
                 jwt.reload(&new.auth, &new.upstream.claim_headers)?;
+            }
+            if let (Some(login), Some(signer)) = (&self.login, signer) {
+                login.apply(signer, &new.auth.login);
             }
             self.tls.store(Arc::new(tls));
             self.rate.set_quota(new.limits.per_ip_rate, new.limits.per_ip_burst);
@@ -149,21 +172,23 @@ impl Gateway {
     pub async fn bind_with(cfg: Config, auth: Option<Arc<dyn Authenticator>>) -> Result<Gateway, StartError> {
         cfg.validate()?;
         let metrics = Arc::new(Metrics::new());
-        let (store, file_store): (SharedStore, Option<Arc<FileStore>>) = match cfg.revocation.backend {
-            RevocationBackend::File => {
-                let fs = Arc::new(FileStore::open(&cfg.revocation.path, cfg.auth.max_token_ttl_s)?);
-                (fs.clone(), Some(fs))
-            }
-            RevocationBackend::Redis => {
-                return Err(StartError::Config(ConfigError::Invalid {
-                    key: "revocation.backend",
-                    msg: "the redis backend is not available in this build".into(),
-                }))
-            }
-        };
+        let (store, file_store, redis): (SharedStore, Option<Arc<FileStore>>, Option<RedisStore>) =
+            match cfg.revocation.backend {
+                RevocationBackend::File => {
+                    let fs = Arc::new(FileStore::open(&cfg.revocation.path, cfg.auth.max_token_ttl_s)?);
+                    (fs.clone(), Some(fs), None)
+                }
+                RevocationBackend::Redis => {
+                    let rs = RedisStore::open(&cfg, metrics.clone()).await?;
+                    (Arc::new(rs.clone()), Some(Arc::new(rs.file().clone())), Some(rs))
+                }
+            };
         metrics.set_revocations(store.len());
         // The embedded store is always available; Redis reports its own state.
-        metrics.set_store_up(true);
+        if redis.is_none() {
+            metrics.set_store_up(true);
+        }
+        let user_caps = redis.as_ref().map(|r| Arc::new(r.leases()) as Arc<dyn UserCaps>);
         let (auth, jwt): (Arc<dyn Authenticator>, Option<Arc<JwtAuthenticator>>) = match auth {
             Some(a) => (a, None),
             None => {
@@ -176,7 +201,7 @@ impl Gateway {
                 (j.clone(), Some(j))
             }
         };
-        let login = if cfg.auth.login.enabled { Some(Login::load(&cfg.auth.login)?) } else { None };
+        let login = if cfg.auth.login.enabled { Some(Login::load(&cfg.auth)?) } else { None };
         let upstream = if cfg.upstream.url == "echo" { None } else { UpstreamUrl::parse(&cfg.upstream.url) };
         let tls = crate::tls::acceptor(&cfg.listen)?;
 
@@ -198,7 +223,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             caps: Caps::new(metrics.clone()),
             rate: RateLimiter::new(cfg.limits.per_ip_rate, cfg.limits.per_ip_burst),
-            registry: Registry::new(metrics.clone()),
+            registry: Registry::with_caps(metrics.clone(), user_caps),
             config: ArcSwap::from_pointee(cfg),
             metrics,
             auth,
@@ -211,6 +236,7 @@ impl Gateway {
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             file_store,
+            redis,
         });
         Ok(Gateway { shared, public, admin })
     }
@@ -240,6 +266,7 @@ impl Gateway {
         let admin_task = tokio::spawn(admin::serve(shared.clone(), admin, stop_admin_rx));
         let upkeep = tokio::spawn(housekeeping(shared.clone()));
         let kicker = tokio::spawn(kick_remote_revocations(shared.clone()));
+        let evicter = tokio::spawn(kick_evicted(shared.clone()));
 
         shutdown.await;
         drain(&shared, || {
@@ -251,6 +278,13 @@ impl Gateway {
         let _ = admin_task.await;
         upkeep.abort();
         kicker.abort();
+        evicter.abort();
+        // Released leases reach Redis before the link stops (else they
+        // would linger until they expire).
+        let _ = tokio::time::timeout(Duration::from_secs(2), shared.registry.flush_caps()).await;
+        if let Some(r) = &shared.redis {
+            r.close();
+        }
     }
 }
 
@@ -297,6 +331,7 @@ async fn housekeeping(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         shared.rate.housekeep();
+        shared.log_limiter.flush();
         if let Some(l) = &shared.login {
             l.housekeep();
         }
@@ -308,6 +343,26 @@ async fn housekeeping(shared: Arc<Shared>) {
             }
         }
         shared.metrics.set_revocations(shared.store.len());
+    }
+}
+
+/// Connections of this instance that an admission elsewhere evicted
+/// (`evict_oldest` with fleet-wide caps) are closed with `evicted`.
+async fn kick_evicted(shared: Arc<Shared>) {
+    let Some(mut rx) = shared.registry.evictions() else { return };
+    loop {
+        match rx.recv().await {
+            Ok(id) => {
+                shared.registry.kick_id(id, CloseReason::Evicted);
+            }
+            // Missed notices: those leases are gone from Redis already; the
+            // connections stay over the cap until they end (rare: 1024
+            // evictions unread).
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "eviction notices lost");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

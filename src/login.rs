@@ -19,7 +19,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
+use arc_swap::ArcSwap;
+
 use crate::admit::{IpKey, RateLimiter};
+use crate::auth::sign::Signer;
 use crate::config::{self, ConfigError};
 use crate::gateway::Shared;
 use crate::handshake::{answer_and_close, response, RequestHead};
@@ -37,6 +40,8 @@ pub struct Login {
     dummy: String,
     slots: Arc<Semaphore>,
     rate: RateLimiter,
+    /// The signing key, loaded once (not per login) and swapped on SIGHUP.
+    signer: ArcSwap<Signer>,
 }
 
 #[derive(Deserialize)]
@@ -45,13 +50,19 @@ struct Credentials {
     password: String,
 }
 
+fn signer(auth: &config::Auth) -> Result<Signer, ConfigError> {
+    Signer::new(auth).map_err(|e| ConfigError::Invalid { key: "auth.private_key_file", msg: e.to_string() })
+}
+
 /// Hashes a password with argon2id and a random salt (`hash-password`).
 pub fn hash_password(password: &[u8]) -> Result<String, String> {
     Argon2::default().hash_password(password).map(|h| h.to_string()).map_err(|e| e.to_string())
 }
 
 impl Login {
-    pub fn load(cfg: &config::Login) -> Result<Login, ConfigError> {
+    pub fn load(auth: &config::Auth) -> Result<Login, ConfigError> {
+        let cfg = &auth.login;
+        let signer = signer(auth)?;
         let key = "auth.login.users_file";
         let text = std::fs::read_to_string(&cfg.users_file)
             .map_err(|e| ConfigError::Invalid { key, msg: format!("{}: {e}", cfg.users_file.display()) })?;
@@ -84,7 +95,19 @@ impl Login {
             dummy,
             slots: Arc::new(Semaphore::new(VERIFY_SLOTS)),
             rate: RateLimiter::new(cfg.per_ip_rate, cfg.per_ip_burst),
+            signer: ArcSwap::from_pointee(signer),
         })
+    }
+
+    /// Loads the signer a reload would use, without applying anything.
+    pub fn prepare(auth: &config::Auth) -> Result<Signer, ConfigError> {
+        signer(auth)
+    }
+
+    /// Applies a prepared reload (SIGHUP). Users are read at start only.
+    pub fn apply(&self, signer: Signer, login: &config::Login) {
+        self.signer.store(Arc::new(signer));
+        self.rate.set_quota(login.per_ip_rate, login.per_ip_burst);
     }
 
     pub fn housekeep(&self) {
@@ -153,7 +176,7 @@ impl Login {
         }
         let cfg = shared.config.load();
         let ttl = cfg.auth.login.token_ttl_s;
-        match crate::auth::sign::mint(&cfg.auth, &creds.username, Duration::from_secs(ttl), None) {
+        match self.signer.load().mint(&creds.username, Duration::from_secs(ttl), None) {
             Ok(token) => {
                 shared.metrics.login(LoginOutcome::Ok);
                 tracing::info!(event = "login", outcome = "ok", client = %client.ip(), sub = %creds.username);

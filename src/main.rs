@@ -158,7 +158,12 @@ async fn serve(cfg: Config, path: Option<PathBuf>, demo: bool) -> anyhow::Result
     let gateway = Gateway::bind(cfg.clone()).await?;
     let public = gateway.public_addr();
     let admin = gateway.admin_addr();
-    eprintln!("listening public={public} admin={admin}");
+    if cfg.log.format == LogFormat::Json {
+        // Log shippers get one JSON object per line, the banner included.
+        eprintln!("{}", serde_json::json!({ "event": "listening", "public": public, "admin": admin }));
+    } else {
+        eprintln!("listening public={public} admin={admin}");
+    }
     if demo {
         let token = portcullis::auth::sign::mint(&cfg.auth, "demo", Duration::from_secs(3600), None)?;
         eprintln!("token: {token}");

@@ -116,8 +116,8 @@ async fn connection(
         Ctx { client: peer, sub: None, accepted, deadline: accepted + cfg.limits.handshake_timeout() };
     let result = front(&shared, &cfg, tcp, peer, ip, &mut ctx).await;
     match result {
-        Ok(Front::Plain(tcp, pre, ip)) => {
-            serve(&shared, &cfg, tcp, pre, peer, &mut ctx, conn, hs, ip).await;
+        Ok(Front::Plain(tcp, ip)) => {
+            serve(&shared, &cfg, tcp, Vec::new(), peer, &mut ctx, conn, hs, ip).await;
         }
         Ok(Front::Tls(tls, ip)) => {
             serve(&shared, &cfg, tls, Vec::new(), peer, &mut ctx, conn, hs, ip).await;
@@ -137,7 +137,7 @@ async fn connection(
 
 /// The transport after stage 1: PROXY header consumed, TLS terminated.
 enum Front {
-    Plain(TcpStream, Vec<u8>, Option<IpPermit>),
+    Plain(TcpStream, Option<IpPermit>),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Option<IpPermit>),
 }
 
@@ -151,18 +151,18 @@ async fn front(
     mut ip: Option<IpPermit>,
     ctx: &mut Ctx,
 ) -> Result<Front, Reject> {
-    let mut pre = Vec::new();
     if cfg.listen.proxy_protocol {
         if !is_trusted(&cfg.listen.trusted_proxies, peer.ip()) {
             reset_on_close(&tcp);
             return Err(Reject::ProxyHeader);
         }
+        // Exactly the header is consumed: what follows (HTTP head or TLS
+        // ClientHello) is still in the socket for the next layer.
         match read_proxy_header(&mut tcp, ctx.deadline).await {
-            Ok((addr, rest)) => {
+            Ok(addr) => {
                 if let Some(a) = addr {
                     ctx.client = a;
                 }
-                pre = rest;
             }
             Err(()) => {
                 reset_on_close(&tcp);
@@ -174,12 +174,6 @@ async fn front(
         }
     }
     if let Some(acceptor) = shared.tls.load_full().as_ref().clone() {
-        // TLS bytes never precede the PROXY header; `pre` is non-empty only
-        // if a client sent its ClientHello in the same segment, which the
-        // acceptor cannot take back, so that is refused as a bad header.
-        if !pre.is_empty() {
-            return Err(Reject::ProxyHeader);
-        }
         return match tokio::time::timeout_at(ctx.deadline, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => Ok(Front::Tls(Box::new(tls), ip)),
             // A failed TLS handshake is a malformed request; a late one a timeout.
@@ -187,7 +181,7 @@ async fn front(
             Err(_) => Err(Reject::HandshakeTimeout),
         };
     }
-    Ok(Front::Plain(tcp, pre, ip))
+    Ok(Front::Plain(tcp, ip))
 }
 
 /// Stages 2–8 on an established transport.
@@ -356,15 +350,13 @@ where
     };
     ctx.sub = Some(identity.sub.clone());
 
-    // Stage 5: the per-user cap.
-    let slot = match shared.registry.register(
-        &identity.sub,
-        ctx.client.ip(),
-        identity.jti.clone(),
-        identity.issued_at,
-        live.limits.per_user_max_connections,
-        live.limits.on_user_cap,
-    ) {
+    // Stage 5: the per-user cap (fleet-wide with the Redis backend; its
+    // one round trip is bounded by `revocation.redis_timeout_ms`).
+    let admitted = shared
+        .registry
+        .admit(&identity.sub, ctx.client.ip(), identity.jti.clone(), identity.issued_at, &live.limits)
+        .await;
+    let slot = match admitted {
         Ok(s) => s,
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };

@@ -187,6 +187,46 @@ impl FileStore {
         &self.inner.path
     }
 
+    /// Records revocations learnt elsewhere (another instance, a resync),
+    /// each with the unix time `at` it was made: those that change the set
+    /// are appended (one fsync for the batch), inserted and broadcast like
+    /// a local [`revoke`](RevocationStore::revoke); the rest are skipped, so
+    /// hearing a revocation twice writes it once. Returns the new ones.
+    pub async fn absorb(&self, items: Vec<(Revocation, u64)>) -> Result<Vec<Revocation>, StoreError> {
+        if items.iter().all(|(r, _)| self.inner.set.contains(r)) {
+            return Ok(Vec::new());
+        }
+        let inner = self.inner.clone();
+        let fresh = tokio::task::spawn_blocking(move || -> Result<Vec<Revocation>, StoreError> {
+            // Under the log lock: `contains` and the write are atomic with
+            // respect to concurrent revokes and compaction.
+            let mut log = inner.log.blocking_lock();
+            let mut bytes = Vec::new();
+            let mut fresh = Vec::new();
+            for (r, at) in items {
+                if !inner.set.contains(&r) && !fresh.iter().any(|(f, _)| *f == r) {
+                    bytes.extend_from_slice(&Line::new(&r, at).to_bytes());
+                    fresh.push((r, at));
+                }
+            }
+            if fresh.is_empty() {
+                return Ok(Vec::new());
+            }
+            log.file.write_all(&bytes).and_then(|()| log.file.sync_data()).map_err(io_err(&inner.path))?;
+            log.lines += fresh.len();
+            for (r, at) in &fresh {
+                inner.set.insert(r, *at);
+            }
+            Ok(fresh.into_iter().map(|(r, _)| r).collect())
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("revocation write task: {e}")))??;
+        for r in &fresh {
+            let _ = self.inner.tx.send(r.clone());
+        }
+        Ok(fresh)
+    }
+
     /// Drops revocations no live token can match any more and rewrites the
     /// log if that (or duplicate lines) leaves it shorter; returns how many
     /// revocations were dropped. Call it periodically (e.g. hourly).
@@ -314,6 +354,31 @@ mod tests {
         assert!(!s.is_revoked("bob", Some("b"), Some(now() + 10)));
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.lines().next().unwrap().starts_with("{\"jti\":\"a\",\"at\":"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn absorb_records_and_announces_only_what_is_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rev.log");
+        let s = FileStore::open(&p, 3600).unwrap();
+        let mut rx = s.subscribe();
+        s.revoke(jti("known")).await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), jti("known"));
+        let sub = |before| Revocation::Subject { sub: "s".into(), before };
+        let at = now() - 10;
+        let fresh =
+            s.absorb(vec![(jti("known"), at), (jti("new"), at), (sub(at), at), (jti("new"), at)]).await;
+        assert_eq!(fresh.unwrap(), vec![jti("new"), sub(at)]);
+        assert_eq!(rx.recv().await.unwrap(), jti("new"));
+        assert_eq!(rx.recv().await.unwrap(), sub(at));
+        // An earlier cut-off for the same subject changes nothing.
+        assert!(s.absorb(vec![(sub(at - 5), at - 5)]).await.unwrap().is_empty());
+        assert!(rx.try_recv().is_err());
+        drop(s);
+        let s = FileStore::open(&p, 3600).unwrap();
+        assert!(s.is_revoked("u", Some("new"), None));
+        assert!(s.is_revoked("s", None, Some(at - 1)));
+        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 3);
     }
 
     #[tokio::test]

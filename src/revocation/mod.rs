@@ -1,9 +1,12 @@
 //! Revocations: by `jti`, and by subject ("tokens of `sub` issued before T").
 //!
 //! Every backend keeps an in-memory [`RevocationSet`] so the handshake path
-//! never waits on I/O; backends differ in how they persist and share it.
+//! never waits on I/O; backends differ in how they persist and share it:
+//! [`file`] keeps an embedded log, [`redis`] shares revocations across a
+//! fleet and writes each one through to that same log.
 
 pub mod file;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -65,6 +68,15 @@ impl RevocationSet {
                     false
                 }
             }
+        }
+    }
+
+    /// Would inserting `r` change nothing (it, or a later cut-off for the
+    /// same subject, is already held)?
+    pub fn contains(&self, r: &Revocation) -> bool {
+        match r {
+            Revocation::Jti { jti } => self.jtis.contains_key(jti),
+            Revocation::Subject { sub, before } => self.subs.get(sub).is_some_and(|b| *b >= *before),
         }
     }
 

@@ -13,6 +13,7 @@
 //! side that feeds it, so a slow reader slows its writer instead of growing
 //! memory.
 
+pub mod leases;
 pub mod registry;
 
 use std::collections::VecDeque;

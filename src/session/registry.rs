@@ -1,6 +1,12 @@
 //! Live connections by id and by subject: what `/admin/connections` lists,
 //! what revocation, eviction and drain kick, and what the per-user cap
 //! (stage 5) counts.
+//!
+//! Stage 5 is [`Registry::admit`]: with a fleet-wide store ([`UserCaps`],
+//! the Redis leases) it asks that first and the local count is only an
+//! index; when the store cannot answer in time, `limits.on_cap_store_error`
+//! picks the local count (`local`) or a refusal (`reject`). Without one,
+//! the local count is the cap.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -10,7 +16,8 @@ use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::config::OnUserCap;
+use super::leases::{CapError, UserCaps};
+use crate::config::{Limits, OnCapStoreError, OnUserCap};
 use crate::metrics::Metrics;
 use crate::reject::{CloseReason, Reject};
 use crate::revocation::Revocation;
@@ -95,6 +102,9 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// Set by the drain: a connection admitted from then on is kicked at once.
     closing: AtomicBool,
+    /// The fleet-wide per-user cap (Redis backend), asked before the local
+    /// count; `None`: the local count is the cap.
+    caps: Option<Arc<dyn UserCaps>>,
 }
 
 /// A registered connection; dropping it unregisters (releasing the per-user
@@ -107,11 +117,19 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.registry.remove(&self.info);
+        if let Some(caps) = &self.registry.caps {
+            caps.release(&self.info);
+        }
     }
 }
 
 impl Registry {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Registry> {
+        Registry::with_caps(metrics, None)
+    }
+
+    /// A registry whose stage 5 asks `caps` (fleet-wide) before its own count.
+    pub fn with_caps(metrics: Arc<Metrics>, caps: Option<Arc<dyn UserCaps>>) -> Arc<Registry> {
         let instance = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
         Arc::new(Registry {
             instance,
@@ -120,12 +138,46 @@ impl Registry {
             by_sub: DashMap::new(),
             metrics,
             closing: AtomicBool::new(false),
+            caps,
         })
     }
 
-    /// Stage 5: admits a connection of `sub` within `max_per_user`. With
-    /// `EvictOldest`, the user's oldest connection is kicked (`evicted`) and
-    /// leaves the count at once, so the newcomer is admitted.
+    /// Stage 5: admits a connection of `sub` within
+    /// `limits.per_user_max_connections`, fleet-wide when a [`UserCaps`]
+    /// is configured (see the module notes), else on this instance.
+    pub async fn admit(
+        self: &Arc<Self>,
+        sub: &str,
+        ip: IpAddr,
+        jti: Option<String>,
+        iat: Option<u64>,
+        limits: &Limits,
+    ) -> Result<Slot, Reject> {
+        let (max, policy) = (limits.per_user_max_connections, limits.on_user_cap);
+        let Some(caps) = &self.caps else {
+            return self.register(sub, ip, jti, iat, max, policy);
+        };
+        let info = self.new_conn(sub, ip, jti, iat);
+        match caps.claim(&info, max, policy).await {
+            // The fleet counted it (and evicted for it): locally it is
+            // only indexed, never counted a second time.
+            Ok(()) => Ok(self.insert(info, usize::MAX, policy)?),
+            Err(CapError::Full) => Err(Reject::UserCap),
+            Err(CapError::Unavailable) => match limits.on_cap_store_error {
+                OnCapStoreError::Reject => Err(Reject::UserCap),
+                OnCapStoreError::Local => {
+                    let slot = self.insert(info, max, policy)?;
+                    caps.adopt(&slot.info);
+                    Ok(slot)
+                }
+            },
+        }
+    }
+
+    /// Stage 5 on the local count alone: admits a connection of `sub`
+    /// within `max_per_user`. With `EvictOldest`, the user's oldest
+    /// connection is kicked (`evicted`) and leaves the count at once, so the
+    /// newcomer is admitted.
     pub fn register(
         self: &Arc<Self>,
         sub: &str,
@@ -135,9 +187,14 @@ impl Registry {
         max_per_user: usize,
         policy: OnUserCap,
     ) -> Result<Slot, Reject> {
+        let info = self.new_conn(sub, ip, jti, iat);
+        self.insert(info, max_per_user, policy)
+    }
+
+    fn new_conn(&self, sub: &str, ip: IpAddr, jti: Option<String>, iat: Option<u64>) -> Arc<ConnInfo> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let now = unix_now();
-        let info = Arc::new(ConnInfo {
+        Arc::new(ConnInfo {
             id,
             sub: sub.to_string(),
             ip,
@@ -147,7 +204,17 @@ impl Registry {
             last_seen: AtomicU64::new(now),
             kicked: AtomicU8::new(0),
             kick: Notify::new(),
-        });
+        })
+    }
+
+    /// Indexes `info`, counting it against `max_per_user` on this instance.
+    fn insert(
+        self: &Arc<Self>,
+        info: Arc<ConnInfo>,
+        max_per_user: usize,
+        policy: OnUserCap,
+    ) -> Result<Slot, Reject> {
+        let (id, sub) = (info.id, info.sub.as_str());
         {
             let mut ids = self.by_sub.entry(sub.to_string()).or_default();
             while ids.len() >= max_per_user {
@@ -181,6 +248,30 @@ impl Registry {
         }
         self.by_sub.remove_if(&info.sub, |_, v| v.is_empty());
         self.metrics.set_users_connected(self.by_sub.len());
+    }
+
+    /// Kicks one live connection by id (an eviction named it); false if it
+    /// is gone or was already kicked.
+    pub fn kick_id(&self, id: u64, reason: CloseReason) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.kick(reason))
+    }
+
+    /// Ids of this instance's connections evicted by another admission
+    /// (fleet-wide caps only).
+    pub fn evictions(&self) -> Option<tokio::sync::broadcast::Receiver<u64>> {
+        self.caps.as_ref().map(|c| c.evictions())
+    }
+
+    /// Is the fleet-wide cap store answering? (`true` without one.)
+    pub fn caps_up(&self) -> bool {
+        self.caps.as_ref().is_none_or(|c| c.is_up())
+    }
+
+    /// Waits until released leases have reached the fleet store (shutdown).
+    pub async fn flush_caps(&self) {
+        if let Some(c) = &self.caps {
+            c.flush().await;
+        }
     }
 
     /// Kicks every live connection `r` covers; returns how many were kicked.

@@ -53,6 +53,19 @@ pub async fn start(cfg: Config) -> TestGateway {
     TestGateway { public, admin, stop: Some(tx), task: Some(task) }
 }
 
+/// As [`start`], also handing back the gateway's shared state, for tests
+/// that reload a configuration in-process (`Shared::reload`).
+pub async fn start_shared(cfg: Config) -> (TestGateway, std::sync::Arc<portcullis::Shared>) {
+    let gw = Gateway::bind(cfg).await.expect("gateway binds");
+    let shared = gw.shared();
+    let (public, admin) = (gw.public_addr(), gw.admin_addr());
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(gw.run(async move {
+        let _ = rx.await;
+    }));
+    (TestGateway { public, admin, stop: Some(tx), task: Some(task) }, shared)
+}
+
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }

@@ -1,0 +1,98 @@
+//! A small WebSocket echo backend for the comparison runs
+//! (`loadtest/peers/compare.sh`): the upstream of Portcullis in proxy mode
+//! **and** of HAProxy, so both gateways front the very same thing.
+//!
+//! Every text or binary message is sent back as it came; pings are answered
+//! by tungstenite; a close ends the connection. Buffers are small (1 KiB read
+//! chunk, no write buffering) so the backend's own memory per connection
+//! stays small; the comparison script reports it apart from the gateway's.
+//! One thread: the script pins it to a core beside the gateway.
+//!
+//! Run with `cargo run --release -p portcullis-loadtest --bin echo-backend -- 127.0.0.1:18081`
+//! (loopback addresses only); it prints `listening <addr>` to stderr.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Largest message echoed; the load tests send at most a few KiB.
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_MESSAGE_BYTES + 64 * 1024)
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+}
+
+async fn echo(tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(config())).await else {
+        return;
+    };
+    while let Some(Ok(msg)) = ws.next().await {
+        match msg {
+            Message::Text(_) | Message::Binary(_) => {
+                if ws.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            // tungstenite queued the reply to the close; flushing sends it.
+            Message::Close(_) => {
+                let _ = ws.flush().await;
+                return;
+            }
+            // Pings are answered by tungstenite on the next read or write.
+            _ => {}
+        }
+    }
+}
+
+fn main() {
+    let arg = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18081".into());
+    let addr: SocketAddr = match arg.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("echo-backend: error: bad address {arg:?}: {e}");
+            std::process::exit(2);
+        }
+    };
+    if !addr.ip().is_loopback() {
+        eprintln!("echo-backend: error: {addr} is not a loopback address");
+        std::process::exit(2);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("echo-backend: error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        let listener = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("echo-backend: error: cannot bind {addr}: {e}");
+                std::process::exit(1);
+            }
+        };
+        eprintln!("listening {}", listener.local_addr().unwrap_or(addr));
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    tokio::spawn(echo(tcp));
+                }
+                // EMFILE and the like: back off instead of spinning.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    });
+}
