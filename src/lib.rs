@@ -13,8 +13,9 @@
 //! - [`tls`]: `wss://` termination.
 //! - [`handshake`]: stage 3, the request head under a total deadline, RFC 6455 checks, answers.
 //! - [`auth`]: stage 4, the [`auth::Authenticator`] extension point and the JWT implementation.
-//! - [`revocation`]: revocation stores (embedded file log).
-//! - [`session::registry`]: stage 5 per-user caps, and live connections to kick.
+//! - [`revocation`]: revocation stores (embedded file log; Redis, shared by a fleet).
+//! - [`session::registry`]: stage 5 per-user caps, and live connections to kick;
+//!   [`session::leases`]: the same caps fleet-wide (Redis leases).
 //! - [`upstream`]: stage 6, the backend connection.
 //! - [`session`]: stage 8, relay, heartbeat and every reaping rule.
 //!

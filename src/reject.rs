@@ -209,6 +209,17 @@ mod tests {
     }
 
     #[test]
+    fn all_is_in_declaration_order() {
+        // Metrics index their per-reason counters by discriminant.
+        for (i, r) in Reject::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, c) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+
+    #[test]
     fn statuses_follow_spec() {
         let want = [
             ("global_cap", None),

@@ -2,7 +2,7 @@
 //!
 //! Every backend keeps an in-memory [`RevocationSet`] so the handshake path
 //! never waits on I/O; backends differ in how they persist and share it:
-//! [`file`] keeps an embedded log, [`redis`] shares revocations across a
+//! [`file`](mod@file) keeps an embedded log, [`redis`](mod@redis) shares revocations across a
 //! fleet and writes each one through to that same log.
 
 pub mod file;

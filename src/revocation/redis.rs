@@ -26,7 +26,7 @@
 //!
 //! # The link
 //!
-//! One task per instance ([`sync_loop`]) owns the connection: it opens a
+//! One task per instance (`sync_loop`) owns the connection: it opens a
 //! command connection and a subscription, **resyncs** (pulls the whole set
 //! into the mirror, then pushes and publishes every local revocation Redis
 //! lacks, such as those made while cut off), and only then declares the
@@ -42,7 +42,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
-use ::redis::{AsyncConnectionConfig, Client, Msg, Script};
+use ::redis::io::tcp::TcpSettings;
+use ::redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, Msg, Script};
 use arc_swap::ArcSwapOption;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{broadcast, watch, Notify};
@@ -251,8 +252,16 @@ impl RedisStore {
     /// there yet the gateway serves from the local log and connects later.
     pub async fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<RedisStore, StoreError> {
         let rc = &cfg.revocation;
-        let client = Client::open(rc.redis_url.as_str())
-            .map_err(|e| StoreError::Backend(format!("revocation.redis_url: {e}")))?;
+        let bad_url = |e: ::redis::RedisError| StoreError::Backend(format!("revocation.redis_url: {e}"));
+        // TCP_NODELAY: a lease claim is one small request a handshake waits
+        // for; Nagle would hold it back behind the previous one's ACK.
+        let info = rc
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(bad_url)?
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let client = Client::open(info).map_err(bad_url)?;
         let file = FileStore::open(&rc.path, cfg.auth.max_token_ttl_s)?;
         metrics.set_store_up(false);
         let link = Arc::new(RedisLink {
@@ -367,11 +376,15 @@ impl RevocationStore for RedisStore {
 /// The unix second a revocation made at `at` stops mattering: `ttl_s`
 /// after it was made (a `jti`), or after its cut-off (a subject, whose
 /// tokens were all issued before `before`).
+/// Capped at the end of year 9999, which Redis accepts as an expiry (an
+/// admin's absurd `before` must not make every push fail).
 fn expiry(r: &Revocation, at: u64, ttl_s: u64) -> u64 {
+    const LATEST: u64 = 253_402_300_799;
     match r {
         Revocation::Jti { .. } => at.saturating_add(ttl_s),
         Revocation::Subject { before, .. } => (*before).saturating_add(ttl_s),
     }
+    .min(LATEST)
 }
 
 /// The link's life: connect, resync, watch; on any loss, back off and
@@ -624,6 +637,7 @@ mod tests {
     fn expiry_follows_the_longest_token_a_revocation_can_match() {
         assert_eq!(expiry(&Revocation::Jti { jti: "a".into() }, 100, 50), 150);
         assert_eq!(expiry(&Revocation::Subject { sub: "s".into(), before: 300 }, 100, 50), 350);
+        assert_eq!(expiry(&Revocation::Subject { sub: "s".into(), before: u64::MAX }, 1, 1), 253_402_300_799);
     }
 
     #[test]

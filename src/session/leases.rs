@@ -6,7 +6,7 @@
 //! Each live connection holds a lease: a member of the sorted set
 //! `portcullis:lease:<sub>`, scored by when it expires (Redis's clock, ms).
 //! The member is `<admitted unix ms, 15 digits>/<instance node>/<conn id>`,
-//! so members sort by age and name their owner. [`CLAIM_LUA`] does stage 5
+//! so members sort by age and name their owner. `CLAIM_LUA` does stage 5
 //! atomically: it drops expired members, counts the rest, and either
 //! refuses, or admits (adding the member), or, with `evict_oldest`, removes
 //! the oldest members until the newcomer fits, publishes each on
