@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,31 +14,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
 /// A running `portcullis serve`, its addresses and what it printed.
 struct Proc {
-    child: Child,
+    proc: ChildProc,
     public: SocketAddr,
     admin: SocketAddr,
     token: Option<String>,
-    stderr: std::sync::mpsc::Receiver<String>,
 }
 
 fn spawn(args: &[&str]) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("PORTCULLIS_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let proc = ChildProc::spawn(Command::new(BIN).args(args).env("PORTCULLIS_LOG", "info"));
+    let rx = &proc.lines;
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut public, mut admin, mut token) = (None, None, None);
     let want_token = args.contains(&"--demo");
@@ -57,24 +41,17 @@ fn spawn(args: &[&str]) -> Proc {
             token = Some(t.to_string());
         }
     }
-    Proc {
-        child,
-        public: public.expect("printed its public address"),
-        admin: admin.unwrap(),
-        token,
-        stderr: rx,
-    }
+    Proc { proc, public: public.expect("printed its public address"), admin: admin.unwrap(), token }
 }
 
 fn signal(p: &Proc, sig: &str) {
-    let ok = Command::new("kill").args([sig, &p.child.id().to_string()]).status().unwrap().success();
-    assert!(ok);
+    p.proc.signal(sig);
 }
 
 fn wait_exit(p: &mut Proc, within: Duration) -> i32 {
     let deadline = Instant::now() + within;
     loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
+        if let Some(s) = p.proc.child.try_wait().unwrap() {
             return s.code().unwrap_or(-1);
         }
         assert!(Instant::now() < deadline, "did not exit in {within:?}");
@@ -203,7 +180,7 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_on_a_bad_one() {
         .unwrap()
     };
     write("\"https://old.example\"", "");
-    let mut p = spawn(&["serve", "--config", path.to_str().unwrap()]);
+    let p = spawn(&["serve", "--config", path.to_str().unwrap()]);
     let auth = format!("Bearer {}", token("pat"));
     let try_origin = |o: &'static str| {
         let auth = auth.clone();
@@ -230,9 +207,7 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_on_a_bad_one() {
     assert_eq!(try_origin("https://new.example").await, 101, "the old config stays");
     echo(&mut live, "still").await;
     drop(live);
-    let _ = p.child.kill();
-    let _ = p.child.wait();
-    let _ = p.stderr.try_recv();
+    drop(p);
 }
 
 async fn wait_series(admin: SocketAddr, series: &str, want: f64) -> bool {

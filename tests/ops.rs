@@ -5,11 +5,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -434,18 +432,10 @@ async fn wss_behind_proxy_protocol_with_the_header_and_client_hello_in_one_segme
 
 /// `portcullis serve` in a child process, with what it wrote to stderr.
 struct Proc {
-    child: Child,
+    proc: ChildProc,
     public: SocketAddr,
     admin: SocketAddr,
-    rx: Receiver<String>,
     lines: Vec<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A config file for the binary: JSON logs at `level`, plus `extra` tables.
@@ -462,28 +452,15 @@ fn binary_config(dir: &Path, level: &str, extra: &str) -> PathBuf {
 
 impl Proc {
     fn spawn(config: &Path) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .env_remove("PORTCULLIS_LOG")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let proc = ChildProc::spawn(
+            Command::new(BIN)
+                .args(["serve", "--config", config.to_str().unwrap()])
+                .env_remove("PORTCULLIS_LOG"),
+        );
         let mut p = Proc {
-            child,
+            proc,
             public: "0.0.0.0:0".parse().unwrap(),
             admin: "0.0.0.0:0".parse().unwrap(),
-            rx,
             lines: Vec::new(),
         };
         let banner = p.wait_line(|v| v["event"] == "listening", Duration::from_secs(20));
@@ -494,7 +471,7 @@ impl Proc {
 
     /// Takes in what the child wrote so far.
     fn pump(&mut self) {
-        while let Ok(l) = self.rx.try_recv() {
+        while let Ok(l) = self.proc.lines.try_recv() {
             self.lines.push(l);
         }
     }
@@ -514,7 +491,7 @@ impl Proc {
             }
             seen = self.lines.len();
             assert!(std::time::Instant::now() < deadline, "no such line in:\n{}", self.lines.join("\n"));
-            if let Ok(l) = self.rx.recv_timeout(Duration::from_millis(50)) {
+            if let Ok(l) = self.proc.lines.recv_timeout(Duration::from_millis(50)) {
                 self.lines.push(l);
             }
         }
@@ -534,8 +511,7 @@ impl Proc {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
-        assert!(ok);
+        self.proc.signal(sig);
     }
 
     async fn metric(&self, series: &str) -> f64 {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -255,15 +255,8 @@ async fn evict_oldest_closes_the_oldest_connection_wherever_it_is() {
 
 /// A `portcullis serve` child process: an instance that can be killed.
 struct Proc {
-    child: Child,
+    proc: ChildProc,
     public: SocketAddr,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn spawn_instance(dir: &Path, redis: &Redis, extra: &str) -> Proc {
@@ -281,24 +274,18 @@ fn spawn_instance(dir: &Path, redis: &Redis, extra: &str) -> Proc {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("listening public=") {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-            }
+    let proc = ChildProc::spawn(
+        Command::new(env!("CARGO_BIN_EXE_portcullis")).args(["serve", "--config"]).arg(&path),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let public = loop {
+        assert!(std::time::Instant::now() < deadline, "the instance printed no address");
+        let Ok(line) = proc.lines.recv_timeout(Duration::from_millis(200)) else { continue };
+        if let Some(rest) = line.strip_prefix("listening public=") {
+            break rest.split_whitespace().next().unwrap_or("").to_string();
         }
-    });
-    let public = rx.recv_timeout(Duration::from_secs(20)).expect("the instance printed its address");
-    Proc { child, public: public.parse().unwrap() }
+    };
+    Proc { proc, public: public.parse().unwrap() }
 }
 
 #[tokio::test]
@@ -317,8 +304,8 @@ async fn a_dead_instances_leases_expire_by_themselves() {
     assert_eq!(status(a.public, &t).await, 429);
     // Let B renew at least once, then kill it: nothing releases its leases.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    b.proc.child.kill().unwrap();
+    b.proc.child.wait().unwrap();
     let killed = Instant::now();
     assert_eq!(status(a.public, &t).await, 429, "the leases outlive their instance for a while");
     // They were last renewed at most a third of the TTL before the kill,

@@ -346,3 +346,45 @@ pub async fn raw_close_code(s: &mut TcpStream, within: Duration) -> Option<u16> 
     }
     None
 }
+
+/// A child process (the `portcullis` binary) whose stderr lines arrive on
+/// `lines`; killed on drop so a failing test leaves nothing running.
+pub struct ChildProc {
+    pub child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ChildProc {
+    pub fn spawn(cmd: &mut std::process::Command) -> ChildProc {
+        use std::io::BufRead;
+        let mut child =
+            cmd.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        ChildProc { child, lines }
+    }
+
+    /// Sends a signal (`-TERM`, `-HUP`, …) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
