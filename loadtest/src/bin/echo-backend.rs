@@ -18,7 +18,6 @@ use std::net::SocketAddr;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
 
 /// Largest message echoed; the load tests send at most a few KiB.
 const MAX_MESSAGE_BYTES: usize = 1 << 20;
@@ -38,19 +37,14 @@ async fn echo(tcp: TcpStream) {
         return;
     };
     while let Some(Ok(msg)) = ws.next().await {
-        match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                if ws.send(msg).await.is_err() {
-                    return;
-                }
-            }
-            // tungstenite queued the reply to the close; flushing sends it.
-            Message::Close(_) => {
-                let _ = ws.flush().await;
-                return;
-            }
-            // Pings are answered by tungstenite on the next read or write.
-            _ => {}
+        // tungstenite queued the reply to a close; flushing sends it.
+        if msg.is_close() {
+            let _ = ws.flush().await;
+            return;
+        }
+        // Pings are answered by tungstenite on the next read or write.
+        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+            return;
         }
     }
 }
