@@ -117,10 +117,10 @@ async fn connection(
     let result = front(&shared, &cfg, tcp, peer, ip, &mut ctx).await;
     match result {
         Ok(Front::Plain(tcp, ip)) => {
-            serve(&shared, &cfg, tcp, Vec::new(), peer, &mut ctx, conn, hs, ip).await;
+            serve(&shared, &cfg, tcp, peer, &mut ctx, conn, hs, ip).await;
         }
         Ok(Front::Tls(tls, ip)) => {
-            serve(&shared, &cfg, tls, Vec::new(), peer, &mut ctx, conn, hs, ip).await;
+            serve(&shared, &cfg, tls, peer, &mut ctx, conn, hs, ip).await;
         }
         Err(reason) => {
             events::rejected(
@@ -190,7 +190,6 @@ async fn serve<S>(
     shared: &Arc<Shared>,
     cfg: &Config,
     io: S,
-    pre: Vec<u8>,
     peer: SocketAddr,
     ctx: &mut Ctx,
     conn: ConnPermit,
@@ -199,7 +198,7 @@ async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match handshake_stages(shared, cfg, io, pre, peer, ctx, ip).await {
+    match handshake_stages(shared, cfg, io, peer, ctx, ip).await {
         Ok(None) => {}
         Ok(Some(up)) => {
             drop(hs);
@@ -267,7 +266,6 @@ async fn handshake_stages<S>(
     shared: &Arc<Shared>,
     cfg: &Config,
     mut io: S,
-    pre: Vec<u8>,
     peer: SocketAddr,
     ctx: &mut Ctx,
     mut ip: Option<IpPermit>,
@@ -283,23 +281,23 @@ where
     // head is still read (and discarded) so it sees the 429, not a reset.
     if !client_is_proxy {
         if let Err(retry) = shared.rate.check(IpKey::new(ctx.client.ip())) {
-            let _ = read_head(&mut io, pre, ctx.deadline, l.max_header_bytes).await;
+            let _ = read_head(&mut io, Vec::new(), ctx.deadline, l.max_header_bytes).await;
             return Err(refuse(&mut io, Reject::IpRate, Some(retry)).await);
         }
     }
 
     // Stage 3: the head, under the total deadline.
-    let handshake::Head { head, rest } = match read_head(&mut io, pre, ctx.deadline, l.max_header_bytes).await
-    {
-        Ok(h) => h,
-        Err(e) => {
-            let reason = e.reject();
-            return Err(match e {
-                ReadError::Timeout { started: false } | ReadError::Closed => reason,
-                _ => refuse(&mut io, reason, None).await,
-            });
-        }
-    };
+    let handshake::Head { head, rest } =
+        match read_head(&mut io, Vec::new(), ctx.deadline, l.max_header_bytes).await {
+            Ok(h) => h,
+            Err(e) => {
+                let reason = e.reject();
+                return Err(match e {
+                    ReadError::Timeout { started: false } | ReadError::Closed => reason,
+                    _ => refuse(&mut io, reason, None).await,
+                });
+            }
+        };
 
     // A trusted proxy without PROXY protocol names its client in
     // X-Forwarded-For; per-IP checks for that client run now.
