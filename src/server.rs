@@ -6,6 +6,7 @@
 //! [`connection`] records the verdict exactly once. Permits travel with the
 //! connection, so every way out releases every cap it held.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use crate::config::{Carrier, Config};
 use crate::events;
 use crate::gateway::Shared;
 use crate::handshake::{self, answer_and_close, read_head, ReadError};
-use crate::reject::Reject;
+use crate::reject::{CloseReason, Reject};
 use crate::session::{self, instant_at_unix};
 use crate::upstream;
 
@@ -111,11 +112,14 @@ async fn connection(
     accepted: Instant,
 ) {
     let cfg = shared.config.load_full();
-    let _ = tcp.set_nodelay(true);
     let mut ctx =
         Ctx { client: peer, sub: None, accepted, deadline: accepted + cfg.limits.handshake_timeout() };
-    let result = front(&shared, &cfg, tcp, peer, ip, &mut ctx).await;
-    match result {
+    // The stages before the session are boxed (here and in `serve`): their
+    // states (PROXY header, TLS, head buffer, authentication, upstream
+    // connect) are gone after the upgrade, but inline they would size this
+    // task, which lives as long as the connection (8 KB instead of under
+    // 2 KB per idle connection; BENCHMARKS.md).
+    match Box::pin(front(&shared, &cfg, tcp, peer, ip, &mut ctx)).await {
         Ok(Front::Plain(tcp, ip)) => {
             serve(&shared, &cfg, tcp, peer, &mut ctx, conn, hs, ip).await;
         }
@@ -151,6 +155,7 @@ async fn front(
     mut ip: Option<IpPermit>,
     ctx: &mut Ctx,
 ) -> Result<Front, Reject> {
+    let _ = tcp.set_nodelay(true);
     if cfg.listen.proxy_protocol {
         if !is_trusted(&cfg.listen.trusted_proxies, peer.ip()) {
             reset_on_close(&tcp);
@@ -198,20 +203,9 @@ async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match handshake_stages(shared, cfg, io, peer, ctx, ip).await {
-        Ok(None) => {}
-        Ok(Some(up)) => {
-            drop(hs);
-            let info = up.slot.info.clone();
-            events::accepted(&shared.metrics, ctx.client, &info.sub, info.id, ctx.accepted.elapsed());
-            let open = OpenGuard::new(shared);
-            let started = Instant::now();
-            let reason = session::run(up.ws, up.upstream, up.params).await;
-            events::disconnected(&shared.metrics, reason, ctx.client, &info.sub, info.id, started.elapsed());
-            drop(open);
-            drop(up.slot);
-            drop(up.ip);
-        }
+    let up = match Box::pin(handshake_stages(shared, cfg, io, peer, ctx, ip)).await {
+        Ok(Some(up)) => up,
+        Ok(None) => return,
         Err(reason) => {
             events::rejected(
                 &shared.metrics,
@@ -221,8 +215,21 @@ async fn serve<S>(
                 ctx.sub.as_deref(),
                 ctx.accepted.elapsed(),
             );
+            return;
         }
-    }
+    };
+    drop(hs);
+    // `up` is taken whole before anything borrows from it (see `start`).
+    let (session, slot, ip) = up.start();
+    let info = slot.info.clone();
+    events::accepted(&shared.metrics, ctx.client, &info.sub, info.id, ctx.accepted.elapsed());
+    let open = OpenGuard::new(shared);
+    let started = Instant::now();
+    let reason = session.await;
+    events::disconnected(&shared.metrics, reason, ctx.client, &info.sub, info.id, started.elapsed());
+    drop(open);
+    drop(slot);
+    drop(ip);
     drop(conn);
 }
 
@@ -251,6 +258,16 @@ struct Upgraded<S> {
     params: session::Params,
     slot: session::registry::Slot,
     ip: Option<IpPermit>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Upgraded<S> {
+    /// The session's future, and the permits that must outlive it. Taking
+    /// `self` whole matters: a struct that is borrowed from, or whose
+    /// fields are moved out, inside an async fn stays reserved at full size
+    /// (here ~800 B) in the task across every later await.
+    fn start(self) -> (impl Future<Output = CloseReason>, session::registry::Slot, Option<IpPermit>) {
+        (session::run(self.ws, self.upstream, self.params), self.slot, self.ip)
+    }
 }
 
 /// Answers a refusal on `io` and returns it, for `?`-style stage code.

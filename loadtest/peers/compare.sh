@@ -16,7 +16,8 @@
 #
 #   loadtest/peers/compare.sh                       everything (~30 min)
 #   SECTIONS="rss refusals" loadtest/peers/compare.sh
-#   ROUNDS=1 SCALE=0.1 loadtest/peers/compare.sh     a quick smoke run
+#   ROUNDS=1 SCALE=0.1 MIXED_DURATION=10s HB_WINDOW=5 loadtest/peers/compare.sh
+#                                                   a quick smoke run
 #
 # Sections: rss (RSS per idle connection at 9,000), refusals (refusals per
 # second of server CPU), latency (valid handshakes at a fixed rate), echo
@@ -35,7 +36,10 @@ PEERS=$ROOT/loadtest/peers
 OUT=${OUT:-$ROOT/target/compare/$(date +%Y%m%d-%H%M%S)}
 SECTIONS=${SECTIONS:-"rss refusals latency echo mixed heartbeat rss5k"}
 ROUNDS=${ROUNDS:-2}
+MIXED_ROUNDS=${MIXED_ROUNDS:-$ROUNDS}
 SCALE=${SCALE:-1}
+MIXED_DURATION=${MIXED_DURATION:-60s}
+HB_WINDOW=${HB_WINDOW:-30}
 SERVER_CPU=${SERVER_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 
@@ -250,6 +254,15 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 TCK=$(getconf CLK_TCK)
 
+# Prints its arguments as one shell command line, quoting only what needs it.
+shell_words() {
+  local a out=()
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
+  done
+  echo "${out[*]}"
+}
+
 # lt NAME SCENARIO ARGS... : the load generator on its core, bounded by
 # `timeout` beyond its own --duration; JSON to json/NAME.json.
 lt() {
@@ -258,8 +271,7 @@ lt() {
   local cmd=(taskset -c "$LOAD_CPU" "$LT" "$@" --quiet --json "json/$name.json")
   {
     printf '%s\t' "$name"
-    printf '%q ' "${cmd[@]}" | sed "s|$ROOT/||g; s|$OUT/||g"
-    echo
+    shell_words "${cmd[@]}" | sed "s|$ROOT/||g; s|$OUT/||g"
   } >>commands.txt
   timeout --kill-after=10 600 "${cmd[@]}" >"logs/$name.txt" 2>"logs/$name.err" ||
     log "warning: load run $name exited with $? (logs/$name.err)"
@@ -295,7 +307,7 @@ rss_run() { # section server count
   start_server "$s"
   # Warm-up: the first connections pay for lazily built state (allocator
   # arenas, caches, pools); the baseline is taken after them.
-  lt "$RUN-warmup" handshake --url "ws://127.0.0.1:$PORT/" "${TOKEN_ARGS[@]}" --kinds valid \
+  lt "warmup-$RUN" handshake --url "ws://127.0.0.1:$PORT/" "${TOKEN_ARGS[@]}" --kinds valid \
     --count 200 --concurrency 16 --duration 20s --source-ips "$ATTACK_IPS"
   sleep 1
   local base_s base_b=0
@@ -443,13 +455,13 @@ section_echo() {
 # (ping_interval 20 s + pong_timeout 10 s).
 section_mixed() {
   local s
-  for ROUND in $(seq 1 "${MIXED_ROUNDS:-1}"); do
+  for ROUND in $(seq 1 "$MIXED_ROUNDS"); do
     for s in $(order "$ROUND" pp hap pe); do
       RUN="mixed-$s-r$ROUND"
       HAP_TUNNEL_TIMEOUT=30s start_server "$s"
       local t0 t1
       t0=$(cpu_ticks "$SERVER_PID")
-      lt "$RUN" mixed --url "ws://127.0.0.1:$PORT/" "${TOKEN_ARGS[@]}" --duration 60s \
+      lt "$RUN" mixed --url "ws://127.0.0.1:$PORT/" "${TOKEN_ARGS[@]}" --duration "$MIXED_DURATION" \
         --legit 50 --source-ips "$LEGIT_IPS" \
         --slowloris "$(scaled 4000)" --zombies "$(scaled 500)" --flood-rate "$(scaled 2000)" \
         --flood-kinds garbage,bad-hs256,bad-es256 --attack-source-ips "$ATTACK_IPS" \
@@ -463,8 +475,8 @@ section_mixed() {
       rec mixed "$s" rtt_p50_ms "$(jqv "$RUN" '.groups.legit.rtt_ms.p50')"
       rec mixed "$s" rtt_p99_ms "$(jqv "$RUN" '.groups.legit.rtt_ms.p99')"
       rec mixed "$s" rtt_p999_ms "$(jqv "$RUN" '.groups.legit.rtt_ms.p999')"
-      rec mixed "$s" slowloris_reaped "$(jqv "$RUN" '[.groups.slowloris.ends // {} | to_entries[] | select(.key != "held_to_end") | .value] | add')"
-      rec mixed "$s" zombies_reaped "$(jqv "$RUN" '[.groups.zombie.ends // {} | to_entries[] | select(.key != "held_to_end") | .value] | add')"
+      rec mixed "$s" slowloris_reaped "$(jqv "$RUN" '[.groups.slowloris.ends // {} | to_entries[] | select(.key != "held_to_end") | .value] | add // 0')"
+      rec mixed "$s" zombies_reaped "$(jqv "$RUN" '[.groups.zombie.ends // {} | to_entries[] | select(.key != "held_to_end") | .value] | add // 0')"
       rec mixed "$s" server_cpu_s "$(awk -v a="$t0" -v b="$t1" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t }')"
       stop_servers
     done
@@ -474,7 +486,7 @@ section_mixed() {
 # The heartbeat's cost: 9,000 idle connections (echo mode), server CPU over
 # a 30 s window with pings every 1 s, and every 60 s.
 section_heartbeat() {
-  local interval count window=30
+  local interval count window=$HB_WINDOW
   count=$(scaled 9000)
   for ROUND in $(seq 1 "$ROUNDS"); do
     for interval in 1000 60000; do

@@ -10,6 +10,8 @@ HAProxy from the means.
 """
 
 import collections
+import glob
+import json
 import os
 import sys
 
@@ -49,8 +51,26 @@ def commands(run_dir):
     return out
 
 
+def steady_p99(run_dir, server, key, from_s=5):
+    """Median over rounds and seconds (t >= from_s) of the legit group's
+    per-second p99: the attack's steady state, without its ramp-up."""
+    vals = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "json", f"mixed-{server}-r*.json"))):
+        with open(path) as f:
+            doc = json.load(f)
+        for tick in doc.get("groups", {}).get("legit", {}).get("timeline", []):
+            v = tick.get(key)
+            if tick.get("t", 0) >= from_s and v is not None:
+                vals.append(v)
+    if not vals:
+        return None
+    vals.sort()
+    return vals[len(vals) // 2]
+
+
 class Summary:
     def __init__(self, run_dir):
+        self.run_dir = run_dir
         self.data = load(run_dir)
         self.cmds = commands(run_dir)
         self.lines = []
@@ -228,6 +248,20 @@ class Summary:
         pp = self.mean("mixed", "pp", "hs_p99_ms")
         self.out(f"Handshake p99, Portcullis proxy vs HAProxy: {self.ratio(pp, hp)}; "
                  f"echo RTT p99: {self.ratio(self.mean('mixed', 'pp', 'rtt_p99_ms'), self.mean('mixed', 'hap', 'rtt_p99_ms'))}.")
+        self.out()
+        self.out("Steady state, without the attack's ramp-up: the median over seconds 5–60 (all rounds) "
+                 "of each second's p99.")
+        self.out()
+        self.out("| server | handshake p99 per second, median (ms) | echo RTT p99 per second, median (ms) | vs HAProxy (handshake / RTT) |")
+        self.out("|---|---:|---:|---:|")
+        hs_hap = steady_p99(self.run_dir, "hap", "hs_p99_ms")
+        rtt_hap = steady_p99(self.run_dir, "hap", "rtt_p99_ms")
+        for s in ["pp", "hap", "pe"]:
+            hs = steady_p99(self.run_dir, s, "hs_p99_ms")
+            rtt = steady_p99(self.run_dir, s, "rtt_p99_ms")
+            if hs is None:
+                continue
+            self.out(f"| {NAMES[s]} | {hs:.3f} | {rtt:.3f} | {self.ratio(hs, hs_hap)} / {self.ratio(rtt, rtt_hap)} |")
         self.out()
         self.command("mixed-pp", "mixed-hap")
 

@@ -17,7 +17,9 @@ pub mod leases;
 pub mod registry;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
@@ -43,11 +45,20 @@ const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 const BEST_EFFORT_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The `WebSocketConfig` for both hops, every limit explicit: small read
-/// buffer (tungstenite's default is 128 KiB per connection, allocated up
-/// front), eager writes, bounded write buffer and message size.
+/// buffer, eager writes, bounded write buffer and message size.
+///
+/// tungstenite allocates the read buffer up front for every connection and
+/// touches all of it at the first read (128 KiB by default), so an idle
+/// connection holds it whole. 512 B is one small message or a few control
+/// frames per read; a larger message grows the buffer to its size while it
+/// arrives. Measured (BENCHMARKS.md): 4 KiB → 512 B took 3.5 KB off every
+/// idle connection, for about 8 % more server CPU per 1 KiB message echoed
+/// (three reads instead of one).
+const READ_BUFFER_BYTES: usize = 512;
+
 pub fn ws_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_write_buffer_size(limits.max_message_bytes.saturating_add(64 * 1024))
         .max_message_size(Some(limits.max_message_bytes))
@@ -90,31 +101,55 @@ impl Outbox {
     fn pending(&self) -> bool {
         !self.msgs.is_empty() || self.unflushed
     }
+    /// Frees the queue's storage once it is empty, so an idle connection
+    /// holds none (one allocation per burst instead of one per connection).
+    fn release(&mut self) {
+        if self.msgs.is_empty() && self.msgs.capacity() > 0 {
+            self.msgs = VecDeque::new();
+        }
+    }
 }
 
 /// Writes an outbox out, then flushes. Cancel-safe: a message leaves the
 /// outbox only once the sink took it, and a flush resumes where it was.
 /// `progress` is set at each message taken and at the final flush.
-async fn pump<S>(
+///
+/// A poll function rather than an `async fn`: the future the session loop
+/// keeps for it is three references, not a state machine holding a message.
+fn pump<'a, S>(
+    tx: &'a mut SplitSink<WebSocketStream<S>, Message>,
+    out: &'a mut Outbox,
+    progress: &'a mut Instant,
+) -> impl Future<Output = Result<(), WsError>> + 'a
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'a,
+{
+    std::future::poll_fn(move |cx| poll_pump(tx, out, progress, cx))
+}
+
+fn poll_pump<S>(
     tx: &mut SplitSink<WebSocketStream<S>, Message>,
     out: &mut Outbox,
     progress: &mut Instant,
-) -> Result<(), WsError>
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), WsError>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    while let Some(m) = out.msgs.front() {
-        tx.feed(m.clone()).await?;
+    while !out.msgs.is_empty() {
+        ready!(tx.poll_ready_unpin(cx))?;
         if let Some(m) = out.msgs.pop_front() {
             out.bytes -= m.len();
+            tx.start_send_unpin(m)?;
         }
         out.unflushed = true;
         *progress = Instant::now();
     }
-    tx.flush().await?;
+    ready!(tx.poll_flush_unpin(cx))?;
     out.unflushed = false;
+    out.release();
     *progress = Instant::now();
-    Ok(())
+    Poll::Ready(Ok(()))
 }
 
 /// The upstream of a session: a backend socket, or nothing for `echo`.
@@ -162,7 +197,13 @@ impl MsgRate {
 
 /// Runs the session to its end and returns why it ended. The caller
 /// counts it (exactly once) and releases the connection's permits.
-pub async fn run<C>(client: WebSocketStream<C>, upstream: Upstream, p: Params) -> CloseReason
+///
+/// This future is most of an idle connection's memory, so it is kept
+/// small: the streams are split before it exists and moved into an
+/// `async move` block (an `async fn` keeps a second copy of every argument
+/// for its whole life), the loop's branch futures hold references only,
+/// and the close sequence, which runs once, is boxed.
+pub fn run<C>(client: WebSocketStream<C>, upstream: Upstream, p: Params) -> impl Future<Output = CloseReason>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -174,162 +215,173 @@ where
         }
         None => (None, None),
     };
-    let echo = utx.is_none();
-    let info = p.info.clone();
-    let m = &p.metrics;
-    let lim = &p.limits;
-    let max_out = lim.max_outbound_bytes;
-    let start = Instant::now();
+    async move {
+        let echo = utx.is_none();
+        let info = p.info.clone();
+        let m = &p.metrics;
+        let lim = &p.limits;
+        let max_out = lim.max_outbound_bytes;
+        let start = Instant::now();
 
-    let mut to_client = Outbox::new();
-    let mut to_up = Outbox::new();
-    let mut client_progress = start;
-    let mut up_progress = start;
+        let mut to_client = Outbox::new();
+        let mut to_up = Outbox::new();
+        let mut client_progress = start;
+        let mut up_progress = start;
 
-    let ping_every = Duration::from_millis(p.heartbeat.ping_interval_ms);
-    let pong_wait = Duration::from_millis(p.heartbeat.pong_timeout_ms);
-    let idle = (p.heartbeat.idle_timeout_ms > 0).then(|| Duration::from_millis(p.heartbeat.idle_timeout_ms));
-    let lifetime_end = (lim.max_lifetime_s > 0).then(|| start + Duration::from_secs(lim.max_lifetime_s));
-    let write_timeout = lim.write_timeout();
+        let ping_every = Duration::from_millis(p.heartbeat.ping_interval_ms);
+        let pong_wait = Duration::from_millis(p.heartbeat.pong_timeout_ms);
+        let idle =
+            (p.heartbeat.idle_timeout_ms > 0).then(|| Duration::from_millis(p.heartbeat.idle_timeout_ms));
+        let lifetime_end = (lim.max_lifetime_s > 0).then(|| start + Duration::from_secs(lim.max_lifetime_s));
+        let write_timeout = lim.write_timeout();
 
-    // Heartbeat: `ping_sent` is Some while a ping awaits any frame back.
-    let mut next_ping = start + ping_every;
-    let mut ping_sent: Option<Instant> = None;
-    let mut last_data = start;
-    let mut rate =
-        MsgRate { per_s: lim.per_conn_msgs_per_s, tokens: lim.per_conn_msgs_per_s.max(1.0), at: start };
+        // Heartbeat: `ping_sent` is Some while a ping awaits any frame back.
+        let mut next_ping = start + ping_every;
+        let mut ping_sent: Option<Instant> = None;
+        let mut last_data = start;
+        let mut rate =
+            MsgRate { per_s: lim.per_conn_msgs_per_s, tokens: lim.per_conn_msgs_per_s.max(1.0), at: start };
 
-    let timer = tokio::time::sleep_until(start);
-    tokio::pin!(timer);
+        let timer = tokio::time::sleep_until(start);
+        tokio::pin!(timer);
 
-    let ending: Ending = 'session: loop {
-        // The earliest deadline, and what fires there, in table order so a
-        // tie goes to the rule listed first.
-        let deadlines = [
-            (ping_sent.map(|s| s + pong_wait), Some(CloseReason::PongTimeout)),
-            (idle.map(|i| last_data + i), Some(CloseReason::Idle)),
-            (p.expires_at, Some(CloseReason::TokenExpired)),
-            (to_client.pending().then(|| client_progress + write_timeout), Some(CloseReason::SlowReader)),
-            (lifetime_end, Some(CloseReason::MaxLifetime)),
-            (ping_sent.is_none().then_some(next_ping), None),
-        ];
-        let (at, fires) = deadlines
-            .iter()
-            .filter_map(|(d, r)| d.map(|d| (d, *r)))
-            .min_by_key(|(d, _)| *d)
-            .unwrap_or((start + Duration::from_secs(86_400 * 365), None));
-        if timer.deadline() != at {
-            timer.as_mut().reset(at);
-        }
-        let read_client = if echo { to_client.bytes < max_out } else { to_up.bytes < max_out };
-        let read_up = to_client.bytes < max_out;
-
-        tokio::select! {
-            biased;
-            reason = info.kicked() => {
-                let code = reason.close_code();
-                break 'session Ending { reason, frame: Some(close_frame(code, reason.label())) };
+        let ending: Ending = 'session: loop {
+            // The earliest deadline, and what fires there, in table order so a
+            // tie goes to the rule listed first. (A block, so the table is
+            // not kept in the task across the wait below.)
+            let (at, fires) = {
+                let deadlines = [
+                    (ping_sent.map(|s| s + pong_wait), Some(CloseReason::PongTimeout)),
+                    (idle.map(|i| last_data + i), Some(CloseReason::Idle)),
+                    (p.expires_at, Some(CloseReason::TokenExpired)),
+                    (
+                        to_client.pending().then(|| client_progress + write_timeout),
+                        Some(CloseReason::SlowReader),
+                    ),
+                    (lifetime_end, Some(CloseReason::MaxLifetime)),
+                    (ping_sent.is_none().then_some(next_ping), None),
+                ];
+                deadlines
+                    .iter()
+                    .filter_map(|(d, r)| d.map(|d| (d, *r)))
+                    .min_by_key(|(d, _)| *d)
+                    .unwrap_or((start + Duration::from_secs(86_400 * 365), None))
+            };
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
             }
-            _ = &mut timer => {
-                match fires {
-                    Some(reason) => {
-                        break 'session Ending { reason, frame: Some(close_frame(reason.close_code(), reason.label())) };
-                    }
-                    None => {
-                        // Ping time. Queued behind pending data: a client
-                        // that cannot take data cannot take a ping either.
-                        to_client.push(Message::Ping(Default::default()));
-                        if to_client.msgs.len() == 1 && !to_client.unflushed {
-                            client_progress = Instant::now();
+            let read_client = if echo { to_client.bytes < max_out } else { to_up.bytes < max_out };
+            let read_up = to_client.bytes < max_out;
+
+            tokio::select! {
+                biased;
+                reason = info.kicked() => {
+                    let code = reason.close_code();
+                    break 'session Ending { reason, frame: Some(close_frame(code, reason.label())) };
+                }
+                _ = &mut timer => {
+                    match fires {
+                        Some(reason) => {
+                            break 'session Ending { reason, frame: Some(close_frame(reason.close_code(), reason.label())) };
                         }
-                        ping_sent = Some(Instant::now());
-                    }
-                }
-            }
-            r = pump(&mut ctx, &mut to_client, &mut client_progress), if to_client.pending() => {
-                if let Err(e) = r {
-                    break 'session error_ending(e);
-                }
-            }
-            r = async { match utx.as_mut() { Some(t) => pump(t, &mut to_up, &mut up_progress).await, None => Ok(()) } },
-                if !echo && to_up.pending() => {
-                if r.is_err() {
-                    break 'session Ending { reason: CloseReason::UpstreamLost, frame: Some(close_frame(1014, "upstream_lost")) };
-                }
-            }
-            msg = crx.next(), if read_client => {
-                let now = Instant::now();
-                ping_sent = None;
-                if next_ping <= now {
-                    next_ping = now + ping_every;
-                }
-                info.touch(unix_now());
-                match msg {
-                    None => break 'session Ending { reason: CloseReason::ClientClose, frame: None },
-                    Some(Err(e)) => break 'session error_ending(e),
-                    Some(Ok(Message::Close(frame))) => {
-                        break 'session Ending { reason: CloseReason::ClientClose, frame: carried(frame) };
-                    }
-                    Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                        if !rate.allow(now) {
-                            break 'session Ending { reason: CloseReason::MsgRate, frame: Some(close_frame(1008, "msg_rate")) };
+                        None => {
+                            // Ping time. Queued behind pending data: a client
+                            // that cannot take data cannot take a ping either.
+                            to_client.push(Message::Ping(Default::default()));
+                            if to_client.msgs.len() == 1 && !to_client.unflushed {
+                                client_progress = Instant::now();
+                            }
+                            ping_sent = Some(Instant::now());
                         }
-                        last_data = now;
-                        let len = msg.len();
-                        m.relayed(Direction::ClientToUpstream, len);
-                        if echo {
+                    }
+                }
+                r = pump(&mut ctx, &mut to_client, &mut client_progress), if to_client.pending() => {
+                    if let Err(e) = r {
+                        break 'session error_ending(e);
+                    }
+                }
+                r = async { match utx.as_mut() { Some(t) => pump(t, &mut to_up, &mut up_progress).await, None => Ok(()) } },
+                    if !echo && to_up.pending() => {
+                    if r.is_err() {
+                        break 'session Ending { reason: CloseReason::UpstreamLost, frame: Some(close_frame(1014, "upstream_lost")) };
+                    }
+                }
+                msg = crx.next(), if read_client => {
+                    let now = Instant::now();
+                    ping_sent = None;
+                    if next_ping <= now {
+                        next_ping = now + ping_every;
+                    }
+                    info.touch(unix_now());
+                    match msg {
+                        None => break 'session Ending { reason: CloseReason::ClientClose, frame: None },
+                        Some(Err(e)) => break 'session error_ending(e),
+                        Some(Ok(Message::Close(frame))) => {
+                            break 'session Ending { reason: CloseReason::ClientClose, frame: carried(frame) };
+                        }
+                        Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                            if !rate.allow(now) {
+                                break 'session Ending { reason: CloseReason::MsgRate, frame: Some(close_frame(1008, "msg_rate")) };
+                            }
+                            last_data = now;
+                            let len = msg.len();
+                            m.relayed(Direction::ClientToUpstream, len);
+                            if echo {
+                                if !to_client.pending() {
+                                    client_progress = now;
+                                }
+                                m.relayed(Direction::UpstreamToClient, len);
+                                to_client.push(msg);
+                            } else {
+                                if !to_up.pending() {
+                                    up_progress = now;
+                                }
+                                to_up.push(msg);
+                            }
+                        }
+                        // Pings are answered by tungstenite, pongs only prove life.
+                        Some(Ok(_)) => {}
+                    }
+                }
+                msg = async { match urx.as_mut() { Some(r) => r.next().await, None => std::future::pending().await } },
+                    if !echo && read_up => {
+                    match msg {
+                        None | Some(Err(_)) => {
+                            break 'session Ending { reason: CloseReason::UpstreamLost, frame: Some(close_frame(1014, "upstream_lost")) };
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            break 'session Ending { reason: CloseReason::UpstreamClose, frame: carried(frame) };
+                        }
+                        Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                            let now = Instant::now();
+                            last_data = now;
+                            m.relayed(Direction::UpstreamToClient, msg.len());
                             if !to_client.pending() {
                                 client_progress = now;
                             }
-                            m.relayed(Direction::UpstreamToClient, len);
                             to_client.push(msg);
-                        } else {
-                            if !to_up.pending() {
-                                up_progress = now;
-                            }
-                            to_up.push(msg);
                         }
+                        Some(Ok(_)) => {}
                     }
-                    // Pings are answered by tungstenite, pongs only prove life.
-                    Some(Ok(_)) => {}
                 }
             }
-            msg = async { match urx.as_mut() { Some(r) => r.next().await, None => std::future::pending().await } },
-                if !echo && read_up => {
-                match msg {
-                    None | Some(Err(_)) => {
-                        break 'session Ending { reason: CloseReason::UpstreamLost, frame: Some(close_frame(1014, "upstream_lost")) };
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        break 'session Ending { reason: CloseReason::UpstreamClose, frame: carried(frame) };
-                    }
-                    Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                        let now = Instant::now();
-                        last_data = now;
-                        m.relayed(Direction::UpstreamToClient, msg.len());
-                        if !to_client.pending() {
-                            client_progress = now;
-                        }
-                        to_client.push(msg);
-                    }
-                    Some(Ok(_)) => {}
-                }
-            }
-        }
-    };
+        };
 
-    finish(
-        ending.reason,
-        ending.frame,
-        &mut ctx,
-        &mut crx,
-        utx.as_mut(),
-        urx.as_mut(),
-        &mut to_client,
-        &mut to_up,
-    )
-    .await;
-    ending.reason
+        // Boxed: the close sequence runs once, and inline its state would
+        // widen every idle session's future.
+        Box::pin(finish(
+            ending.reason,
+            ending.frame,
+            &mut ctx,
+            &mut crx,
+            utx.as_mut(),
+            urx.as_mut(),
+            &mut to_client,
+            &mut to_up,
+        ))
+        .await;
+        ending.reason
+    }
 }
 
 /// Maps a client-side read/write error to its reason and close frame.
