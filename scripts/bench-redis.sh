@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/bench-redis.sh: handshake latency with the Redis backend versus the
 # file backend, measured side by side in one session, written as a Markdown
-# report (default docs/bench-redis.md).
+# report (default /tmp/bench-redis.md; its tables are copied into BENCHMARKS.md).
 #
 #   bash scripts/bench-redis.sh [OUT.md]
 #
@@ -28,7 +28,7 @@
 # Needs: cargo, redis-server, python3 (standard library only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-docs/bench-redis.md}"
+OUT="${1:-/tmp/bench-redis.md}"
 RATE="${RATE:-500}"
 DURATION="${DURATION:-15s}"
 CONCURRENCY="${CONCURRENCY:-32}"

@@ -7,11 +7,16 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::Request;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
+
+/// Largest response head accepted from the backend.
+const MAX_RESPONSE_HEAD_BYTES: usize = 8192;
 
 /// A parsed `ws://host:port/path`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,16 +93,19 @@ pub async fn connect(
     config: WebSocketConfig,
 ) -> Result<(WebSocketStream<TcpStream>, Option<String>), String> {
     let attempt = async {
-        let tcp = TcpStream::connect(&url.authority).await.map_err(|e| format!("connect: {e}"))?;
+        let mut tcp = TcpStream::connect(&url.authority).await.map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
+        let key = generate_key();
+        // Built with `http` so every name and value is validated (a claim
+        // forwarded as a header cannot smuggle CR/LF), then written by hand.
         let mut req = Request::builder()
             .method("GET")
-            .uri(format!("ws://{}{}", url.authority, target))
+            .uri(target)
             .header("Host", &url.authority)
             .header("Connection", "Upgrade")
             .header("Upgrade", "websocket")
             .header("Sec-WebSocket-Version", "13")
-            .header("Sec-WebSocket-Key", generate_key());
+            .header("Sec-WebSocket-Key", &key);
         if !subprotocols.is_empty() {
             req = req.header("Sec-WebSocket-Protocol", subprotocols.join(", "));
         }
@@ -105,14 +113,87 @@ pub async fn connect(
             req = req.header(k.as_str(), v.as_str());
         }
         let req = req.body(()).map_err(|e| format!("request: {e}"))?;
-        let (ws, resp) = tokio_tungstenite::client_async_with_config(req, tcp, Some(config))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let proto =
-            resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_string);
+        // The handshake is done here rather than by tokio-tungstenite's
+        // client: that one's 4 KiB handshake buffer becomes the
+        // connection's read buffer for good (4 KB more per idle proxied
+        // connection; BENCHMARKS.md). Here the read buffer is the
+        // configured one, as on the client side of the gateway.
+        let mut head = Vec::with_capacity(512);
+        head.extend_from_slice(b"GET ");
+        head.extend_from_slice(req.uri().to_string().as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in req.headers() {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        tcp.write_all(&head).await.map_err(|e| format!("handshake: {e}"))?;
+        let (proto, rest) = read_upgrade_answer(&mut tcp, &key, subprotocols).await?;
+        let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Client, Some(config)).await;
         Ok((ws, proto))
     };
     tokio::time::timeout(timeout, attempt).await.map_err(|_| "connect timeout".to_string())?
+}
+
+/// Reads the backend's answer to the upgrade and checks it (RFC 6455
+/// §4.1): 101, `Upgrade: websocket`, `Connection: upgrade`, the accept key,
+/// and a subprotocol only among those offered. Returns the chosen
+/// subprotocol and any bytes read past the head (frames already sent).
+async fn read_upgrade_answer(
+    tcp: &mut TcpStream,
+    key: &str,
+    offered: &[String],
+) -> Result<(Option<String>, Vec<u8>), String> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    let end = loop {
+        let n = tcp.read(&mut chunk).await.map_err(|e| format!("handshake: {e}"))?;
+        if n == 0 {
+            return Err("handshake: the backend closed before answering".into());
+        }
+        let from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+            break from + i + 4;
+        }
+        if buf.len() > MAX_RESPONSE_HEAD_BYTES {
+            return Err("handshake: response head too large".into());
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&buf[..end]) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err("handshake: malformed response".into()),
+    }
+    if resp.code != Some(101) {
+        return Err(format!("handshake: status {}", resp.code.unwrap_or(0)));
+    }
+    let value = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let has_token = |name: &str, token: &str| {
+        value(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Err("handshake: not an upgrade".into());
+    }
+    if value("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_str()) {
+        return Err("handshake: bad Sec-WebSocket-Accept".into());
+    }
+    let proto = value("sec-websocket-protocol").map(str::to_string);
+    if let Some(p) = &proto {
+        if !offered.iter().any(|o| o == p) {
+            return Err(format!("handshake: subprotocol {p:?} was not offered"));
+        }
+    }
+    Ok((proto, buf[end..].to_vec()))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 # round; each server is started fresh for each run. Every load run is bounded
 # by --duration (and by `timeout` around it), every wait by a count.
 #
-#   loadtest/peers/compare.sh                       everything (~30 min)
+#   loadtest/peers/compare.sh                       everything (~25 min)
 #   SECTIONS="rss refusals" loadtest/peers/compare.sh
 #   ROUNDS=1 SCALE=0.1 MIXED_DURATION=10s HB_WINDOW=5 loadtest/peers/compare.sh
 #                                                   a quick smoke run

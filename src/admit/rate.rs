@@ -47,8 +47,10 @@ impl RateLimiter {
     pub fn check(&self, key: IpKey) -> Result<(), u64> {
         let inner = self.inner.load();
         inner.0.check_key(&key).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.as_secs() == 0))
+            // The limiter's own clock: building a fresh `quanta` clock per
+            // refusal re-probes the CPU and dominated the 429 path.
+            let wait = not_until.wait_time_from(inner.0.clock().now());
+            (wait.as_secs_f64().ceil() as u64).max(1)
         })
     }
 
