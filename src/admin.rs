@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::carrier::percent_decode;
 use crate::gateway::Shared;
 use crate::revocation::Revocation;
 use crate::session::registry::unix_now;
@@ -120,7 +121,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                 (&Method::POST, "/admin/revoke") => revoke(shared, req).await,
                 (&Method::GET, "/admin/connections") => {
                     let sub = req.uri().query().and_then(|q| {
-                        q.split('&').find_map(|kv| kv.strip_prefix("sub=")).map(percent_decode)
+                        // A bad escape matches no subject rather than listing everyone.
+                        q.split('&')
+                            .find_map(|kv| kv.strip_prefix("sub="))
+                            .map(|v| percent_decode(v).unwrap_or_default())
                     });
                     let list = shared.registry.list(sub.as_deref());
                     json(StatusCode::OK, &serde_json::to_value(list).unwrap_or_default())
@@ -172,26 +176,4 @@ async fn revoke(shared: &Shared, req: Request<Incoming>) -> Resp {
         kind = if matches!(r, Revocation::Jti { .. }) { "jti" } else { "sub" }
     );
     json(StatusCode::OK, &serde_json::json!({ "revoked": r, "closed": closed }))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = (b[i] == b'%' && i + 2 < b.len())
-            .then(|| std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
-            .flatten();
-        match (hex, b[i]) {
-            (Some(v), _) => {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-            (None, b'+') => out.push(b' '),
-            (None, c) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

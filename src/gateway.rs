@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,8 +65,6 @@ pub struct Shared {
     pub login: Option<Login>,
     pub tls: ArcSwap<Option<TlsAcceptor>>,
     pub log_limiter: crate::events::LogLimiter,
-    /// Upgraded connections now open.
-    pub open: AtomicUsize,
     /// Set at SIGTERM: `/readyz` answers 503 from then on.
     pub draining: AtomicBool,
     file_store: Option<Arc<FileStore>>,
@@ -233,7 +231,6 @@ impl Gateway {
             login,
             tls: ArcSwap::from_pointee(tls),
             log_limiter: Default::default(),
-            open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             file_store,
             redis,

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -239,7 +238,6 @@ struct OpenGuard(Arc<Shared>);
 impl OpenGuard {
     fn new(shared: &Arc<Shared>) -> OpenGuard {
         shared.metrics.open().increment(1.0);
-        shared.open.fetch_add(1, Ordering::AcqRel);
         OpenGuard(shared.clone())
     }
 }
@@ -247,7 +245,6 @@ impl OpenGuard {
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.metrics.open().decrement(1.0);
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -125,7 +125,7 @@ fn is_access_token(raw_name: &str) -> bool {
 }
 
 /// Decodes `%XX` escapes and `+`; `None` on a bad escape or non-UTF-8 result.
-fn percent_decode(s: &str) -> Option<String> {
+pub fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
