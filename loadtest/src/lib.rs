@@ -18,6 +18,7 @@
 //! - `metrics`    — scraping the gateway's `/metrics`
 //! - `report`     — percentiles, summary table, JSON
 //! - `html`       — the offline HTML report with inline SVG plots
+//! - `peer`       — the shell of the comparison peers (`echo-backend`, `fixed-401`)
 //!
 //! **Invariants.** Every connect and bind address is loopback
 //! (`target::ensure_loopback`); every run stops by itself (`--duration`,
@@ -31,6 +32,7 @@ pub mod client;
 pub mod frame;
 pub mod html;
 pub mod metrics;
+pub mod peer;
 pub mod progress;
 pub mod report;
 pub mod run;

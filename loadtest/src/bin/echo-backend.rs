@@ -13,10 +13,8 @@
 
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
-
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Largest message echoed; the load tests send at most a few KiB.
@@ -50,43 +48,5 @@ async fn echo(tcp: TcpStream) {
 }
 
 fn main() {
-    let arg = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18081".into());
-    let addr: SocketAddr = match arg.parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("echo-backend: error: bad address {arg:?}: {e}");
-            std::process::exit(2);
-        }
-    };
-    if !addr.ip().is_loopback() {
-        eprintln!("echo-backend: error: {addr} is not a loopback address");
-        std::process::exit(2);
-    }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
-    let rt = match rt {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("echo-backend: error: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    rt.block_on(async move {
-        let listener = match TcpListener::bind(addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("echo-backend: error: cannot bind {addr}: {e}");
-                std::process::exit(1);
-            }
-        };
-        eprintln!("listening {}", listener.local_addr().unwrap_or(addr));
-        loop {
-            match listener.accept().await {
-                Ok((tcp, _)) => {
-                    tokio::spawn(echo(tcp));
-                }
-                // EMFILE and the like: back off instead of spinning.
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            }
-        }
-    });
+    portcullis_loadtest::peer::serve("echo-backend", "127.0.0.1:18081", echo);
 }

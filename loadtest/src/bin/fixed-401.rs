@@ -9,11 +9,10 @@
 
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// The same size and shape as Portcullis's `missing_token` answer.
 const ANSWER: &[u8] = b"HTTP/1.1 401 Unauthorized\r\n\
@@ -58,41 +57,5 @@ async fn refuse(mut tcp: TcpStream) {
 }
 
 fn main() {
-    let arg = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18083".into());
-    let addr: SocketAddr = match arg.parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("fixed-401: error: bad address {arg:?}: {e}");
-            std::process::exit(2);
-        }
-    };
-    if !addr.ip().is_loopback() {
-        eprintln!("fixed-401: error: {addr} is not a loopback address");
-        std::process::exit(2);
-    }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fixed-401: error: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    rt.block_on(async move {
-        let listener = match TcpListener::bind(addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("fixed-401: error: cannot bind {addr}: {e}");
-                std::process::exit(1);
-            }
-        };
-        eprintln!("listening {}", listener.local_addr().unwrap_or(addr));
-        loop {
-            match listener.accept().await {
-                Ok((tcp, _)) => {
-                    tokio::spawn(refuse(tcp));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
+    portcullis_loadtest::peer::serve("fixed-401", "127.0.0.1:18083", refuse);
 }
