@@ -22,9 +22,8 @@ use crate::metrics::Metrics;
 use crate::reject::{CloseReason, Reject};
 use crate::revocation::Revocation;
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+/// The one wall clock in whole seconds (defined beside the token cache).
+pub use crate::auth::cache::unix_now;
 
 /// One live connection, shared by its session task and the registry.
 #[derive(Debug)]
