@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use portcullis::admit::{Caps, IpKey, RateLimiter};
+use portcullis::admit::{Caps, IpKey, RateLimiter, SlotLimits, Slots};
 use portcullis::handshake;
 
 const FIREFOX: &[u8] = b"GET /chat HTTP/1.1\r\nHost: gw.example:8080\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0\r\nAccept: */*\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br, zstd\r\nSec-WebSocket-Version: 13\r\nOrigin: https://app.example\r\nSec-WebSocket-Protocol: bearer, eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl\r\nSec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nConnection: keep-alive, Upgrade\r\nSec-Fetch-Dest: empty\r\nSec-Fetch-Mode: websocket\r\nSec-Fetch-Site: same-site\r\nPragma: no-cache\r\nCache-Control: no-cache\r\nUpgrade: websocket\r\n\r\n";
@@ -37,12 +37,15 @@ fn rate(c: &mut Criterion) {
 
 fn caps(c: &mut Criterion) {
     let caps = Arc::new(Caps::default());
+    let slots = Slots::new(None);
+    let limits = SlotLimits::from(&portcullis::config::Limits::default());
     let key = IpKey::new("127.0.0.2".parse().unwrap());
-    c.bench_function("caps/admit+ip+release", |b| {
+    c.bench_function("caps/admit+ip+slot+release", |b| {
         b.iter(|| {
-            let permits = caps.admit(10_000, 2048).unwrap();
+            let conn = caps.admit(10_000).unwrap();
             let ip = caps.admit_ip(key, 256).unwrap();
-            drop((permits, ip));
+            let slot = slots.admit(Some(key), tokio::time::Instant::now(), limits).unwrap();
+            drop((conn, ip, slot));
         })
     });
 }

@@ -19,9 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::carrier::percent_decode;
-use crate::gateway::Shared;
 use crate::revocation::Revocation;
 use crate::session::registry::unix_now;
+use crate::shared::Shared;
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
@@ -103,7 +103,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                     "ready": ready,
                     "draining": draining,
                     "connections": shared.caps.total(),
-                    "handshaking": shared.caps.handshaking(),
+                    "handshaking": shared.slots.total(),
                     "store": if shared.store_up() { "up" } else { "down" },
                 }),
             )

@@ -24,6 +24,18 @@ pub const DEFAULT_PER_IP_MAX_CONNECTIONS: usize = 256;
 pub const DEFAULT_PER_IP_RATE: f64 = 20.0;
 pub const DEFAULT_PER_IP_BURST: u32 = 40;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
+/// Floor of the pressure-scaled deadline for an incomplete head: a real
+/// client's head arrives in one round trip, well under half a second.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MIN_MS: u64 = 500;
+/// Sockets still handshaking per client address. A legitimate address,
+/// even a NAT'd office or a carrier's gateway with thousands of users
+/// behind it, completes each head within a round trip, so it seldom has
+/// more than a few incomplete at once: 16 is ample for it, while 40
+/// attacking addresses then hold at most 640 of the 2,048 slots.
+pub const DEFAULT_PER_IP_MAX_HANDSHAKES: usize = 16;
+/// `TCP_DEFER_ACCEPT`: a socket that sends nothing stays in the kernel
+/// this long before the process sees it.
+pub const DEFAULT_DEFER_ACCEPT_S: u64 = 5;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 8192;
 pub const DEFAULT_PER_USER_MAX_CONNECTIONS: usize = 8;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
@@ -91,6 +103,8 @@ pub struct Listen {
     pub drain_timeout_s: u64,
     pub tls_cert_file: PathBuf,
     pub tls_key_file: PathBuf,
+    /// `TCP_DEFER_ACCEPT` seconds (Linux); 0 = off.
+    pub defer_accept_s: u64,
 }
 
 impl Default for Listen {
@@ -106,6 +120,7 @@ impl Default for Listen {
             drain_timeout_s: DEFAULT_DRAIN_TIMEOUT_S,
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
+            defer_accept_s: DEFAULT_DEFER_ACCEPT_S,
         }
     }
 }
@@ -131,10 +146,15 @@ pub enum OnCapStoreError {
 pub struct Limits {
     pub max_connections: usize,
     pub max_handshakes: usize,
+    /// Sockets still handshaking per client address (the fair share bound).
+    pub per_ip_max_handshakes: usize,
     pub per_ip_max_connections: usize,
     pub per_ip_rate: f64,
     pub per_ip_burst: u32,
     pub handshake_timeout_ms: u64,
+    /// Under handshake-slot pressure the deadline for an incomplete head
+    /// shrinks from `handshake_timeout_ms` toward this.
+    pub handshake_timeout_min_ms: u64,
     pub max_header_bytes: usize,
     pub per_user_max_connections: usize,
     pub on_user_cap: OnUserCap,
@@ -153,10 +173,12 @@ impl Default for Limits {
         Limits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            per_ip_max_handshakes: DEFAULT_PER_IP_MAX_HANDSHAKES,
             per_ip_max_connections: DEFAULT_PER_IP_MAX_CONNECTIONS,
             per_ip_rate: DEFAULT_PER_IP_RATE,
             per_ip_burst: DEFAULT_PER_IP_BURST,
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            handshake_timeout_min_ms: DEFAULT_HANDSHAKE_TIMEOUT_MIN_MS,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             per_user_max_connections: DEFAULT_PER_USER_MAX_CONNECTIONS,
             on_user_cap: OnUserCap::Reject,
@@ -173,6 +195,9 @@ impl Default for Limits {
 impl Limits {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+    pub fn handshake_timeout_min(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_min_ms)
     }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
@@ -446,6 +471,18 @@ impl Config {
         }
         if l.handshake_timeout_ms == 0 {
             return Err(invalid("limits.handshake_timeout_ms", "must be at least 1"));
+        }
+        if l.per_ip_max_handshakes == 0 {
+            return Err(invalid("limits.per_ip_max_handshakes", "must be at least 1"));
+        }
+        if l.handshake_timeout_min_ms == 0 || l.handshake_timeout_min_ms > l.handshake_timeout_ms {
+            return Err(invalid(
+                "limits.handshake_timeout_min_ms",
+                "must be at least 1 and at most limits.handshake_timeout_ms",
+            ));
+        }
+        if self.listen.defer_accept_s > 3600 {
+            return Err(invalid("listen.defer_accept_s", "must be at most 3600"));
         }
         if l.max_header_bytes < 256 {
             return Err(invalid("limits.max_header_bytes", "must be at least 256"));

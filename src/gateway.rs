@@ -10,9 +10,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
-use crate::admit::{Caps, RateLimiter};
+use crate::admit::{Caps, RateLimiter, Slots};
 use crate::auth::jwt::JwtAuthenticator;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, RevocationBackend};
@@ -24,6 +23,7 @@ use crate::revocation::redis::RedisStore;
 use crate::revocation::SharedStore;
 use crate::session::leases::UserCaps;
 use crate::session::registry::Registry;
+pub use crate::shared::Shared;
 use crate::upstream::UpstreamUrl;
 use crate::{admin, server};
 
@@ -47,52 +47,7 @@ pub enum StartError {
     Store(#[from] crate::revocation::StoreError),
 }
 
-/// State every connection task and the admin plane share.
-pub struct Shared {
-    /// The configuration in force; SIGHUP swaps it whole. Listen addresses,
-    /// the upstream and the store backend are fixed at start.
-    pub config: ArcSwap<Config>,
-    pub metrics: Arc<Metrics>,
-    pub caps: Arc<Caps>,
-    /// Per-IP handshake rate (stage 2).
-    pub rate: RateLimiter,
-    pub auth: Arc<dyn Authenticator>,
-    /// The built-in JWT authenticator, when it is the one in use (for reload).
-    pub jwt: Option<Arc<JwtAuthenticator>>,
-    pub store: SharedStore,
-    pub registry: Arc<Registry>,
-    pub upstream: Option<UpstreamUrl>,
-    pub login: Option<Login>,
-    pub tls: ArcSwap<Option<TlsAcceptor>>,
-    pub log_limiter: crate::events::LogLimiter,
-    /// Set at SIGTERM: `/readyz` answers 503 from then on.
-    pub draining: AtomicBool,
-    file_store: Option<Arc<FileStore>>,
-    /// The Redis backend, when in use: its link's health and its tasks.
-    redis: Option<RedisStore>,
-}
-
 impl Shared {
-    /// Is the gateway ready for more traffic (`/readyz`)?
-    pub fn ready(&self) -> bool {
-        let cfg = self.config.load();
-        // With the shared store down, `on_cap_store_error = "reject"`
-        // refuses every user: not ready, so a load balancer prefers an
-        // instance that still reaches Redis. With `local` it serves on.
-        let store_ok =
-            self.store_up() || cfg.limits.on_cap_store_error == crate::config::OnCapStoreError::Local;
-        !self.draining.load(Ordering::Acquire)
-            && store_ok
-            && self.caps.total() < cfg.limits.max_connections
-            && self.caps.handshaking() < cfg.limits.max_handshakes
-    }
-
-    /// Is the revocation store reachable? Always for the embedded file; for
-    /// Redis, while its link is up.
-    pub fn store_up(&self) -> bool {
-        self.redis.as_ref().is_none_or(RedisStore::is_up)
-    }
-
     /// Applies a new configuration (SIGHUP): keys, TLS certificates,
     /// limits, heartbeat and allowed origins, all or nothing.
     pub fn reload(&self, new: Config) -> Result<(), ConfigError> {
@@ -139,11 +94,19 @@ pub struct Gateway {
     admin: TcpListener,
 }
 
-fn listen(addr: SocketAddr, backlog: u32, what: &'static str) -> Result<TcpListener, StartError> {
+fn listen(
+    addr: SocketAddr,
+    backlog: u32,
+    defer_accept_s: u64,
+    what: &'static str,
+) -> Result<TcpListener, StartError> {
     let bind = |addr| -> std::io::Result<TcpListener> {
         let socket = if addr_is_v4(addr) { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
+        if defer_accept_s > 0 {
+            crate::sockopt::set_defer_accept(&socket, Duration::from_secs(defer_accept_s))?;
+        }
         socket.listen(backlog)
     };
     bind(addr).map_err(|source| StartError::Bind { what, addr, source })
@@ -216,10 +179,12 @@ impl Gateway {
             }
         }
 
-        let public = listen(cfg.listen.public, cfg.listen.backlog, "listen.public")?;
-        let admin = listen(cfg.listen.admin, 128, "listen.admin")?;
+        let public =
+            listen(cfg.listen.public, cfg.listen.backlog, cfg.listen.defer_accept_s, "listen.public")?;
+        let admin = listen(cfg.listen.admin, 128, 0, "listen.admin")?;
         let shared = Arc::new(Shared {
-            caps: Caps::new(metrics.clone()),
+            caps: Caps::new(),
+            slots: Slots::new(Some(metrics.clone())),
             rate: RateLimiter::new(cfg.limits.per_ip_rate, cfg.limits.per_ip_burst),
             registry: Registry::with_caps(metrics.clone(), user_caps),
             config: ArcSwap::from_pointee(cfg),
@@ -232,6 +197,7 @@ impl Gateway {
             tls: ArcSwap::from_pointee(tls),
             log_limiter: Default::default(),
             draining: AtomicBool::new(false),
+            fd_exhausted_logged: AtomicBool::new(false),
             file_store,
             redis,
         });
@@ -262,6 +228,7 @@ impl Gateway {
         }));
         let admin_task = tokio::spawn(admin::serve(shared.clone(), admin, stop_admin_rx));
         let upkeep = tokio::spawn(housekeeping(shared.clone()));
+        let sweeper = tokio::spawn(sweep_handshakes(shared.clone()));
         let kicker = tokio::spawn(kick_remote_revocations(shared.clone()));
         let evicter = tokio::spawn(kick_evicted(shared.clone()));
 
@@ -274,6 +241,7 @@ impl Gateway {
         let _ = stop_admin_tx.send(true);
         let _ = admin_task.await;
         upkeep.abort();
+        sweeper.abort();
         kicker.abort();
         evicter.abort();
         // Released leases reach Redis before the link stops (else they
@@ -319,6 +287,17 @@ async fn drain(shared: &Arc<Shared>, stop_accepting: impl FnOnce()) {
         tracing::warn!(left, "drain timeout passed with connections still open");
     } else {
         tracing::info!(event = "drain", "drained");
+    }
+}
+
+/// The head deadline of every handshaking socket, and the pressure gauges.
+async fn sweep_handshakes(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(crate::admit::slots::SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = tick.tick().await;
+        let limits = crate::admit::SlotLimits::from(&shared.config.load().limits);
+        shared.slots.sweep(now, limits);
     }
 }
 

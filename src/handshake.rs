@@ -9,9 +9,9 @@
 use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{timeout_at, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::admit::slots::{Attempt, Verdict};
 use crate::reject::Reject;
 
 /// Headers beyond this count answer 431, like an oversized head.
@@ -61,6 +61,8 @@ pub enum ReadError {
     Timeout {
         started: bool,
     },
+    /// The slot was taken by an arrival from a fairer address (408).
+    Shed,
     TooLarge,
     Malformed,
     /// The peer closed or the socket failed before a complete head.
@@ -71,6 +73,7 @@ impl ReadError {
     pub fn reject(&self) -> Reject {
         match self {
             ReadError::Timeout { .. } | ReadError::Closed => Reject::HandshakeTimeout,
+            ReadError::Shed => Reject::HandshakeShed,
             ReadError::TooLarge => Reject::HeaderTooLarge,
             ReadError::Malformed => Reject::BadRequest,
         }
@@ -85,23 +88,30 @@ pub struct Head {
     pub rest: Vec<u8>,
 }
 
-/// Reads a request head until `deadline` and at most `max_bytes`.
+/// Bytes read per call, through a buffer on the stack of one poll: a
+/// socket waiting for more keeps only what it has received.
+const READ_CHUNK: usize = 2048;
+
+/// Reads a request head until the slot table ends `attempt` (deadline or
+/// shed) and at most `max_bytes`.
 ///
-/// `buf` may already hold bytes (e.g. after a PROXY header). Parsing runs
-/// only when the blank line has arrived, so a byte-at-a-time client costs a
-/// scan of the new bytes, not a re-parse per byte.
+/// Parsing runs only when the blank line has arrived, so a byte-at-a-time
+/// client costs a scan of the new bytes, not a re-parse per byte; the
+/// request line is checked as it arrives ([`LineCheck`]), so bytes that
+/// cannot begin an HTTP request are refused at once, not at the deadline.
 pub async fn read_head<S: AsyncRead + Unpin>(
     io: &mut S,
-    mut buf: Vec<u8>,
-    deadline: Instant,
+    attempt: &Attempt,
     max_bytes: usize,
 ) -> Result<Head, ReadError> {
-    let mut chunk = [0u8; 1024];
+    let mut buf = Vec::new();
+    let mut line = LineCheck::default();
     let mut scanned = 0;
     loop {
         if let Some(end) = find_head_end(&buf, scanned) {
             let head = parse(&buf[..end])?;
             let rest = buf.split_off(end);
+            attempt.head_done();
             return Ok(Head { head, rest });
         }
         if buf.len() >= max_bytes {
@@ -109,13 +119,101 @@ pub async fn read_head<S: AsyncRead + Unpin>(
         }
         // Back up 3 bytes so a "\r\n\r\n" split across reads is found.
         scanned = buf.len().saturating_sub(3);
-        let room = (max_bytes - buf.len()).min(chunk.len());
-        match timeout_at(deadline, io.read(&mut chunk[..room])).await {
-            Err(_) => return Err(ReadError::Timeout { started: !buf.is_empty() }),
+        let room = max_bytes - buf.len();
+        let got = tokio::select! {
+            biased;
+            r = read_some(io, &mut buf, room) => Ok(r),
+            v = attempt.ended() => Err(v),
+        };
+        match got {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(ReadError::Closed),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(n)) => {
+                if !line.feed(&buf[buf.len() - n..]) {
+                    return Err(ReadError::Malformed);
+                }
+            }
+            Err(Verdict::Shed) => return Err(ReadError::Shed),
+            Err(_) => return Err(ReadError::Timeout { started: !buf.is_empty() }),
         }
     }
+}
+
+/// One read of at most `room` bytes, appended to `buf`.
+async fn read_some<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    room: usize,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let room = room.min(READ_CHUNK);
+        let mut rb = ReadBuf::uninit(&mut chunk[..room]);
+        std::task::ready!(std::pin::Pin::new(&mut *io).poll_read(cx, &mut rb))?;
+        buf.extend_from_slice(rb.filled());
+        std::task::Poll::Ready(Ok(rb.filled().len()))
+    })
+    .await
+}
+
+/// Checks the request line as its bytes arrive: `token SP target SP
+/// HTTP/1.1 CRLF`, leading blank lines allowed (RFC 9112 §2.2). Once the
+/// line is through it checks nothing more (`httparse` takes the rest), so
+/// each byte is looked at once.
+#[derive(Default)]
+struct LineCheck {
+    part: LinePart,
+    /// Bytes of the current part so far.
+    len: usize,
+}
+
+#[derive(Default, PartialEq, Eq)]
+enum LinePart {
+    #[default]
+    Method,
+    Target,
+    Version,
+    Done,
+}
+
+/// Longest method accepted (the registered ones are far shorter).
+const MAX_METHOD: usize = 24;
+const VERSION: &[u8] = b"HTTP/1.1\r\n";
+
+impl LineCheck {
+    /// Feeds new bytes; false once they cannot be an HTTP/1.1 request line.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            match self.part {
+                LinePart::Done => return true,
+                LinePart::Method => match b {
+                    b'\r' | b'\n' if self.len == 0 => {}
+                    b' ' if self.len > 0 => (self.part, self.len) = (LinePart::Target, 0),
+                    _ if is_tchar(b) && self.len < MAX_METHOD => self.len += 1,
+                    _ => return false,
+                },
+                LinePart::Target => match b {
+                    b' ' if self.len > 0 => (self.part, self.len) = (LinePart::Version, 0),
+                    0x21..=0x7e | 0x80..=0xff => self.len += 1,
+                    _ => return false,
+                },
+                LinePart::Version => {
+                    if VERSION.get(self.len) != Some(&b) {
+                        return false;
+                    }
+                    self.len += 1;
+                    if self.len == VERSION.len() {
+                        self.part = LinePart::Done;
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+/// RFC 9110 token characters.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The index just past the first blank line at or after `from`.
@@ -307,6 +405,10 @@ mod tests {
         assert_eq!(parse(b"\x16\x03\x01garbage\r\n\r\n"), Err(ReadError::Malformed));
     }
 
+    fn attempt() -> Attempt {
+        Attempt::new(tokio::time::Instant::now())
+    }
+
     #[tokio::test]
     async fn head_split_across_reads_and_rest_kept() {
         let (mut a, mut b) = tokio::io::duplex(64);
@@ -317,8 +419,7 @@ mod tests {
             b.write_all(b"extra").await.unwrap();
             b
         });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let got = read_head(&mut a, Vec::new(), deadline, 8192).await.unwrap();
+        let got = read_head(&mut a, &attempt(), 8192).await.unwrap();
         assert_eq!(got.head.path(), "/chat");
         let _b = w.await.unwrap();
         assert!(b"extra".starts_with(&got.rest));
@@ -327,13 +428,49 @@ mod tests {
     #[tokio::test]
     async fn oversized_head_is_too_large() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        b.write_all(b"GET /").await.unwrap();
         b.write_all(&[b'a'; 600]).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        assert_eq!(read_head(&mut a, Vec::new(), deadline, 512).await.unwrap_err(), ReadError::TooLarge);
+        assert_eq!(read_head(&mut a, &attempt(), 512).await.unwrap_err(), ReadError::TooLarge);
+    }
+
+    #[tokio::test]
+    async fn garbage_is_refused_at_once_not_at_the_deadline() {
+        for garbage in
+            [&b"\x16\x03\x01\x02\x00\x01"[..], b"GET / HTTP/1.0\r\n", b"PRI * HTTP/2.0\r\n", b"GET\x00"]
+        {
+            let (mut a, mut b) = tokio::io::duplex(1 << 16);
+            b.write_all(garbage).await.unwrap();
+            // The writer stays open: only the bytes can end the read.
+            let got = tokio::time::timeout(Duration::from_secs(2), read_head(&mut a, &attempt(), 8192)).await;
+            assert_eq!(
+                got.expect("answered without waiting").unwrap_err(),
+                ReadError::Malformed,
+                "{garbage:?}"
+            );
+            drop(b);
+        }
+    }
+
+    #[test]
+    fn request_line_check_accepts_real_requests_byte_by_byte() {
+        for good in [GOOD, b"\r\nGET http://h/x?y HTTP/1.1\r\nHost: h\r\n\r\n", b"POST /login HTTP/1.1\r\n"] {
+            let mut c = LineCheck::default();
+            assert!(good.iter().all(|b| c.feed(std::slice::from_ref(b))), "{good:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn deadline_is_total_not_per_read() {
+        use crate::admit::slots::{SlotLimits, Slots, SWEEP_EVERY};
+        let slots = Slots::new(None);
+        let limits = SlotLimits {
+            max: 10,
+            per_ip: 10,
+            timeout: Duration::from_millis(500),
+            timeout_min: Duration::from_millis(100),
+        };
+        let start = tokio::time::Instant::now();
+        let permit = slots.admit(None, start, limits).unwrap();
         let (mut a, mut b) = tokio::io::duplex(64);
         tokio::spawn(async move {
             loop {
@@ -343,11 +480,20 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        let start = Instant::now();
-        let deadline = start + Duration::from_millis(500);
-        let err = read_head(&mut a, Vec::new(), deadline, 8192).await.unwrap_err();
+        let sweeper = slots.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                sweeper.sweep(tokio::time::Instant::now(), limits);
+            }
+        });
+        let err = read_head(&mut a, permit.attempt(), 8192).await.unwrap_err();
         assert_eq!(err, ReadError::Timeout { started: true });
-        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took <= Duration::from_millis(500) + SWEEP_EVERY,
+            "{took:?}"
+        );
     }
 
     #[test]

@@ -24,9 +24,8 @@ use arc_swap::ArcSwap;
 use crate::admit::{IpKey, RateLimiter};
 use crate::auth::sign::Signer;
 use crate::config::{self, ConfigError};
-use crate::gateway::Shared;
 use crate::handshake::{answer_and_close, response, RequestHead};
-use crate::metrics::LoginOutcome;
+use crate::metrics::{LoginOutcome, Metrics};
 
 /// Largest accepted login body.
 const MAX_BODY: usize = 4096;
@@ -42,6 +41,8 @@ pub struct Login {
     rate: RateLimiter,
     /// The signing key, loaded once (not per login) and swapped on SIGHUP.
     signer: ArcSwap<Signer>,
+    /// `auth.login.token_ttl_s`, swapped on SIGHUP.
+    token_ttl_s: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +97,7 @@ impl Login {
             slots: Arc::new(Semaphore::new(VERIFY_SLOTS)),
             rate: RateLimiter::new(cfg.per_ip_rate, cfg.per_ip_burst),
             signer: ArcSwap::from_pointee(signer),
+            token_ttl_s: cfg.token_ttl_s.into(),
         })
     }
 
@@ -108,6 +110,7 @@ impl Login {
     pub fn apply(&self, signer: Signer, login: &config::Login) {
         self.signer.store(Arc::new(signer));
         self.rate.set_quota(login.per_ip_rate, login.per_ip_burst);
+        self.token_ttl_s.store(login.token_ttl_s, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn housekeep(&self) {
@@ -117,7 +120,7 @@ impl Login {
     /// Serves one `POST /login` and closes the connection.
     pub async fn serve<S>(
         &self,
-        shared: &Shared,
+        metrics: &Metrics,
         io: &mut S,
         head: &RequestHead,
         mut body: Vec<u8>,
@@ -128,7 +131,7 @@ impl Login {
     {
         let json = "application/json";
         if let Err(retry) = self.rate.check(IpKey::new(client.ip())) {
-            shared.metrics.login(LoginOutcome::RateLimited);
+            metrics.login(LoginOutcome::RateLimited);
             tracing::info!(event = "login", outcome = "rate_limited", reason = "login_rate", client = %client.ip());
             let r = response(429, &[("Retry-After", retry.to_string())], json, "{\"error\":\"login_rate\"}");
             return answer_and_close(io, &r).await;
@@ -170,15 +173,14 @@ impl Login {
         .await
         .unwrap_or(false);
         if !(verified && known.is_some()) {
-            shared.metrics.login(LoginOutcome::BadCredentials);
+            metrics.login(LoginOutcome::BadCredentials);
             tracing::info!(event = "login", outcome = "bad_credentials", client = %client.ip());
             return answer_and_close(io, &response(401, &[], json, "{\"error\":\"bad credentials\"}")).await;
         }
-        let cfg = shared.config.load();
-        let ttl = cfg.auth.login.token_ttl_s;
+        let ttl = self.token_ttl_s.load(std::sync::atomic::Ordering::Relaxed);
         match self.signer.load().mint(&creds.username, Duration::from_secs(ttl), None) {
             Ok(token) => {
-                shared.metrics.login(LoginOutcome::Ok);
+                metrics.login(LoginOutcome::Ok);
                 tracing::info!(event = "login", outcome = "ok", client = %client.ip(), sub = %creds.username);
                 let body = serde_json::json!({ "token": token, "expires_in": ttl }).to_string();
                 answer_and_close(io, &response(200, &[], json, &body)).await;

@@ -28,6 +28,9 @@ pub const LOGINS_TOTAL: &str = "portcullis_logins_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
 pub const STORE_UP: &str = "portcullis_store_up";
 pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
+pub const HANDSHAKE_PRESSURE: &str = "portcullis_handshake_pressure";
+pub const HANDSHAKE_DEADLINE: &str = "portcullis_handshake_deadline_seconds";
+pub const FD_EXHAUSTED_TOTAL: &str = "portcullis_fd_exhausted_total";
 
 /// Handshake latency: from accept to the verdict; sub-millisecond refusals
 /// up to a full slowloris deadline.
@@ -91,6 +94,9 @@ pub struct Metrics {
     reload_error: Counter,
     store_up: Gauge,
     store_errors: Vec<Counter>,
+    pressure: Gauge,
+    deadline: Gauge,
+    fd_exhausted: Counter,
 }
 
 impl Default for Metrics {
@@ -134,6 +140,17 @@ impl Metrics {
         describe(CONFIG_RELOADS_TOTAL, None, "SIGHUP configuration reloads by result.");
         describe(STORE_UP, None, "1 while the shared store (Redis) is connected, 0 when not.");
         describe(STORE_ERRORS_TOTAL, None, "Shared store operations that failed, by operation.");
+        describe(HANDSHAKE_PRESSURE, None, "Handshake slots in use over limits.max_handshakes (0 to 1).");
+        describe(
+            HANDSHAKE_DEADLINE,
+            None,
+            "Seconds an incomplete request head is given now (shrinks under pressure).",
+        );
+        describe(
+            FD_EXHAUSTED_TOTAL,
+            None,
+            "Sockets accepted and closed through the reserve descriptor at EMFILE.",
+        );
 
         let process = metrics_process::Collector::default();
         metrics::with_local_recorder(r, || process.describe());
@@ -193,6 +210,9 @@ impl Metrics {
             reload_error: counter(CONFIG_RELOADS_TOTAL, &[("result", "error")]),
             store_up: gauge(STORE_UP, &[]),
             store_errors: STORE_OPS.iter().map(|op| counter(STORE_ERRORS_TOTAL, &[("op", op)])).collect(),
+            pressure: gauge(HANDSHAKE_PRESSURE, &[]),
+            deadline: gauge(HANDSHAKE_DEADLINE, &[]),
+            fd_exhausted: counter(FD_EXHAUSTED_TOTAL, &[]),
             process,
             handle,
             recorder,
@@ -204,6 +224,16 @@ impl Metrics {
     pub fn render(&self) -> String {
         metrics::with_local_recorder(&self.recorder, || self.process.collect());
         self.handle.render()
+    }
+
+    /// Handshake-slot occupancy and the deadline it implies, set together.
+    pub fn set_handshake_pressure(&self, pressure: f64, deadline: Duration) {
+        self.pressure.set(pressure);
+        self.deadline.set(deadline.as_secs_f64());
+    }
+
+    pub fn fd_exhausted(&self) {
+        self.fd_exhausted.increment(1);
     }
 
     pub fn handshaking(&self) -> &Gauge {

@@ -11,6 +11,7 @@ use std::fmt;
 pub enum Reject {
     GlobalCap,
     HandshakeCap,
+    HandshakeShed,
     IpCap,
     ProxyHeader,
     IpRate,
@@ -30,9 +31,10 @@ pub enum Reject {
 
 impl Reject {
     /// Every variant, in pipeline order: metrics export each at 0 from start.
-    pub const ALL: [Reject; 17] = [
+    pub const ALL: [Reject; 18] = [
         Reject::GlobalCap,
         Reject::HandshakeCap,
+        Reject::HandshakeShed,
         Reject::IpCap,
         Reject::ProxyHeader,
         Reject::IpRate,
@@ -54,6 +56,7 @@ impl Reject {
         match self {
             Reject::GlobalCap => "global_cap",
             Reject::HandshakeCap => "handshake_cap",
+            Reject::HandshakeShed => "handshake_shed",
             Reject::IpCap => "ip_cap",
             Reject::ProxyHeader => "proxy_header",
             Reject::IpRate => "ip_rate",
@@ -80,7 +83,7 @@ impl Reject {
         match self {
             Reject::GlobalCap | Reject::HandshakeCap | Reject::IpCap | Reject::ProxyHeader => None,
             Reject::IpRate | Reject::UserCap => Some(429),
-            Reject::HandshakeTimeout => Some(408),
+            Reject::HandshakeTimeout | Reject::HandshakeShed => Some(408),
             Reject::HeaderTooLarge => Some(431),
             Reject::BadRequest => Some(400),
             Reject::BadVersion => Some(426),
@@ -224,6 +227,7 @@ mod tests {
         let want = [
             ("global_cap", None),
             ("handshake_cap", None),
+            ("handshake_shed", Some(408)),
             ("ip_cap", None),
             ("proxy_header", None),
             ("ip_rate", Some(429)),
@@ -240,6 +244,7 @@ mod tests {
             ("user_cap", Some(429)),
             ("upstream_unavailable", Some(502)),
         ];
+        assert_eq!(want.len(), Reject::ALL.len());
         for (r, (label, status)) in Reject::ALL.iter().zip(want) {
             assert_eq!((r.label(), r.status()), (label, status));
         }

@@ -1,5 +1,6 @@
-//! Connection caps: global, handshaking, per IP. Counters, not semaphores,
-//! so a SIGHUP can change a cap without rebuilding anything.
+//! Connection caps: global and per IP. Counters, not semaphores, so a
+//! SIGHUP can change a cap without rebuilding anything. (Handshake slots,
+//! which are shared fairly rather than first come, live in `slots`.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -7,19 +8,15 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use super::IpKey;
-use crate::metrics::Metrics;
 use crate::reject::Reject;
 
 #[derive(Default)]
 pub struct Caps {
     /// Sockets held, handshaking or open (`limits.max_connections`).
     total: AtomicUsize,
-    /// Sockets before their verdict (`limits.max_handshakes`).
-    handshaking: AtomicUsize,
     /// Sockets per client IP key (`limits.per_ip_max_connections`); an entry
     /// is removed at zero so idle IPs cost nothing.
     per_ip: DashMap<IpKey, usize>,
-    metrics: Option<Arc<Metrics>>,
 }
 
 /// Increments `c` if it is below `cap`.
@@ -28,27 +25,16 @@ fn try_inc(c: &AtomicUsize, cap: usize) -> bool {
 }
 
 impl Caps {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Caps> {
-        Arc::new(Caps { metrics: Some(metrics), ..Caps::default() })
+    pub fn new() -> Arc<Caps> {
+        Arc::new(Caps::default())
     }
 
-    /// The global and handshaking caps, in that order.
-    pub fn admit(
-        self: &Arc<Self>,
-        max_total: usize,
-        max_handshakes: usize,
-    ) -> Result<(ConnPermit, HandshakePermit), Reject> {
+    /// The global cap.
+    pub fn admit(self: &Arc<Self>, max_total: usize) -> Result<ConnPermit, Reject> {
         if !try_inc(&self.total, max_total) {
             return Err(Reject::GlobalCap);
         }
-        let conn = ConnPermit { caps: self.clone() };
-        if !try_inc(&self.handshaking, max_handshakes) {
-            return Err(Reject::HandshakeCap);
-        }
-        if let Some(m) = &self.metrics {
-            m.handshaking().increment(1.0);
-        }
-        Ok((conn, HandshakePermit { caps: self.clone() }))
+        Ok(ConnPermit { caps: self.clone() })
     }
 
     /// The per-IP concurrent cap for `key`.
@@ -68,10 +54,6 @@ impl Caps {
         self.total.load(Ordering::Acquire)
     }
 
-    pub fn handshaking(&self) -> usize {
-        self.handshaking.load(Ordering::Acquire)
-    }
-
     /// Distinct IP keys holding at least one socket.
     pub fn ips(&self) -> usize {
         self.per_ip.len()
@@ -86,20 +68,6 @@ pub struct ConnPermit {
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         self.caps.total.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// One slot of `limits.max_handshakes`, dropped at the verdict.
-pub struct HandshakePermit {
-    caps: Arc<Caps>,
-}
-
-impl Drop for HandshakePermit {
-    fn drop(&mut self) {
-        self.caps.handshaking.fetch_sub(1, Ordering::AcqRel);
-        if let Some(m) = &self.caps.metrics {
-            m.handshaking().decrement(1.0);
-        }
     }
 }
 
@@ -124,13 +92,10 @@ mod tests {
 
     #[test]
     fn permits_release_on_drop() {
-        let caps = Arc::new(Caps::default());
-        let (c1, h1) = caps.admit(2, 1).unwrap();
-        assert!(matches!(caps.admit(2, 1), Err(Reject::HandshakeCap)));
-        assert_eq!(caps.total(), 1, "a refused handshake gives its global slot back");
-        drop(h1);
-        let (_c2, _h2) = caps.admit(2, 1).unwrap();
-        assert!(matches!(caps.admit(2, 5), Err(Reject::GlobalCap)));
+        let caps = Caps::new();
+        let c1 = caps.admit(2).unwrap();
+        let _c2 = caps.admit(2).unwrap();
+        assert!(matches!(caps.admit(2), Err(Reject::GlobalCap)));
         drop(c1);
         assert_eq!(caps.total(), 1);
 

@@ -6,11 +6,13 @@
 
 pub mod caps;
 pub mod rate;
+pub mod slots;
 
 use std::net::{IpAddr, Ipv6Addr};
 
-pub use caps::{Caps, ConnPermit, HandshakePermit, IpPermit};
+pub use caps::{Caps, ConnPermit, IpPermit};
 pub use rate::RateLimiter;
+pub use slots::{HandshakePermit, SlotLimits, Slots};
 
 /// The unit per-IP limits count: an IPv4 address, or an IPv6 /64 (one
 /// subscriber's allocation; counting single v6 addresses would let one host

@@ -30,6 +30,10 @@ pub fn config(dir: &std::path::Path) -> Config {
     c.auth.hmac_secret = SECRET.into();
     c.auth.leeway_s = 0;
     c.limits.handshake_timeout_ms = 500;
+    c.limits.handshake_timeout_min_ms = 500;
+    // Tests of silent sockets must see them at once; TCP_DEFER_ACCEPT has
+    // its own test.
+    c.listen.defer_accept_s = 0;
     c.limits.per_ip_rate = 1000.0;
     c.limits.per_ip_burst = 1000;
     c.revocation.path = dir.join("revocations.log");

@@ -1,0 +1,484 @@
+//! One connection's walk through the pipeline after stage 1 (which runs
+//! in the accept loop, `server`): one function per stage, in order.
+//!
+//! ```text
+//! front      PROXY header (stage 1, when configured), TLS
+//! rate       stage 2: per-IP handshake rate
+//! head       stage 3: the request head, under the (pressure-scaled) deadline
+//! client     trusted X-Forwarded-For names the client; its per-IP checks
+//! validate   stage 3: path, RFC 6455 upgrade, Origin
+//! authenticate  stage 4
+//! user_cap   stage 5
+//! upstream   stage 6: the backend, before any 101
+//! upgrade    stage 7: the 101
+//! session    stage 8 (`session`)
+//! ```
+//!
+//! Each stage returns `Result<_, Reject>` after writing its own answer;
+//! [`connection`] records the verdict exactly once. Permits travel with the
+//! connection, so every way out releases every cap it held.
+//!
+//! Memory: a socket waiting for its head is the common case under attack,
+//! so that phase keeps little: the head buffer grows with the bytes
+//! received, reads go through a stack buffer, and the head deadline is the
+//! slot table's (no timer per socket). The later stages are boxed futures,
+//! allocated only once a head is complete, and the session is boxed too,
+//! so the task itself stays small in every phase.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::admit::slots::{Attempt, Verdict};
+use crate::admit::{ConnPermit, HandshakePermit, IpKey, IpPermit};
+use crate::auth::{carrier, AuthRefusal, Identity};
+use crate::client_addr::{from_forwarded_for, is_trusted, read_proxy_header};
+use crate::config::{Carrier, Config};
+use crate::events;
+use crate::handshake::{self, answer_and_close, read_head, Head, ReadError, RequestHead};
+use crate::reject::Reject;
+use crate::session::{self, instant_at_unix};
+use crate::shared::Shared;
+use crate::upstream;
+
+/// The permits stage 1 took, carried to the end of the connection.
+pub struct Admitted {
+    pub conn: ConnPermit,
+    pub handshake: HandshakePermit,
+    /// `None` for a trusted proxy's own address (never limited per IP).
+    pub ip: Option<IpPermit>,
+}
+
+/// Where a connection stands while it is walked through the pipeline.
+struct Ctx {
+    /// The client as far as it is known (peer, PROXY source, or XFF hop).
+    client: SocketAddr,
+    peer: SocketAddr,
+    sub: Option<String>,
+    accepted: Instant,
+    /// The full handshake deadline (PROXY header, TLS, login body). The
+    /// head itself is timed by the slot table, which may shrink it.
+    deadline: Instant,
+}
+
+impl Ctx {
+    fn reject(&self, shared: &Shared, reason: Reject) {
+        events::rejected(
+            &shared.metrics,
+            &shared.log_limiter,
+            reason,
+            self.client,
+            self.sub.as_deref(),
+            self.accepted.elapsed(),
+        );
+    }
+}
+
+/// Runs stages after 1 for an admitted socket, then its session.
+pub async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    accepted: Instant,
+) {
+    let cfg = shared.config.load_full();
+    let mut ctx =
+        Ctx { client: peer, peer, sub: None, accepted, deadline: accepted + cfg.limits.handshake_timeout() };
+    let Admitted { conn, mut handshake, ip } = admitted;
+    match Box::pin(front(&shared, &cfg, tcp, ip, &mut handshake, &mut ctx)).await {
+        Ok(Front::Plain(tcp, ip)) => serve(&shared, &cfg, tcp, &mut ctx, conn, handshake, ip).await,
+        Ok(Front::Tls(tls, ip)) => serve(&shared, &cfg, tls, &mut ctx, conn, handshake, ip).await,
+        Err(reason) => ctx.reject(&shared, reason),
+    }
+}
+
+/// The transport after stage 1: PROXY header consumed, TLS terminated.
+enum Front {
+    Plain(TcpStream, Option<IpPermit>),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Option<IpPermit>),
+}
+
+/// PROXY header (stage 1, when configured) and TLS, both inside the
+/// handshake deadline, and both given up at once if the slot is shed.
+async fn front(
+    shared: &Shared,
+    cfg: &Config,
+    mut tcp: TcpStream,
+    mut ip: Option<IpPermit>,
+    handshake: &mut HandshakePermit,
+    ctx: &mut Ctx,
+) -> Result<Front, Reject> {
+    if cfg.listen.proxy_protocol {
+        if !is_trusted(&cfg.listen.trusted_proxies, ctx.peer.ip()) {
+            crate::server::reset_on_close(&tcp);
+            return Err(Reject::ProxyHeader);
+        }
+        // Exactly the header is consumed: what follows (HTTP head or TLS
+        // ClientHello) is still in the socket for the next layer.
+        let read = tokio::select! {
+            r = read_proxy_header(&mut tcp, ctx.deadline) => r,
+            v = handshake.attempt().ended() => return Err(ended(v)),
+        };
+        match read {
+            Ok(Some(a)) => ctx.client = a,
+            Ok(None) => {}
+            Err(()) => {
+                crate::server::reset_on_close(&tcp);
+                return Err(Reject::ProxyHeader);
+            }
+        }
+        if !is_trusted(&cfg.listen.trusted_proxies, ctx.client.ip()) {
+            let key = IpKey::new(ctx.client.ip());
+            handshake.rekey(key, cfg.limits.per_ip_max_handshakes)?;
+            if ip.is_none() {
+                ip = Some(shared.caps.admit_ip(key, cfg.limits.per_ip_max_connections)?);
+            }
+        }
+    }
+    if let Some(acceptor) = shared.tls.load_full().as_ref().clone() {
+        return tokio::select! {
+            r = tokio::time::timeout_at(ctx.deadline, acceptor.accept(tcp)) => match r {
+                Ok(Ok(tls)) => Ok(Front::Tls(Box::new(tls), ip)),
+                // A failed TLS handshake is a malformed request; a late one a timeout.
+                Ok(Err(_)) => Err(Reject::BadRequest),
+                Err(_) => Err(Reject::HandshakeTimeout),
+            },
+            v = handshake.attempt().ended() => Err(ended(v)),
+        };
+    }
+    Ok(Front::Plain(tcp, ip))
+}
+
+/// The reason for an attempt the slot table ended.
+fn ended(v: Verdict) -> Reject {
+    match v {
+        Verdict::Shed => Reject::HandshakeShed,
+        _ => Reject::HandshakeTimeout,
+    }
+}
+
+/// Stages 2–8 on an established transport.
+async fn serve<S>(
+    shared: &Arc<Shared>,
+    cfg: &Config,
+    mut io: S,
+    ctx: &mut Ctx,
+    conn: ConnPermit,
+    handshake: HandshakePermit,
+    mut ip: Option<IpPermit>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let head = match rate(shared, cfg, &mut io, ctx, handshake.attempt()).await {
+        Ok(()) => head(&mut io, cfg, handshake.attempt()).await,
+        Err(r) => Err(r),
+    };
+    let upgraded = match head {
+        Ok(head) => Box::pin(after_head(shared, cfg, io, ctx, &mut ip, head)).await,
+        Err(r) => Err(r),
+    };
+    let up = match upgraded {
+        Ok(Some(up)) => up,
+        Ok(None) => return,
+        Err(reason) => return ctx.reject(shared, reason),
+    };
+    drop(handshake);
+    let info = up.slot.info.clone();
+    events::accepted(&shared.metrics, ctx.client, &info.sub, info.id, ctx.accepted.elapsed());
+    let open = OpenGuard::new(shared);
+    let started = Instant::now();
+    let Upgraded { ws, upstream, params, slot } = up;
+    // Boxed: the session's state is allocated now, not reserved in the
+    // task while it was handshaking.
+    let reason = Box::pin(session::run(ws, upstream, params)).await;
+    events::disconnected(&shared.metrics, reason, ctx.client, &info.sub, info.id, started.elapsed());
+    drop(open);
+    drop(slot);
+    drop(ip);
+    drop(conn);
+}
+
+/// Answers a refusal on `io` and returns it, for `?`-style stage code.
+async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, reason: Reject, retry_after: Option<u64>) -> Reject {
+    if let Some(status) = reason.status() {
+        answer_and_close(io, &handshake::refusal(reason, status, retry_after)).await;
+    }
+    reason
+}
+
+/// Stage 2: the rate, for a client already known (a trusted proxy's
+/// clients are checked once `X-Forwarded-For` names them). A limited
+/// client's head is still read and discarded so that it sees the 429, not
+/// a reset, but with the shortest patience: it holds a handshake slot
+/// meanwhile.
+async fn rate<S>(
+    shared: &Shared,
+    cfg: &Config,
+    io: &mut S,
+    ctx: &Ctx,
+    attempt: &Attempt,
+) -> Result<(), Reject>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if is_trusted(&cfg.listen.trusted_proxies, ctx.client.ip()) {
+        return Ok(());
+    }
+    match shared.rate.check(IpKey::new(ctx.client.ip())) {
+        Ok(()) => Ok(()),
+        Err(retry) => {
+            attempt.limit_patience(cfg.limits.handshake_timeout_min());
+            // Whatever the head turns out to be (or not to be), the answer
+            // is the 429: the rate is the verdict.
+            let _ = read_head(io, attempt, cfg.limits.max_header_bytes).await;
+            Err(refuse(io, Reject::IpRate, Some(retry)).await)
+        }
+    }
+}
+
+/// Stage 3, first half: the request head, complete within the deadline in
+/// force and within `limits.max_header_bytes`.
+async fn head<S>(io: &mut S, cfg: &Config, attempt: &Attempt) -> Result<Head, Reject>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match read_head(io, attempt, cfg.limits.max_header_bytes).await {
+        Ok(h) => Ok(h),
+        Err(e) => Err(read_failed(io, e).await),
+    }
+}
+
+/// Answers a failed head read: silence for a socket that sent nothing or
+/// left, a status for the rest.
+async fn read_failed<S: AsyncWrite + Unpin>(io: &mut S, e: ReadError) -> Reject {
+    let reason = e.reject();
+    match e {
+        ReadError::Timeout { started: false } | ReadError::Closed => reason,
+        _ => refuse(io, reason, None).await,
+    }
+}
+
+/// Stages 3 (second half) to 7. `Ok(None)`: the request was served
+/// otherwise (`/login`).
+async fn after_head<S>(
+    shared: &Arc<Shared>,
+    cfg: &Config,
+    mut io: S,
+    ctx: &mut Ctx,
+    ip: &mut Option<IpPermit>,
+    head: Head,
+) -> Result<Option<Upgraded<S>>, Reject>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Head { head, rest } = head;
+    if let Err(r) = client(shared, cfg, ctx, ip, &head) {
+        return Err(refuse(&mut io, r.0, r.1).await);
+    }
+    if head.method == "POST" && head.path() == "/login" && cfg.auth.login.enabled {
+        if let Some(login) = shared.login.as_ref() {
+            login.serve(&shared.metrics, &mut io, &head, rest, ctx.client, ctx.deadline).await;
+            return Ok(None);
+        }
+    }
+    // The live config: allowed origins and limits may have been reloaded
+    // since accept.
+    let live = shared.config.load_full();
+    let key = match validate(&live, &head) {
+        Ok(k) => k,
+        Err(r) => return Err(refuse(&mut io, r, None).await),
+    };
+    let identity = match authenticate(shared, ctx, &head).await {
+        Ok(id) => id,
+        Err(Refusal::Answer(r)) => return Err(refuse(&mut io, r, None).await),
+        Err(Refusal::Custom { status, body }) => {
+            let bytes = handshake::response(status, &[], "text/plain; charset=utf-8", &body);
+            answer_and_close(&mut io, &bytes).await;
+            return Err(Reject::InvalidToken);
+        }
+    };
+    ctx.sub = Some(identity.sub.clone());
+    let slot = match user_cap(shared, &live, ctx, &identity).await {
+        Ok(s) => s,
+        Err(r) => return Err(refuse(&mut io, r, None).await),
+    };
+    let (upstream, mut protocol) = match upstream(shared, cfg, ctx, &head, &identity).await {
+        Ok(u) => u,
+        Err(r) => return Err(refuse(&mut io, r, None).await),
+    };
+    if identity.carrier == Some(Carrier::Subprotocol) {
+        protocol = Some("bearer".into());
+    }
+    let ws = upgrade(io, &key, protocol.as_deref(), rest, &live).await?;
+    let params = session::Params {
+        info: slot.info.clone(),
+        expires_at: identity.expires_at.map(instant_at_unix),
+        limits: live.limits.clone(),
+        heartbeat: live.heartbeat.clone(),
+        metrics: shared.metrics.clone(),
+    };
+    Ok(Some(Upgraded { ws, upstream, params, slot }))
+}
+
+/// A trusted proxy without PROXY protocol names its client in
+/// `X-Forwarded-For`; the per-IP checks for that client run now.
+fn client(
+    shared: &Shared,
+    cfg: &Config,
+    ctx: &mut Ctx,
+    ip: &mut Option<IpPermit>,
+    head: &RequestHead,
+) -> Result<(), (Reject, Option<u64>)> {
+    let trusted = &cfg.listen.trusted_proxies;
+    if cfg.listen.proxy_protocol || !is_trusted(trusted, ctx.client.ip()) {
+        return Ok(());
+    }
+    let client_ip = from_forwarded_for(head, trusted, ctx.client.ip());
+    if is_trusted(trusted, client_ip) {
+        return Ok(());
+    }
+    ctx.client = SocketAddr::new(client_ip, 0);
+    let key = IpKey::new(client_ip);
+    if ip.is_none() {
+        *ip = Some(shared.caps.admit_ip(key, cfg.limits.per_ip_max_connections).map_err(|r| (r, None))?);
+    }
+    shared.rate.check(key).map_err(|retry| (Reject::IpRate, Some(retry)))
+}
+
+/// Stage 3, second half: path, RFC 6455 upgrade, `Origin`. Returns the
+/// `Sec-WebSocket-Key`.
+fn validate(cfg: &Config, head: &RequestHead) -> Result<String, Reject> {
+    if !cfg.listen.paths.iter().any(|p| p == head.path()) {
+        return Err(Reject::BadPath);
+    }
+    let key = handshake::validate_upgrade(head)?.to_string();
+    if !handshake::origin_allowed(head, &cfg.auth.allowed_origins) {
+        return Err(Reject::Origin);
+    }
+    Ok(key)
+}
+
+/// How stage 4 refuses: one of the reasons, or an authenticator's own
+/// answer.
+enum Refusal {
+    Answer(Reject),
+    Custom { status: u16, body: String },
+}
+
+/// Stage 4: the authenticator (JWT by default; revocation checked there).
+async fn authenticate(shared: &Shared, ctx: &Ctx, head: &RequestHead) -> Result<Identity, Refusal> {
+    match shared.auth.authenticate(head, ctx.client).await {
+        Ok(id) => Ok(id),
+        Err(AuthRefusal::Reason(r)) => Err(Refusal::Answer(r)),
+        Err(AuthRefusal::Custom { status, body }) => Err(Refusal::Custom { status, body }),
+    }
+}
+
+/// Stage 5: the per-user cap (fleet-wide with the Redis backend; its one
+/// round trip is bounded by `revocation.redis_timeout_ms`).
+async fn user_cap(
+    shared: &Shared,
+    live: &Config,
+    ctx: &Ctx,
+    identity: &Identity,
+) -> Result<session::registry::Slot, Reject> {
+    shared
+        .registry
+        .admit(&identity.sub, ctx.client.ip(), identity.jti.clone(), identity.issued_at, &live.limits)
+        .await
+}
+
+/// Stage 6: the backend, connected before any 101. Returns it (none in
+/// echo mode) and the subprotocol it chose.
+async fn upstream(
+    shared: &Shared,
+    cfg: &Config,
+    ctx: &Ctx,
+    head: &RequestHead,
+    identity: &Identity,
+) -> Result<(session::Upstream, Option<String>), Reject> {
+    let Some(url) = &shared.upstream else { return Ok((None, None)) };
+    let trusted = &cfg.listen.trusted_proxies;
+    let claim_names: Vec<&str> = cfg.upstream.claim_headers.values().map(String::as_str).collect();
+    let mut headers: Vec<(String, String)> =
+        head.headers.iter().filter(|(n, _)| upstream::forwardable(n, &claim_names)).cloned().collect();
+    headers.push(("X-Portcullis-Sub".into(), identity.sub.clone()));
+    headers.extend(identity.forward.iter().cloned());
+    let mut xff: Vec<String> = if is_trusted(trusted, ctx.peer.ip()) {
+        head.headers_named("x-forwarded-for").map(str::to_string).collect()
+    } else {
+        Vec::new()
+    };
+    let client_ip = ctx.client.ip().to_string();
+    let last_hop = xff.last().and_then(|v| v.rsplit(',').next()).map(str::trim);
+    if last_hop != Some(client_ip.as_str()) {
+        xff.push(client_ip);
+    }
+    headers.push(("X-Forwarded-For".into(), xff.join(", ")));
+    let target = url.target_for(&carrier::strip_access_token(&head.target));
+    let protocols = carrier::other_subprotocols(head);
+    let timeout = std::time::Duration::from_millis(cfg.upstream.connect_timeout_ms);
+    let ws_config = session::ws_config(&shared.config.load().limits);
+    match upstream::connect(url, &target, &headers, &protocols, timeout, ws_config).await {
+        Ok((ws, proto)) => Ok((Some(ws), proto)),
+        Err(e) => {
+            tracing::warn!(error = %e, upstream = %url.authority, "upstream unavailable");
+            Err(Reject::UpstreamUnavailable)
+        }
+    }
+}
+
+/// Stage 7: the 101, written within `limits.write_timeout_ms`.
+async fn upgrade<S>(
+    mut io: S,
+    key: &str,
+    protocol: Option<&str>,
+    rest: Vec<u8>,
+    live: &Config,
+) -> Result<WebSocketStream<S>, Reject>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let answer = handshake::switching_protocols(key, protocol);
+    let wrote = tokio::time::timeout(live.limits.write_timeout(), async {
+        io.write_all(&answer).await?;
+        io.flush().await
+    })
+    .await;
+    if !matches!(wrote, Ok(Ok(()))) {
+        // The client left between its request and our 101.
+        return Err(Reject::HandshakeTimeout);
+    }
+    let ws_config = session::ws_config(&live.limits);
+    Ok(WebSocketStream::from_partially_read(io, rest, Role::Server, Some(ws_config)).await)
+}
+
+/// Counts an upgraded connection in `portcullis_connections{state="open"}`.
+struct OpenGuard(Arc<Shared>);
+
+impl OpenGuard {
+    fn new(shared: &Arc<Shared>) -> OpenGuard {
+        shared.metrics.open().increment(1.0);
+        OpenGuard(shared.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.metrics.open().decrement(1.0);
+    }
+}
+
+/// An upgraded connection, ready for its session.
+struct Upgraded<S> {
+    ws: WebSocketStream<S>,
+    upstream: session::Upstream,
+    params: session::Params,
+    slot: session::registry::Slot,
+}
