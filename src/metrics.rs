@@ -29,6 +29,26 @@ pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
 pub const STORE_UP: &str = "portcullis_store_up";
 pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
 
+/// Every `portcullis_*` name above: the reference documentation is checked
+/// against this list (`tests/reference.rs`).
+pub const NAMES: &[&str] = &[
+    CONNECTIONS,
+    HANDSHAKES_TOTAL,
+    HANDSHAKE_DURATION,
+    DISCONNECTS_TOTAL,
+    CONNECTION_DURATION,
+    AUTH_CACHE_TOTAL,
+    TOKEN_VERIFY_DURATION,
+    REVOCATIONS,
+    USERS_CONNECTED,
+    MESSAGES_TOTAL,
+    BYTES_TOTAL,
+    LOGINS_TOTAL,
+    CONFIG_RELOADS_TOTAL,
+    STORE_UP,
+    STORE_ERRORS_TOTAL,
+];
+
 /// Handshake latency: from accept to the verdict; sub-millisecond refusals
 /// up to a full slowloris deadline.
 const HANDSHAKE_BUCKETS: [f64; 14] =

@@ -47,7 +47,7 @@ pub async fn accept_loop(
             Err(e) => {
                 // EMFILE/ENFILE: back off instead of spinning on a full
                 // descriptor table; the backlog holds the rest meanwhile.
-                let fd_limit = matches!(e.raw_os_error(), Some(24) | Some(23));
+                let fd_limit = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
                 if fd_limit && !emfile_logged {
                     tracing::error!(error = %e, "accept: out of file descriptors; backing off");
                     emfile_logged = true;

@@ -120,7 +120,7 @@ impl State {
     }
 }
 
-/// Verifies JWTs per SPEC stage 4; see the module doc for the order of work.
+/// Verifies JWTs (stage 4, authenticate); see the module doc for the order of work.
 pub struct JwtAuthenticator {
     /// Keys, rules and cache; replaced whole by [`JwtAuthenticator::reload`].
     state: ArcSwap<State>,
