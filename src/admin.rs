@@ -19,9 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::carrier::percent_decode;
+use crate::clock::unix_now;
 use crate::gateway::Shared;
 use crate::revocation::Revocation;
-use crate::session::registry::unix_now;
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;

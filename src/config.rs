@@ -163,7 +163,7 @@ impl Default for Limits {
         Limits {
             // Fits the open-file limit (echo mode); `Config::parse` redoes it
             // for proxy mode when the file does not set the key.
-            max_connections: crate::fdlimit::default_max_connections(false),
+            max_connections: default_max_connections(false),
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             per_ip_max_connections: DEFAULT_PER_IP_MAX_CONNECTIONS,
             per_ip_rate: DEFAULT_PER_IP_RATE,
@@ -397,7 +397,7 @@ impl Config {
                     .map_err(|e| parse_error(text, &e.path().to_string(), e.inner()))
             })?;
         if cfg.upstream.url != "echo" && !sets_key(text, "limits", "max_connections") {
-            cfg.limits.max_connections = crate::fdlimit::default_max_connections(true);
+            cfg.limits.max_connections = default_max_connections(true);
         }
         cfg.validate()?;
         Ok(cfg)
@@ -578,6 +578,14 @@ impl Config {
     }
 }
 
+/// The default `limits.max_connections`: what the open-file soft limit
+/// allows (`fdlimit`), at most [`DEFAULT_MAX_CONNECTIONS`].
+pub fn default_max_connections(proxy: bool) -> usize {
+    let fit = crate::fdlimit::soft_limit()
+        .map_or(DEFAULT_MAX_CONNECTIONS, |limit| crate::fdlimit::connections_for(limit, proxy));
+    fit.clamp(1, DEFAULT_MAX_CONNECTIONS)
+}
+
 /// Does the TOML `text` set `table.key`? (Only called on text that parsed.)
 fn sets_key(text: &str, table: &str, key: &str) -> bool {
     text.parse::<toml::Table>().ok().and_then(|t| t.get(table)?.as_table()?.get(key).map(|_| ())).is_some()
@@ -720,9 +728,9 @@ mod tests {
     fn the_default_cap_follows_the_mode_unless_set() {
         let s = "[auth]\nhmac_secret = \"s\"\n";
         let echo = Config::parse(s).unwrap().limits.max_connections;
-        assert_eq!(echo, crate::fdlimit::default_max_connections(false));
+        assert_eq!(echo, default_max_connections(false));
         let proxy = Config::parse(&format!("{s}[upstream]\nurl = \"ws://127.0.0.1:9/\"\n")).unwrap();
-        assert_eq!(proxy.limits.max_connections, crate::fdlimit::default_max_connections(true));
+        assert_eq!(proxy.limits.max_connections, default_max_connections(true));
         let set = format!("{s}[upstream]\nurl = \"ws://127.0.0.1:9/\"\n[limits]\nmax_connections = 7\n");
         assert_eq!(Config::parse(&set).unwrap().limits.max_connections, 7);
     }

@@ -3,12 +3,11 @@
 //! derives its `maxconn`) and the start-up check of an explicit one.
 //!
 //! One formula serves both, so the default can never trip the warning:
-//! `(soft limit − FD_RESERVE) / descriptors per connection`, capped at
-//! [`crate::config::DEFAULT_MAX_CONNECTIONS`].
+//! `(soft limit − FD_RESERVE) / descriptors per connection`, which
+//! `config` caps at its `DEFAULT_MAX_CONNECTIONS`. A leaf module: it
+//! imports nothing from the crate.
 
 use rlimit::Resource;
-
-use crate::config::DEFAULT_MAX_CONNECTIONS;
 
 /// Descriptors kept out of the connection budget: listeners, admin
 /// connections, the revocation log and its compaction, Redis, TLS and key
@@ -49,12 +48,6 @@ pub fn descriptors_for(max_connections: usize, proxy: bool) -> u64 {
     (max_connections as u64).saturating_mul(fds_per_connection(proxy)).saturating_add(FD_RESERVE)
 }
 
-/// The default `limits.max_connections` under the current soft limit.
-pub fn default_max_connections(proxy: bool) -> usize {
-    let fit = soft_limit().map_or(DEFAULT_MAX_CONNECTIONS, |l| connections_for(l, proxy));
-    fit.clamp(1, DEFAULT_MAX_CONNECTIONS)
-}
-
 /// Logs the budget at start, and warns when `max_connections` (set
 /// explicitly: the default always fits) needs more than the limit.
 pub fn check(max_connections: usize, proxy: bool) {
@@ -81,7 +74,7 @@ mod tests {
     fn the_default_always_fits_its_limit() {
         for limit in [0, 1, 64, 65, 200, 1024, 20_000, 1 << 20, u64::MAX] {
             for proxy in [false, true] {
-                let n = connections_for(limit, proxy).clamp(1, DEFAULT_MAX_CONNECTIONS);
+                let n = connections_for(limit, proxy).clamp(1, 10_000);
                 if limit > FD_RESERVE + fds_per_connection(proxy) {
                     assert!(descriptors_for(n, proxy) <= limit, "{limit} {proxy}: {n}");
                 }

@@ -29,6 +29,7 @@ pub mod admin;
 pub mod admit;
 pub mod auth;
 pub mod client_addr;
+pub mod clock;
 pub mod config;
 pub mod events;
 pub mod fdlimit;
