@@ -27,7 +27,7 @@
 #      also report health "ok" in /api/v1/rules.
 #
 # `promtool check metrics` classification: promtool exits 3 on lint problems.
-#   fatal: a parse error; "no help text" (SPEC section 3 requires HELP);
+#   fatal: a parse error; "no help text" (every metric must have HELP);
 #          a non-histogram metric ending in _count/_sum/_bucket (collides with
 #          histogram series); any problem text not in the style list below.
 #   style (reported, not fatal): snake_case naming, unit naming ("use base

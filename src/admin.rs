@@ -19,8 +19,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::carrier::percent_decode;
+use crate::clock::unix_now;
 use crate::revocation::Revocation;
-use crate::session::registry::unix_now;
 use crate::shared::Shared;
 
 /// Largest admin request body.

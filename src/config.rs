@@ -18,6 +18,8 @@ pub const DEFAULT_BACKLOG: u32 = 4096;
 pub const DEFAULT_DRAIN_DELAY_S: u64 = 0;
 pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 30;
 
+/// The most the default `limits.max_connections` may be; below it, the
+/// default is what the open-file limit allows (`fdlimit`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_HANDSHAKES: usize = 2048;
 pub const DEFAULT_PER_IP_MAX_CONNECTIONS: usize = 256;
@@ -57,19 +59,27 @@ pub const DEFAULT_REVOCATION_PATH: &str = "portcullis-revocations.log";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 3000;
 
-/// A configuration error. `key` is the dotted TOML key at fault.
+/// A configuration error, one line, naming the dotted TOML key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {msg}")]
-    Parse { path: String, msg: String },
+    /// The file is not TOML, or a value has the wrong type. `key` is empty
+    /// for a syntax error; `at` is "line N" (and the file, once known).
+    #[error("{}", parse_line(key, msg, at))]
+    Parse { key: String, msg: String, at: String },
     #[error("{key}: {msg}")]
     Invalid { key: &'static str, msg: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The cause is part of the message, not a `source`: error reporters
+    /// that print the chain would otherwise say it twice.
+    #[error("cannot read {path}: {msg}")]
+    Io { path: String, msg: String },
+}
+
+fn parse_line(key: &str, msg: &str, at: &str) -> String {
+    if key.is_empty() {
+        format!("{at}: {msg}")
+    } else {
+        format!("{key}: {msg} ({at})")
+    }
 }
 
 fn invalid(key: &'static str, msg: impl Into<String>) -> ConfigError {
@@ -171,7 +181,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            // Fits the open-file limit (echo mode); `Config::parse` redoes it
+            // for proxy mode when the file does not set the key.
+            max_connections: default_max_connections(false),
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             per_ip_max_handshakes: DEFAULT_PER_IP_MAX_HANDSHAKES,
             per_ip_max_connections: DEFAULT_PER_IP_MAX_CONNECTIONS,
@@ -392,35 +404,26 @@ impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
-        let cfg = Config::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { msg, .. } => ConfigError::Parse { path: path.display().to_string(), msg },
+            .map_err(|e| ConfigError::Io { path: path.display().to_string(), msg: e.to_string() })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { key, msg, at } => {
+                ConfigError::Parse { key, msg, at: format!("{}, {at}", path.display()) }
+            }
             other => other,
-        })?;
-        Ok(cfg)
+        })
     }
 
-    /// Parses and validates TOML text. Errors fit on one line.
+    /// Parses and validates TOML text. Errors fit on one line and name the
+    /// dotted key, for a wrong type as for a bad value.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
-            let msg = e.message().replace('\n', " ");
-            let msg = match e.span() {
-                Some(span) => {
-                    let before = &text[..span.start];
-                    let line = before.matches('\n').count() + 1;
-                    // The table the error sits in, so "unknown field" names a full key.
-                    let table = before
-                        .lines()
-                        .rev()
-                        .find_map(|l| l.trim().strip_prefix('[').and_then(|t| t.split(']').next()))
-                        .map(|t| format!(" in [{}]", t.trim_matches('[')))
-                        .unwrap_or_default();
-                    format!("line {line}{table}: {msg}")
-                }
-                None => msg,
-            };
-            ConfigError::Parse { path: "config".into(), msg }
-        })?;
+        let mut cfg: Config =
+            toml::Deserializer::parse(text).map_err(|e| parse_error(text, "", &e)).and_then(|de| {
+                serde_path_to_error::deserialize(de)
+                    .map_err(|e| parse_error(text, &e.path().to_string(), e.inner()))
+            })?;
+        if cfg.upstream.url != "echo" && !sets_key(text, "limits", "max_connections") {
+            cfg.limits.max_connections = default_max_connections(true);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -612,6 +615,88 @@ impl Config {
     }
 }
 
+/// The default `limits.max_connections`: what the open-file soft limit
+/// allows (`fdlimit`), at most [`DEFAULT_MAX_CONNECTIONS`].
+pub fn default_max_connections(proxy: bool) -> usize {
+    let fit = crate::fdlimit::soft_limit()
+        .map_or(DEFAULT_MAX_CONNECTIONS, |limit| crate::fdlimit::connections_for(limit, proxy));
+    fit.clamp(1, DEFAULT_MAX_CONNECTIONS)
+}
+
+/// Does the TOML `text` set `table.key`? (Only called on text that parsed.)
+fn sets_key(text: &str, table: &str, key: &str) -> bool {
+    text.parse::<toml::Table>().ok().and_then(|t| t.get(table)?.as_table()?.get(key).map(|_| ())).is_some()
+}
+
+/// A deserialization error as an operator reads it: the dotted key, what
+/// was expected in words (not Rust type names), what was found, the line.
+fn parse_error(text: &str, path: &str, e: &toml::de::Error) -> ConfigError {
+    let at = match e.span() {
+        Some(span) => format!("line {}", text[..span.start.min(text.len())].matches('\n').count() + 1),
+        None => "config".into(),
+    };
+    let raw = e.message().trim().replace('\n', " ");
+    // serde_path_to_error renders the root as ".".
+    let mut key = if path == "." { String::new() } else { path.to_string() };
+    let msg = if let Some(rest) = raw.strip_prefix("unknown field ") {
+        let (name, known) = rest.split_once(", expected ").unwrap_or((rest, ""));
+        let name = name.trim_matches('`');
+        // The path may stop at the table; the unknown name is in the message.
+        if !key.ends_with(name) {
+            key = if key.is_empty() { name.to_string() } else { format!("{key}.{name}") };
+        }
+        if known.is_empty() {
+            "unknown key".to_string()
+        } else {
+            format!("unknown key, expected {known}")
+        }
+    } else if let Some(rest) = raw.strip_prefix("unknown variant ") {
+        let (got, known) = rest.split_once(", expected ").unwrap_or((rest, ""));
+        format!("expected {}, got {}", known.replace('`', "\""), got.replace('`', "\""))
+    } else if let Some((got, expected)) = raw
+        .strip_prefix("invalid type: ")
+        .or_else(|| raw.strip_prefix("invalid value: "))
+        .and_then(|r| r.rsplit_once(", expected "))
+    {
+        format!("expected {}, got {}", in_words(expected), found(got))
+    } else {
+        // A value its type refused in its own words ("invalid IP address syntax").
+        raw
+    };
+    ConfigError::Parse { key, msg, at }
+}
+
+/// serde's "expected" in an operator's words.
+fn in_words(expected: &str) -> String {
+    let words = match expected {
+        "usize" | "u64" | "u32" | "u16" | "u8" => "a non-negative integer",
+        "isize" | "i64" | "i32" | "i16" | "i8" => "an integer",
+        "f64" | "f32" => "a number",
+        "a boolean" => "true or false",
+        "socket address" => "an address such as \"127.0.0.1:8080\"",
+        "IP network" | "IP network string" => "a CIDR such as \"10.0.0.0/24\"",
+        "a sequence" => "a list [...]",
+        "a string" => "a string in quotes",
+        e if e.starts_with("struct ") || e.starts_with("a map") => "a table",
+        e => return e.replace('`', "\""),
+    };
+    words.to_string()
+}
+
+/// serde's "unexpected" part (`string "abc"`, `integer `5``) as the value.
+fn found(got: &str) -> String {
+    for prefix in ["string ", "integer ", "floating point ", "boolean ", "unsigned integer "] {
+        if let Some(v) = got.strip_prefix(prefix) {
+            return v.trim_matches('`').to_string();
+        }
+    }
+    match got {
+        "sequence" => "a list".into(),
+        "map" => "a table".into(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,6 +718,58 @@ mod tests {
         let e = err("[limits]\nmax_conections = 3\n");
         assert!(e.contains("max_conections"), "{e}");
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_name_the_dotted_key_in_words() {
+        for (text, want) in [
+            (
+                "[limits]\nmax_connections = \"abc\"\n",
+                "limits.max_connections: expected a non-negative integer, got \"abc\" (line 2)",
+            ),
+            (
+                "[listen]\npublic = 18080\n",
+                "listen.public: expected an address such as \"127.0.0.1:8080\", got 18080 (line 2)",
+            ),
+            (
+                "[limits]\non_user_cap = \"kill\"\n",
+                "limits.on_user_cap: expected \"reject\" or \"evict_oldest\", got \"kill\" (line 2)",
+            ),
+            (
+                "[heartbeat]\nping_interval_ms = -1\n",
+                "heartbeat.ping_interval_ms: expected a non-negative integer, got -1 (line 2)",
+            ),
+            (
+                "[auth.login]\nenabled = \"yes\"\n",
+                "auth.login.enabled: expected true or false, got \"yes\" (line 2)",
+            ),
+            (
+                "[listen]\ntrusted_proxies = \"10.0.0.0/8\"\n",
+                "listen.trusted_proxies: expected a list [...], got \"10.0.0.0/8\" (line 2)",
+            ),
+            ("limits = 5\n", "limits: expected a table, got 5 (line 1)"),
+        ] {
+            let e = err(text);
+            assert_eq!(e, want);
+            assert!(!e.contains("usize") && !e.contains("u64"), "{e}");
+        }
+        let e = err("[limits]\nmax_conections = 3\n");
+        assert!(
+            e.starts_with("limits.max_conections: unknown key, expected one of `max_connections`"),
+            "{e}"
+        );
+        assert!(err("[limits\n").starts_with("line 1: "), "a syntax error names its line");
+    }
+
+    #[test]
+    fn the_default_cap_follows_the_mode_unless_set() {
+        let s = "[auth]\nhmac_secret = \"s\"\n";
+        let echo = Config::parse(s).unwrap().limits.max_connections;
+        assert_eq!(echo, default_max_connections(false));
+        let proxy = Config::parse(&format!("{s}[upstream]\nurl = \"ws://127.0.0.1:9/\"\n")).unwrap();
+        assert_eq!(proxy.limits.max_connections, default_max_connections(true));
+        let set = format!("{s}[upstream]\nurl = \"ws://127.0.0.1:9/\"\n[limits]\nmax_connections = 7\n");
+        assert_eq!(Config::parse(&set).unwrap().limits.max_connections, 7);
     }
 
     #[test]

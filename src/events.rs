@@ -28,7 +28,7 @@ impl LogLimiter {
     /// May a line be logged now? Returns how many were suppressed in earlier
     /// windows when a new window opens, so the caller can say so.
     fn admit(&self) -> (bool, u64) {
-        let now = crate::session::registry::unix_now();
+        let now = crate::clock::unix_now();
         let mut reported = 0;
         let mut cur = self.window.load(Ordering::Relaxed);
         loop {

@@ -116,13 +116,6 @@ fn addr_is_v4(a: SocketAddr) -> bool {
     a.is_ipv4()
 }
 
-/// The open-file soft limit, from /proc (no unsafe code needed).
-fn nofile_limit() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
 impl Gateway {
     /// Binds both listeners and builds the state, with the JWT authenticator.
     pub async fn bind(cfg: Config) -> Result<Gateway, StartError> {
@@ -166,18 +159,7 @@ impl Gateway {
         let upstream = if cfg.upstream.url == "echo" { None } else { UpstreamUrl::parse(&cfg.upstream.url) };
         let tls = crate::tls::acceptor(&cfg.listen)?;
 
-        let fds_per_conn = if upstream.is_some() { 2 } else { 1 };
-        if let Some(limit) = nofile_limit() {
-            let need = (cfg.limits.max_connections as u64) * fds_per_conn + 64;
-            if need > limit {
-                tracing::warn!(
-                    need,
-                    limit,
-                    "limits.max_connections needs more file descriptors than the open-file limit allows \
-                     ({fds_per_conn} per connection); raise LimitNOFILE or lower the cap"
-                );
-            }
-        }
+        crate::fdlimit::check(cfg.limits.max_connections, upstream.is_some());
 
         let public =
             listen(cfg.listen.public, cfg.listen.backlog, cfg.listen.defer_accept_s, "listen.public")?;
@@ -216,7 +198,7 @@ impl Gateway {
         self.shared.clone()
     }
 
-    /// Serves until `shutdown` resolves, then drains (SPEC §1 Shutdown) and
+    /// Serves until `shutdown` resolves, then drains (see `drain`) and
     /// returns once every connection is gone or the drain timeout passed.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Gateway { shared, public, admin } = self;

@@ -333,7 +333,7 @@ pub fn response(status: u16, extra_headers: &[(&str, String)], content_type: &st
     r.into_bytes()
 }
 
-/// The answer to a refusal: status, the headers SPEC ties to it, and the
+/// The answer to a refusal: status, the headers tied to it, and the
 /// reason as a short plain-text body.
 pub fn refusal(reason: Reject, status: u16, retry_after_s: Option<u64>) -> Vec<u8> {
     let mut extra: Vec<(&str, String)> = Vec::new();

@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //!
-//! The pipeline of SPEC §1, in the order a connection meets it:
+//! The pipeline (docs/reference.md, section 1), in the order a connection meets it:
 //!
 //! - [`server`]: the accept loop and one connection's walk through the stages.
 //! - [`admit`]: stage 1–2, caps as RAII permits and the per-IP GCRA rate.
@@ -30,8 +30,10 @@ pub mod admin;
 pub mod admit;
 pub mod auth;
 pub mod client_addr;
+pub mod clock;
 pub mod config;
 pub mod events;
+pub mod fdlimit;
 pub mod gateway;
 pub mod handshake;
 pub mod login;

@@ -43,7 +43,7 @@ enum Cmd {
         config: PathBuf,
         #[arg(long)]
         sub: String,
-        /// Lifetime: `90s`, `30m`, `1h`, `2d` or seconds.
+        /// Lifetime: `90s`, `30m`, `1h`, `2d`, `1h 30m`, or plain seconds.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
         #[arg(long)]
@@ -57,18 +57,15 @@ enum Cmd {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('s') => (&s[..s.len() - 1], 1),
-        Some('m') => (&s[..s.len() - 1], 60),
-        Some('h') => (&s[..s.len() - 1], 3600),
-        Some('d') => (&s[..s.len() - 1], 86_400),
-        _ => (s, 1),
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration (e.g. 90s, 30m, 1h): {e}"))?,
     };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 1h)"))?;
-    if n == 0 {
+    if d.is_zero() {
         return Err("the duration must be positive".into());
     }
-    Ok(Duration::from_secs(n * mult))
+    Ok(d)
 }
 
 fn main() -> ExitCode {
@@ -76,10 +73,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("portcullis: error: {e:#}");
+            eprintln!("portcullis: error: {}", one_line(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: many errors
+/// already quote their source in their own message.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out.replace('\n', " ")
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -113,9 +124,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve { config, demo, public, admin } => {
+            // Before the config: the default `limits.max_connections` is
+            // derived from the limit in force.
+            portcullis::fdlimit::raise_to_hard();
+            // Held until `serve` returns: dropping it removes the demo's files.
+            let mut demo_dir = None;
             let (mut cfg, path) = match (config, demo) {
                 (Some(p), _) => (Config::load(&p)?, Some(p)),
-                (None, true) => (demo_config(), None),
+                (None, true) => {
+                    let dir = tempfile::Builder::new()
+                        .prefix("portcullis-demo-")
+                        .tempdir()
+                        .context("creating the demo's temporary directory")?;
+                    let cfg = demo_config(dir.path());
+                    demo_dir = Some(dir);
+                    (cfg, None)
+                }
                 (None, false) => anyhow::bail!("serve: give --config FILE or --demo"),
             };
             if let Some(a) = public {
@@ -129,25 +153,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            rt.block_on(serve(cfg, path, demo))
+            let served = rt.block_on(serve(cfg, path, demo));
+            drop(rt);
+            drop(demo_dir);
+            served
         }
     }
 }
 
 /// The embedded demo: defaults, an echo upstream, an ephemeral HS256 key,
-/// and a revocation log in the temp directory.
-fn demo_config() -> Config {
+/// and its revocation log in `dir`, a private directory (mode 0700, an
+/// unpredictable name: no symlink planted in /tmp can redirect the log)
+/// that is removed when the demo exits.
+fn demo_config(dir: &std::path::Path) -> Config {
     let mut cfg = Config::default();
     let secret: [u8; 32] = rand::random();
     cfg.auth.hmac_secret = secret.iter().map(|b| format!("{b:02x}")).collect();
-    cfg.revocation.path = std::env::temp_dir().join(format!("portcullis-demo-{}.log", std::process::id()));
+    cfg.revocation.path = dir.join("revocations.log");
     cfg
 }
 
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, never into journald or a file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match cfg.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

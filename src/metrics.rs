@@ -32,6 +32,26 @@ pub const HANDSHAKE_PRESSURE: &str = "portcullis_handshake_pressure";
 pub const HANDSHAKE_DEADLINE: &str = "portcullis_handshake_deadline_seconds";
 pub const FD_EXHAUSTED_TOTAL: &str = "portcullis_fd_exhausted_total";
 
+/// Every `portcullis_*` name above: the reference documentation is checked
+/// against this list (`tests/reference.rs`).
+pub const NAMES: &[&str] = &[
+    CONNECTIONS,
+    HANDSHAKES_TOTAL,
+    HANDSHAKE_DURATION,
+    DISCONNECTS_TOTAL,
+    CONNECTION_DURATION,
+    AUTH_CACHE_TOTAL,
+    TOKEN_VERIFY_DURATION,
+    REVOCATIONS,
+    USERS_CONNECTED,
+    MESSAGES_TOTAL,
+    BYTES_TOTAL,
+    LOGINS_TOTAL,
+    CONFIG_RELOADS_TOTAL,
+    STORE_UP,
+    STORE_ERRORS_TOTAL,
+];
+
 /// Handshake latency: from accept to the verdict; sub-millisecond refusals
 /// up to a full slowloris deadline.
 const HANDSHAKE_BUCKETS: [f64; 14] =

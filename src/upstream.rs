@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::http::Request;
+use tokio_tungstenite::tungstenite::http::{Request, Uri};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
@@ -28,23 +28,33 @@ pub struct UpstreamUrl {
 }
 
 impl UpstreamUrl {
+    /// Parses `ws://host[:port][/path]` (port 80 when absent) with the
+    /// `http` crate's URI parser. Refused: another scheme, user info, a
+    /// query or fragment (the client's own query follows the prefix), an
+    /// empty host, a port out of range.
     pub fn parse(url: &str) -> Option<UpstreamUrl> {
-        let rest = url.strip_prefix("ws://")?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
-        if authority.is_empty() || path.contains('?') || path.contains('#') {
+        // `Uri` keeps a fragment silently; it has no place in a request-target.
+        if url.contains('#') {
             return None;
         }
-        let has_port = match authority.rfind(']') {
-            Some(b) => authority[b..].contains(':'),
-            None => authority.contains(':'),
+        let uri: Uri = url.parse().ok()?;
+        if uri.scheme_str() != Some("ws") || uri.query().is_some() {
+            return None;
+        }
+        let authority = uri.authority()?;
+        if authority.as_str().contains('@') || authority.host().is_empty() {
+            return None;
+        }
+        // `Authority::port` is `None` for a non-numeric port too, so the
+        // text after the host is checked: nothing, or `:` and a u16.
+        let port = match authority.as_str().strip_prefix(authority.host())? {
+            "" => 80,
+            rest => rest.strip_prefix(':')?.parse::<u16>().ok()?,
         };
-        let authority = if has_port { authority.to_string() } else { format!("{authority}:80") };
-        let port = authority.rsplit(':').next()?;
-        port.parse::<u16>().ok()?;
-        Some(UpstreamUrl { authority, prefix: path.trim_end_matches('/').to_string() })
+        Some(UpstreamUrl {
+            authority: format!("{}:{port}", authority.host()),
+            prefix: uri.path().trim_end_matches('/').to_string(),
+        })
     }
 
     /// The request-target upstream for a client target (already stripped of
@@ -209,6 +219,39 @@ mod tests {
         assert_eq!(UpstreamUrl::parse("ws://[::1]:9/").unwrap().authority, "[::1]:9");
         assert!(UpstreamUrl::parse("http://x").is_none());
         assert!(UpstreamUrl::parse("ws://x:notaport/").is_none());
+    }
+
+    #[test]
+    fn refuses_bad_urls() {
+        for bad in [
+            "",
+            "ws://",
+            "ws:///path",
+            "wss://backend:443/",
+            "WS-ish://backend/",
+            "ws://backend:65536/",
+            "ws://backend:-1/",
+            "ws://user:pw@backend:9000/",
+            "ws://backend:9000/api?x=1",
+            "ws://backend:9000/api#frag",
+            "ws://back end:9000/",
+            "ws://backend:9000/a b",
+            "ws://[::1/",
+            "ws://backend:9000/\r\nHost: evil",
+            "backend:9000",
+        ] {
+            assert_eq!(UpstreamUrl::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keeps_the_prefix_and_defaults_the_port() {
+        let u = UpstreamUrl::parse("ws://backend").unwrap();
+        assert_eq!((u.authority.as_str(), u.prefix.as_str()), ("backend:80", ""));
+        assert_eq!(u.target_for("/chat"), "/chat");
+        let u = UpstreamUrl::parse("ws://10.0.0.7:9000/a/b/").unwrap();
+        assert_eq!((u.authority.as_str(), u.prefix.as_str()), ("10.0.0.7:9000", "/a/b"));
+        assert_eq!(UpstreamUrl::parse("ws://[2001:db8::1]/").unwrap().authority, "[2001:db8::1]:80");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The library's extension point (SPEC §5): a custom `Authenticator` sees
+//! The library's extension point: a custom `Authenticator` sees
 //! the head and the client address before the upgrade, and its identity and
 //! refusals flow through the same pipeline.
 

@@ -21,13 +21,19 @@ struct Proc {
 }
 
 fn spawn(args: &[&str]) -> Proc {
-    let proc = ChildProc::spawn(Command::new(BIN).args(args).env("PORTCULLIS_LOG", "info"));
+    spawn_cmd(Command::new(BIN).args(args), args.contains(&"--demo")).0
+}
+
+/// Runs `cmd` until it printed its banner; also returns every line so far.
+fn spawn_cmd(cmd: &mut Command, want_token: bool) -> (Proc, Vec<String>) {
+    let proc = ChildProc::spawn(cmd.env("PORTCULLIS_LOG", "info"));
     let rx = &proc.lines;
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut public, mut admin, mut token) = (None, None, None);
-    let want_token = args.contains(&"--demo");
+    let mut seen = Vec::new();
     while Instant::now() < deadline && !(public.is_some() && (!want_token || token.is_some())) {
         let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
+        seen.push(line.clone());
         if let Some(rest) = line.strip_prefix("listening ") {
             for kv in rest.split_whitespace() {
                 match kv.split_once('=') {
@@ -41,7 +47,8 @@ fn spawn(args: &[&str]) -> Proc {
             token = Some(t.to_string());
         }
     }
-    Proc { proc, public: public.expect("printed its public address"), admin: admin.unwrap(), token }
+    let public = public.unwrap_or_else(|| panic!("printed its public address: {seen:?}"));
+    (Proc { proc, public, admin: admin.unwrap(), token }, seen)
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -126,10 +133,130 @@ fn bad_config_exits_2_naming_the_key() {
             assert!(!err.contains("panicked"), "{err}");
         }
     }
-    let out = Command::new(BIN).args(["check-config", "/nonexistent/p.toml"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
     let out = Command::new(BIN).args(["serve", "--bogus"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// The stderr of a run that must fail with exit code 2.
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn a_wrong_type_names_the_dotted_key_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typed.toml");
+    let file = path.to_str().unwrap();
+    for (text, want) in [
+        (
+            "[auth]\nhmac_secret = \"s\"\n[limits]\nmax_connections = \"abc\"\n",
+            "limits.max_connections: expected a non-negative integer, got \"abc\"",
+        ),
+        (
+            "[listen]\npublic = 18080\n",
+            "listen.public: expected an address such as \"127.0.0.1:8080\", got 18080",
+        ),
+        (
+            "[auth.login]\nper_ip_burst = 1.5\n",
+            "auth.login.per_ip_burst: expected a non-negative integer, got 1.5",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        for args in [vec!["check-config", file], vec!["serve", "--config", file]] {
+            let err = fails(&args);
+            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+            assert!(err.contains(want), "{err} should say {want}");
+            assert!(err.contains(&format!("({file}, line ")), "{err} names the file and line");
+            for rust in ["usize", "u32", "u64", "f64", "invalid type"] {
+                assert!(!err.contains(rust), "{err} speaks Rust ({rust})");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_missing_file_is_reported_once() {
+    for args in [
+        vec!["check-config", "/nonexistent/p.toml"],
+        vec!["serve", "--config", "/nonexistent/p.toml"],
+        vec!["token", "--config", "/nonexistent/p.toml", "--sub", "x"],
+    ] {
+        let err = fails(&args);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+        assert_eq!(err.matches("/nonexistent/p.toml").count(), 1, "{err}");
+    }
+}
+
+#[tokio::test]
+async fn the_demo_leaves_no_file_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["serve", "--demo", "--public", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+    let (mut p, _) = spawn_cmd(Command::new(BIN).args(args).env("TMPDIR", tmp.path()), true);
+    // While it runs, its revocation log lives in a private directory there.
+    let entries = || std::fs::read_dir(tmp.path()).unwrap().count();
+    assert_eq!(entries(), 1, "the demo's own directory");
+    let mut c = ws(p.public, p.token.as_deref().unwrap()).await;
+    echo(&mut c, "hello").await;
+    let revoked = http(p.admin, "POST", "/admin/revoke", &[], "{\"jti\":\"j-1\"}").await;
+    assert_eq!(revoked.status, 200, "a revocation is written to the demo's log");
+    signal(&p, "-INT");
+    assert_eq!(close_code(&mut c, Duration::from_secs(5)).await.0, Some(1001));
+    drop(c);
+    assert_eq!(wait_exit(&mut p, Duration::from_secs(10)), 0);
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// `serve` under an open-file limit of `nofile` (hard and soft, so that
+/// raising the soft limit cannot help), with a config that does not set
+/// `limits.max_connections` unless `extra` does.
+fn serve_under_nofile(nofile: u32, extra: &str) -> (Proc, Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listen]\npublic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[auth]\nhmac_secret = \"{SECRET}\"\n\
+             [revocation]\npath = \"{}\"\n{extra}",
+            dir.path().join("r.log").display()
+        ),
+    )
+    .unwrap();
+    let script = format!("ulimit -n {nofile} && exec \"$0\" serve --config \"$1\"");
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script, BIN, path.to_str().unwrap()]);
+    let (p, mut lines) = spawn_cmd(&mut cmd, false);
+    // The start-up lines come before the banner; give stragglers a moment.
+    while let Ok(l) = p.proc.lines.recv_timeout(Duration::from_millis(300)) {
+        lines.push(l);
+    }
+    (p, lines, dir)
+}
+
+#[tokio::test]
+async fn the_default_connection_cap_fits_the_descriptor_limit() {
+    let warning = "needs more file descriptors";
+    // Echo mode: one descriptor per connection, 64 held back.
+    let (p, lines, _dir) = serve_under_nofile(256, "");
+    assert!(!lines.iter().any(|l| l.contains(warning)), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("max_connections=192")), "{lines:#?}");
+    let mut c = ws(p.public, &token("fits")).await;
+    echo(&mut c, "served").await;
+    drop((c, p));
+    // Proxy mode: two per connection (the backend need not be up to start).
+    let (p, lines, _dir) = serve_under_nofile(256, "[upstream]\nurl = \"ws://127.0.0.1:9/\"\n");
+    assert!(!lines.iter().any(|l| l.contains(warning)), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("max_connections=96")), "{lines:#?}");
+    drop(p);
+    // An explicit cap that does not fit is still warned about.
+    let (p, lines, _dir) = serve_under_nofile(256, "[limits]\nmax_connections = 10000\n");
+    assert!(lines.iter().any(|l| l.contains(warning)), "{lines:#?}");
+    drop(p);
 }
 
 #[tokio::test]

@@ -119,28 +119,27 @@ async fn the_deadline_shrinks_under_pressure_and_returns_after() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.limits.max_handshakes = 10;
-    cfg.limits.handshake_timeout_ms = 4_000;
+    cfg.limits.handshake_timeout_ms = 8_000;
     cfg.limits.handshake_timeout_min_ms = 400;
     let gw = start(cfg).await;
-    gw.wait_metric(DEADLINE, 4.0).await;
-    let started = Instant::now();
+    gw.wait_metric(DEADLINE, 8.0).await;
     let mut socks = Vec::new();
     for i in 0..10u8 {
-        socks.push(stalled(gw.public, 2 + i).await.unwrap());
+        socks.push((Instant::now(), stalled(gw.public, 2 + i).await.unwrap()));
     }
     gw.wait_metric(HANDSHAKING, 10.0).await;
     // Full: the deadline in force is the minimum, for heads already waiting.
     assert_eq!(gw.metric(DEADLINE).await, 0.4);
-    for s in &mut socks {
+    for (opened, s) in &mut socks {
         let a = read_answer(s).await;
         assert_eq!(a.status, 408, "{}", a.text);
+        let took = opened.elapsed();
+        assert!(took >= Duration::from_millis(400), "not before the minimum: {took:?}");
+        assert!(took < Duration::from_millis(4_000), "well before the full deadline: {took:?}");
     }
-    let took = started.elapsed();
-    assert!(took >= Duration::from_millis(400), "not before the minimum: {took:?}");
-    assert!(took < Duration::from_millis(2_500), "well before the full deadline: {took:?}");
     assert_eq!(gw.rejected("handshake_timeout").await, 10.0);
     gw.assert_gauges_zero().await;
-    gw.wait_metric(DEADLINE, 4.0).await;
+    gw.wait_metric(DEADLINE, 8.0).await;
     gw.wait_metric(PRESSURE, 0.0).await;
     // Without pressure a slow head gets the whole deadline again.
     let mut s = stalled(gw.public, 30).await.unwrap();
@@ -210,6 +209,9 @@ public = "127.0.0.1:{public}"
 admin = "127.0.0.1:{admin}"
 defer_accept_s = 0
 [limits]
+# Explicit: the default would be derived from the low descriptor limit
+# and refuse at the global cap before the table ever fills.
+max_connections = 1000
 per_ip_rate = 1000.0
 per_ip_burst = 1000
 handshake_timeout_ms = 20000

@@ -1,4 +1,4 @@
-//! Production operations (issue 4): the real client IP behind PROXY protocol
+//! Production operations: the real client IP behind PROXY protocol
 //! and trusted `X-Forwarded-For`, `wss://` with a certificate made here, key
 //! rotation by JWKS on SIGHUP, JSON logs, and the annotated example config.
 

@@ -361,7 +361,7 @@ pub async fn handshake(
             return Err(Outcome::BadResponse("no_upgrade_header"));
         }
         if opts.carrier == Carrier::Subprotocol && token.is_some() {
-            // SPEC: the 101 names `bearer` only, never echoes the token.
+            // The gateway's 101 names `bearer` only, never echoes the token.
             if resp.header("sec-websocket-protocol") != Some("bearer") {
                 return Err(Outcome::BadResponse("bad_subprotocol"));
             }

@@ -3,7 +3,7 @@
 //! progress line, scrape the gateway's metrics, and write the outputs.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{interval_at, sleep, timeout_at, Instant, MissedTickBehavior};
@@ -16,7 +16,7 @@ use crate::report::{Report, RunData};
 use crate::scenarios::{self, group_names, Ctx, Groups, Share};
 use crate::stats::{sum_progress, Group};
 use crate::target::{parse_http_url, parse_ip_ranges, parse_ws_url, SourcePool, Target};
-use crate::token::{parse_kinds, Minter, TokenKind, TokenOpts};
+use crate::token::{parse_kinds, unix_now, Minter, TokenKind, TokenOpts};
 
 /// After the stop signal, tasks get this long to close before they are dropped.
 pub const GRACE: Duration = Duration::from_secs(3);
@@ -169,10 +169,6 @@ pub fn raise_fd_limit() -> u64 {
         Ok(n) => n,
         Err(_) => rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024),
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Runs the scenario in this process, bounded by `plan.duration` (+ [`GRACE`]).

@@ -265,7 +265,8 @@ fn from_gateway_config(path: &Path) -> Result<FromConfig, String> {
     ))
 }
 
-fn unix_now() -> u64 {
+/// Unix seconds now; the load tester's one clock (token claims, run stamps).
+pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 

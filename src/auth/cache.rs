@@ -10,7 +10,7 @@
 //! Revocation is *not* cached: the caller checks it on every handshake.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use moka::Expiry;
@@ -33,11 +33,9 @@ pub struct Verified {
     pub forward: Vec<(String, String)>,
 }
 
-/// Unix seconds now (0 for a clock set before 1970: no panic on a broken
-/// host clock).
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+// Kept here for the modules that still import it from here; the clock
+// itself lives in `crate::clock`.
+pub use crate::clock::unix_now;
 
 /// Expires each entry at its token's `expires_at`.
 struct UntilTokenExpiry;

@@ -28,9 +28,10 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, Validation};
 use serde_json::{Map, Value};
 
-use super::cache::{unix_now, TokenCache, Verified};
+use super::cache::{TokenCache, Verified};
 use super::keys::{allowed_algorithms, KeySet};
 use super::{carrier, AuthRefusal, Authenticator, Identity};
+use crate::clock::unix_now;
 use crate::config::{self, Carrier, ConfigError};
 use crate::handshake::RequestHead;
 use crate::metrics::Metrics;
@@ -120,7 +121,7 @@ impl State {
     }
 }
 
-/// Verifies JWTs per SPEC stage 4; see the module doc for the order of work.
+/// Verifies JWTs (stage 4, authenticate); see the module doc for the order of work.
 pub struct JwtAuthenticator {
     /// Keys, rules and cache; replaced whole by [`JwtAuthenticator::reload`].
     state: ArcSwap<State>,

@@ -54,7 +54,7 @@ impl From<Reject> for AuthRefusal {
     }
 }
 
-/// The pluggable check of a handshake, before the upgrade (SPEC §5).
+/// The pluggable check of a handshake, before the upgrade.
 ///
 /// It sees the request head (method, path, every header) and the client
 /// address (after PROXY protocol / trusted `X-Forwarded-For`).

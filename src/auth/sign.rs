@@ -13,8 +13,8 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, EncodingKey, Header};
 use serde::Serialize;
 
-use super::cache::unix_now;
 use super::keys::{allowed_algorithms, hmac_secret};
+use crate::clock::unix_now;
 use crate::config::{Auth, ConfigError};
 
 /// Why a token could not be minted; the message names the key or argument.

@@ -1,6 +1,6 @@
 //! Stage 8, the session: relay messages whole and in order between the
 //! client and the upstream (or the built-in echo), and end the connection
-//! with the first rule that fires (SPEC's session table).
+//! with the first rule that fires (the session table of docs/reference.md).
 //!
 //! One task per connection runs one `select!` loop over: a kick (revoke,
 //! evict, drain), one timer, writes pending each way, and reads each way.

@@ -1,4 +1,4 @@
-//! A tiny gateway stand-in for the load tester's tests: it follows SPEC's
+//! A tiny gateway stand-in for the load tester's tests: it follows the gateway's
 //! contract closely enough (head deadline with 408, 401 + WWW-Authenticate
 //! for token failures, 101 with the accept key, echo, pings with a pong
 //! timeout closing 1011, a write timeout for slow readers) and counts what
