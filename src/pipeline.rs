@@ -44,6 +44,7 @@ use crate::handshake::{self, answer_and_close, read_head, Head, ReadError, Reque
 use crate::reject::Reject;
 use crate::session::{self, instant_at_unix};
 use crate::shared::Shared;
+use crate::sockopt::reset_on_close;
 use crate::upstream;
 
 /// The permits stage 1 took, carried to the end of the connection.
@@ -116,7 +117,7 @@ async fn front(
 ) -> Result<Front, Reject> {
     if cfg.listen.proxy_protocol {
         if !is_trusted(&cfg.listen.trusted_proxies, ctx.peer.ip()) {
-            crate::server::reset_on_close(&tcp);
+            reset_on_close(&tcp);
             return Err(Reject::ProxyHeader);
         }
         // Exactly the header is consumed: what follows (HTTP head or TLS
@@ -129,7 +130,7 @@ async fn front(
             Ok(Some(a)) => ctx.client = a,
             Ok(None) => {}
             Err(()) => {
-                crate::server::reset_on_close(&tcp);
+                reset_on_close(&tcp);
                 return Err(Reject::ProxyHeader);
             }
         }

@@ -20,6 +20,7 @@ use crate::client_addr::is_trusted;
 use crate::events;
 use crate::pipeline::{self, Admitted};
 use crate::shared::Shared;
+use crate::sockopt::reset_on_close;
 
 /// How long the loop pauses when even the reserve descriptor cannot be
 /// had back (the table is full of sockets that are not ours to close).
@@ -84,12 +85,6 @@ fn admit(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             events::rejected(&shared.metrics, &shared.log_limiter, reason, peer, None, now.elapsed());
         }
     }
-}
-
-/// Makes the coming close an RST: a refused socket leaves no TIME_WAIT
-/// entry behind on our side, which a flood would otherwise pile up.
-pub(crate) fn reset_on_close(tcp: &TcpStream) {
-    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
 /// The spare descriptor kept for `EMFILE`.

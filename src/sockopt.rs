@@ -1,6 +1,7 @@
-//! The one socket option no safe wrapper offers yet: `TCP_DEFER_ACCEPT`
-//! (Linux). std has it only behind an unstable feature and `socket2` not
-//! at all, so it is set here, the crate's only `unsafe` code.
+//! Socket options the gateway sets. One of them no safe wrapper offers
+//! yet: `TCP_DEFER_ACCEPT` (Linux); std has it only behind an unstable
+//! feature and `socket2` not at all, so it is set here, the crate's only
+//! `unsafe` code.
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -38,4 +39,10 @@ pub fn set_defer_accept(socket: &impl AsRawFd, period: Duration) -> std::io::Res
 #[cfg(not(target_os = "linux"))]
 pub fn set_defer_accept(_socket: &impl AsRawFd, _period: Duration) -> std::io::Result<()> {
     Ok(())
+}
+
+/// Makes the coming close an RST: a refused socket leaves no TIME_WAIT
+/// entry behind on our side, which a flood would otherwise pile up.
+pub fn reset_on_close(tcp: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
