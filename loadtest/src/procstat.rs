@@ -29,6 +29,16 @@ pub enum Source {
 }
 
 impl Source {
+    /// Resolution of the CPU time it reports, seconds: USER_HZ ticks in
+    /// /proc; whole seconds in the `process_cpu_seconds_total` the gateway
+    /// exports (its collector truncates).
+    pub fn cpu_resolution_s(&self) -> f64 {
+        match self {
+            Source::Proc(_) => 1.0 / USER_HZ,
+            Source::Metrics(_) => 1.0,
+        }
+    }
+
     /// How the source is described in reports.
     pub fn describe(&self) -> String {
         match self {

@@ -145,7 +145,12 @@ async fn handshake_counts_every_token_kind_by_status_and_reason() {
     assert_eq!(num(&v, "missing", "reasons", "401 missing_token"), 10);
     assert_eq!(num(&v, "expired", "reasons", "401 invalid_token: token expired"), 10);
     for kind in ["garbage", "bad-hs256", "bad-es256", "wrong-alg", "alg-none"] {
-        assert_eq!(num(&v, kind, "reasons", "401 invalid_token: token invalid"), 10, "{kind}: {}", v["groups"][kind]);
+        assert_eq!(
+            num(&v, kind, "reasons", "401 invalid_token: token invalid"),
+            10,
+            "{kind}: {}",
+            v["groups"][kind]
+        );
     }
     // The tester's counts are the server's counts.
     assert_eq!(f.seen.count("accepted", "ok"), 10);

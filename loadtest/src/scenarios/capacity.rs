@@ -72,6 +72,9 @@ pub struct Sizing {
     pub source: String,
     /// Why the ramp stopped.
     pub stop_reason: String,
+    /// Resolution of the CPU readings, seconds (each CPU figure is a
+    /// difference of two readings, so ± this).
+    pub cpu_resolution_s: f64,
     /// Reading before the first connection.
     pub base: Reading,
     /// One reading per step.
@@ -123,6 +126,7 @@ pub async fn run(ctx: Arc<Ctx>, a: &CapacityArgs, g: Arc<Group>) {
             CapacityMode::Stalled => "stalled".into(),
         },
         source: src.describe(),
+        cpu_resolution_s: src.cpu_resolution_s(),
         ..Default::default()
     };
     let base = match procstat::read(&src).await {
@@ -332,6 +336,20 @@ fn compute(
         return out;
     };
     let what = if s.mode == "stalled" { "stalled sockets" } else { "connections" };
+    // Every CPU figure is a difference of two readings of this resolution.
+    let res = if s.cpu_resolution_s > 0.0 {
+        format!(
+            "; CPU readings have a resolution of {} s{}",
+            s.cpu_resolution_s,
+            if s.cpu_resolution_s >= 1.0 {
+                ": use --gateway-pid on the gateway's host, or a longer ramp/--hold"
+            } else {
+                ""
+            }
+        )
+    } else {
+        String::new()
+    };
     let n = top.open as f64;
     let (b, t) = (&s.base, &top.reading);
     let rss = (t.rss_bytes - b.rss_bytes) / n;
@@ -371,7 +389,7 @@ fn compute(
             per * 1e3,
             "ms",
             format!(
-                "CPU (user+system) {:.2} s → {:.2} s over the ramp of {} handshakes ({:.1} s): {cpu:.3} s / {} = {:.3} ms (includes the idle connections' heartbeats during the ramp)",
+                "CPU (user+system) {:.2} s → {:.2} s over the ramp of {} handshakes ({:.1} s): {cpu:.3} s / {} = {:.3} ms (includes the idle connections' heartbeats during the ramp){res}",
                 b.cpu_s, t.cpu_s, top.handshakes, top.at_s, top.handshakes, per * 1e3
             ),
         ));
@@ -387,7 +405,7 @@ fn compute(
             cores,
             "cores",
             format!(
-                "CPU {:.2} s → {:.2} s over a {dt:.1} s hold with {} open = {cores:.4} cores",
+                "CPU {:.2} s → {:.2} s over a {dt:.1} s hold with {} open = {cores:.4} cores{res}",
                 r0.cpu_s, r1.cpu_s, top.open
             ),
         ));
@@ -401,7 +419,7 @@ fn compute(
                 per * 1e6,
                 "µs",
                 format!(
-                    "CPU {:.2} s → {:.2} s over a {dt:.1} s hold in which {m} messages were echoed, minus the idle CPU ({idle_cores:.4} cores × {dt:.1} s): {cpu:.3} s / {m} = {:.1} µs (each message crosses the gateway twice: in and back)",
+                    "CPU {:.2} s → {:.2} s over a {dt:.1} s hold in which {m} messages were echoed, minus the idle CPU ({idle_cores:.4} cores × {dt:.1} s): {cpu:.3} s / {m} = {:.1} µs (each message crosses the gateway twice: in and back){res}",
                     r0.cpu_s, r1.cpu_s, per * 1e6
                 ),
             ));
