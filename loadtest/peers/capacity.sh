@@ -23,7 +23,7 @@ RATE=${RATE:-600}
 MSG_RATE=${MSG_RATE:-1}
 HOLD=${HOLD:-10s}
 BUILD=${BUILD:-1}
-BIN=$ROOT/target/release
+BIN=${BIN:-$ROOT/target/release}
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 if [ "$BUILD" = 1 ]; then

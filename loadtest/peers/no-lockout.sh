@@ -50,7 +50,7 @@ FLOOD_IPS=127.0.0.42-127.0.0.81
 LEGIT_IPS=127.0.0.82-127.0.0.101
 ZOMBIE_IPS=127.0.0.102-127.0.0.141
 
-BIN=$ROOT/target/release
+BIN=${BIN:-$ROOT/target/release}
 PORTCULLIS=$BIN/portcullis
 LT=$BIN/portcullis-loadtest
 ECHO_BACKEND=$BIN/echo-backend
@@ -141,8 +141,9 @@ start_server() { # pp | hap
       PORT=$PE_PORT
       ;;
     hap)
-      # Per-IP limits as Portcullis' defaults; maxconn as its max_connections.
-      HAP_BIND=127.0.0.1:$HAP_PORT HAP_BACKEND=127.0.0.1:$BE_PORT HAP_MAXCONN=10000 \
+      # Per-IP limits as Portcullis' defaults; maxconn as high as 20,000
+      # descriptors allow (HAProxy needs two per proxied connection plus 25).
+      HAP_BIND=127.0.0.1:$HAP_PORT HAP_BACKEND=127.0.0.1:$BE_PORT HAP_MAXCONN=9950 \
         HAP_PER_IP_MAX_CONN=256 HAP_PER_IP_RATE=20 HAP_TUNNEL_TIMEOUT=120s \
         HAP_HS256_SECRET="$(cat keys/hs256.secret)" HAP_ES256_PUBKEY="$OUT/keys/unused.pub.pem" \
         HAP_REVOKED_MAP="$OUT/revoked-jti.map" HAP_STATS_SOCKET="$OUT/haproxy.sock" \
