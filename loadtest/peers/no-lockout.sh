@@ -27,6 +27,8 @@
 #   SLOWLORIS_COUNTS=4000 DURATION=30s loadtest/peers/no-lockout.sh
 #   SERVERS=pp SLOWLORIS_COUNTS=400 ZOMBIES=200 LEGIT_RATE=50 DURATION=15s \
 #     loadtest/peers/no-lockout.sh                        a quick smoke run
+#   STALLED=5000 SLOWLORIS_COUNTS= loadtest/peers/no-lockout.sh
+#                                   RSS per stalled handshake only (see below)
 #
 # Output in $OUT (default target/no-lockout/<date>): table.md (the side-by-
 # side table), commands.txt, json/, html/, logs/, machine.txt.
@@ -36,7 +38,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PEERS=$ROOT/loadtest/peers
 OUT=${OUT:-$ROOT/target/no-lockout/$(date +%Y%m%d-%H%M%S)}
 SERVERS=${SERVERS:-"pp hap"}
-SLOWLORIS_COUNTS=${SLOWLORIS_COUNTS:-"4000 8000"}
+SLOWLORIS_COUNTS=${SLOWLORIS_COUNTS-"4000 8000"}
 ZOMBIES=${ZOMBIES:-2000}
 LEGIT_RATE=${LEGIT_RATE:-200}
 FLOOD_RATE=${FLOOD_RATE:-400}
@@ -199,10 +201,38 @@ for n in $SLOWLORIS_COUNTS; do
   done
 done
 
+# Optional: RSS per stalled handshake (STALLED=5000): that many partial
+# heads from 40 addresses, opened at STALLED_RATE/s, held (reopened when
+# cut), the server's RSS read from /proc after a 1 s settle.
+STALLED_ROWS=()
+if [ -n "${STALLED:-}" ]; then
+  for s in $SERVERS; do
+    RUN="$s-stalled$STALLED"
+    log "$RUN: $STALLED partial heads"
+    start_server "$s"
+    cmd=("$LT" capacity --mode stalled --url "ws://127.0.0.1:$PORT/" --gateway-pid "$SERVER_PID"
+      --count "$STALLED" --step "$STALLED" --rate "${STALLED_RATE:-2000}" --settle 1s --hold 1s
+      --source-ips "$SLOW_IPS" --duration 120s --quiet --json "json/$RUN.json")
+    printf '%s\t%s\n' "$RUN" "${cmd[*]}" | sed "s|$ROOT/||g; s|$OUT/||g" >>commands.txt
+    timeout --kill-after=10 300 "${cmd[@]}" >"logs/$RUN.txt" 2>"logs/$RUN.err" ||
+      log "warning: load run $RUN exited with $? (logs/$RUN.err)"
+    stop_servers
+    name=$([ "$s" = pp ] && echo "Portcullis, defaults" || echo "HAProxy")
+    STALLED_ROWS+=("| $name | $(jqv "$RUN" '.capacity.steps[-1].open') \
+| $(jqv "$RUN" '.capacity.figures[] | select(.name == "RSS per connection") | .value | round') |")
+  done
+fi
+
 {
   echo "| server | slowloris | legit success | legit sessions | hs p50 ms | hs p99 ms | p99/s worst ms | p99/s median ms | slowloris peak open | peak RSS MiB | CPU s (mean cores) |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   printf '%s\n' "${ROWS[@]}"
+  if [ ${#STALLED_ROWS[@]} -gt 0 ]; then
+    echo
+    echo "| server | partial heads held | RSS per stalled handshake, B |"
+    echo "|---|---:|---:|"
+    printf '%s\n' "${STALLED_ROWS[@]}"
+  fi
 } >table.md
 cat table.md
 log "results in $OUT"

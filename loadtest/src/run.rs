@@ -94,6 +94,7 @@ fn kinds_needed(s: &Scenario) -> Result<Vec<TokenKind>, String> {
     Ok(match s {
         Scenario::Handshake(a) => parse_kinds(&a.kinds)?,
         Scenario::Slowloris(a) if !a.with_token => vec![],
+        Scenario::Capacity(a) if a.mode == crate::cli::CapacityMode::Stalled => vec![],
         Scenario::Mixed(a) => {
             let mut k = vec![TokenKind::Valid];
             if a.flood_rate > 0.0 {
