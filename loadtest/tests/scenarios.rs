@@ -123,7 +123,10 @@ async fn echo_text_through_the_subprotocol_carrier() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_counts_every_token_kind_by_status_and_reason() {
-    let f = start(Opts::default()).await;
+    // A long head deadline: on a loaded machine a head may take more than
+    // the fixture's default 500 ms to arrive, and would then be counted as
+    // a timeout rather than by its token kind.
+    let f = start(Opts { handshake_timeout: Duration::from_secs(5), ..Opts::default() }).await;
     let url = f.url();
     let mut args = vec![
         "handshake",
