@@ -14,14 +14,44 @@ pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// Load and attack generator for the Portcullis WebSocket gateway.
 ///
-/// Targets must be loopback (127.0.0.0/8 or ::1). Every run is bounded by
-/// --duration (and --count where it applies) and stops by itself.
+/// Targets are loopback (127.0.0.0/8 or ::1) unless --allow-remote. Every
+/// run is bounded by --duration (and --count where it applies) and stops by
+/// itself.
 #[derive(Debug, Parser)]
 #[command(name = "portcullis-loadtest", version, about, long_about = None)]
 pub struct Cli {
-    /// The scenario to run.
+    /// A scenario to run, or `merge`.
     #[command(subcommand)]
-    pub scenario: Scenario,
+    pub command: Command,
+}
+
+/// What to do.
+// Parsed once per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Run a scenario.
+    #[command(flatten)]
+    Run(Scenario),
+    /// Combine the `--json` results of runs (e.g. from several load machines
+    /// started with the same --start-at) exactly: counts summed, latency
+    /// percentiles from the merged histograms, per-second series aligned by
+    /// wall-clock time.
+    Merge(MergeArgs),
+}
+
+/// `merge` options.
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// The `--json` files of the runs.
+    #[arg(required = true, num_args = 1..)]
+    pub inputs: Vec<PathBuf>,
+    /// Write the merged results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the merged HTML report to this file.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
 }
 
 /// The scenarios.
@@ -46,6 +76,11 @@ pub enum Scenario {
     Storm(StormArgs),
     /// Legit clients measured while slowloris, zombies and a bad-token flood run.
     Mixed(MixedArgs),
+    /// Ramp idle authenticated connections (or stalled handshakes) against
+    /// a gateway whose /metrics it reads, until a stop condition; print what
+    /// an operator sizes with (RSS and descriptors per connection, CPU per
+    /// handshake and per message) and the measurement behind each number.
+    Capacity(CapacityArgs),
 }
 
 impl Scenario {
@@ -59,6 +94,7 @@ impl Scenario {
             Scenario::Zombie(_) => "zombie",
             Scenario::Storm(_) => "storm",
             Scenario::Mixed(_) => "mixed",
+            Scenario::Capacity(_) => "capacity",
         }
     }
 
@@ -72,6 +108,7 @@ impl Scenario {
             Scenario::Zombie(a) => &a.common,
             Scenario::Storm(a) => &a.common,
             Scenario::Mixed(a) => &a.common,
+            Scenario::Capacity(a) => &a.common,
         }
     }
 
@@ -81,6 +118,7 @@ impl Scenario {
             Scenario::Idle(_) | Scenario::Slowloris(_) | Scenario::Handshake(_) | Scenario::Mixed(_) => 30,
             Scenario::Echo(_) => 10,
             Scenario::Zombie(_) | Scenario::Storm(_) => 60,
+            Scenario::Capacity(_) => 300,
         };
         self.common().duration.unwrap_or(Duration::from_secs(default))
     }
@@ -89,12 +127,39 @@ impl Scenario {
 /// Options shared by every scenario.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct Common {
-    /// Target WebSocket URL; loopback only.
+    /// Target WebSocket URL (`ws://` or `wss://`); loopback unless --allow-remote.
     #[arg(long, default_value = "ws://127.0.0.1:8080/")]
     pub url: String,
 
+    /// Allow a target (and --metrics URL) that is not on this machine. Off
+    /// by default so that a mistyped URL cannot aim an attack at a host you
+    /// do not run; with it, --source-ips may be any address of this host.
+    #[arg(long)]
+    pub allow_remote: bool,
+
+    /// `wss://`: trust only the CA certificates in this PEM file (default:
+    /// the system's CA bundle).
+    #[arg(long, conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+
+    /// `wss://`: accept any server certificate (self-signed staging
+    /// gateways). Said loudly in the output.
+    #[arg(long)]
+    pub insecure: bool,
+
+    /// Start at this Unix time (seconds, may be fractional), so that runs
+    /// on several load machines begin together; at most 24 h ahead.
+    #[arg(long)]
+    pub start_at: Option<f64>,
+
+    /// The gateway's process id, on this machine: its RSS, CPU and
+    /// descriptors are read from /proc every second and reported.
+    #[arg(long)]
+    pub gateway_pid: Option<u32>,
+
     /// Source addresses to bind before connecting, spread round-robin:
-    /// `127.0.0.2-127.0.0.41,127.0.0.50`. Loopback only.
+    /// `127.0.0.2-127.0.0.41,127.0.0.50`. Loopback unless --allow-remote,
+    /// then any address of this host (checked before the run).
     #[arg(long)]
     pub source_ips: Option<String>,
 
@@ -183,7 +248,7 @@ pub struct Common {
     #[arg(long)]
     pub html: Option<PathBuf>,
 
-    /// The gateway's admin /metrics URL (loopback): scraped before and after,
+    /// The gateway's admin /metrics URL: scraped before and after,
     /// `portcullis_handshakes_total` and `portcullis_disconnects_total` kept.
     #[arg(long)]
     pub metrics: Option<String>,
@@ -280,6 +345,10 @@ pub struct SlowlorisArgs {
     /// Put a valid `Authorization` header in the trickled head.
     #[arg(long)]
     pub with_token: bool,
+    /// Reopen a socket as soon as the gateway cuts it (hold --count
+    /// partial heads for the whole run).
+    #[arg(long)]
+    pub reopen: bool,
 }
 
 /// How a zombie misbehaves.
@@ -411,6 +480,77 @@ pub struct MixedArgs {
     /// Attack sockets (slowloris, zombies) opened per second.
     #[arg(long, default_value_t = 500.0)]
     pub attack_rate: f64,
+    /// Open-loop legit load: sessions started per second (all workers
+    /// together), each connect → --messages echoes → close, whatever the
+    /// gateway's speed. --legit then bounds the sessions in flight (a start
+    /// that finds them all busy counts as a failed session). 0 = closed
+    /// loop: --legit clients each looping.
+    #[arg(long, default_value_t = 0.0)]
+    pub legit_rate: f64,
+    /// Reopen a slowloris socket as soon as the gateway cuts it, so the
+    /// attack holds its level for the whole run.
+    #[arg(long)]
+    pub slowloris_reopen: bool,
+    /// Source addresses of the slowloris sockets (default: --attack-source-ips).
+    #[arg(long)]
+    pub slowloris_source_ips: Option<String>,
+    /// Source addresses of the zombies (default: --attack-source-ips).
+    #[arg(long)]
+    pub zombie_source_ips: Option<String>,
+    /// Source addresses of the bad-token flood (default: --attack-source-ips).
+    #[arg(long)]
+    pub flood_source_ips: Option<String>,
+}
+
+/// What `capacity` ramps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CapacityMode {
+    /// Authenticated WebSocket connections that stay open (answering pings).
+    Idle,
+    /// Sockets holding a partial request head (stalled handshakes),
+    /// reopened when cut.
+    Stalled,
+}
+
+/// `capacity` options.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CapacityArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: Common,
+    /// What to ramp.
+    #[arg(long, value_enum, default_value_t = CapacityMode::Idle)]
+    pub mode: CapacityMode,
+    /// New connections per second while ramping.
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// Connections added per step; the gateway is measured after each.
+    #[arg(long, default_value_t = 1000)]
+    pub step: u64,
+    /// Pause after each step before measuring (the gateway settles).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub settle: Duration,
+    /// Length of each measured hold at the top (idle CPU, then messages).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub hold: Duration,
+    /// Messages per second per connection during the message hold (0 = no
+    /// message phase, no CPU-per-message figure).
+    #[arg(long, default_value_t = 0.0)]
+    pub msg_rate: f64,
+    /// Message size.
+    #[arg(long, default_value = "128", value_parser = parse_size)]
+    pub size: usize,
+    /// Stop once the gateway's RSS reaches 90 % of this (`2GiB`); e.g. its
+    /// container's memory limit.
+    #[arg(long, value_parser = parse_size)]
+    pub max_rss: Option<usize>,
+    /// `stalled`: time between the bytes a stalled socket trickles.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub stall_interval: Duration,
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -500,11 +640,27 @@ mod tests {
             vec!["lt", "zombie", "--mode", "no-read", "--rcvbuf", "2k"],
             vec!["lt", "storm", "--rounds", "2", "--drop", "rst"],
             vec!["lt", "mixed", "--slowloris", "4", "--zombies", "2", "--flood-rate", "10"],
+            vec![
+                "lt",
+                "mixed",
+                "--legit-rate",
+                "200",
+                "--slowloris-reopen",
+                "--flood-source-ips",
+                "127.0.0.9",
+            ],
+            vec!["lt", "capacity", "--count", "100", "--msg-rate", "1", "--max-rss", "1GiB"],
+            vec!["lt", "capacity", "--mode", "stalled", "--allow-remote", "--start-at", "1.5"],
         ] {
             let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-            assert_eq!(cli.scenario.name(), args[1]);
-            assert!(cli.scenario.duration() > Duration::ZERO);
+            let Command::Run(s) = cli.command else { panic!("{args:?}: not a scenario") };
+            assert_eq!(s.name(), args[1]);
+            assert!(s.duration() > Duration::ZERO);
         }
+        let cli = Cli::try_parse_from(["lt", "merge", "a.json", "b.json", "--json", "m.json"]).unwrap();
+        assert!(matches!(cli.command, Command::Merge(m) if m.inputs.len() == 2));
+        assert!(Cli::try_parse_from(["lt", "merge"]).is_err());
+        assert!(Cli::try_parse_from(["lt", "idle", "--ca", "x.pem", "--insecure"]).is_err());
         assert!(Cli::try_parse_from(["lt", "idle", "--hs256-secret", "a", "--secret-file", "b"]).is_err());
     }
 }

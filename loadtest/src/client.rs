@@ -1,5 +1,6 @@
-//! The lean WebSocket client: raw TCP, a hand-written upgrade request, a
-//! parsed status line, then RFC 6455 framing from `frame.rs`.
+//! The lean WebSocket client: raw TCP (or TLS over it for `wss://`), a
+//! hand-written upgrade request, a parsed status line, then RFC 6455
+//! framing from `frame.rs`.
 //!
 //! Per-connection memory is the point. An idle [`WsConn`] is a `TcpStream`,
 //! an empty `Vec` (no heap until bytes arrive) and a few words: reads go
@@ -9,12 +10,16 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::client::TlsStream;
 
 use crate::frame::{self, opcode};
 use crate::target::Target;
@@ -55,6 +60,8 @@ pub struct ClientOpts {
     pub origin: Option<String>,
     /// Largest message accepted from the server (memory bound).
     pub max_message: usize,
+    /// TLS configuration for `wss://` targets.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ClientOpts {
@@ -66,6 +73,7 @@ impl Default for ClientOpts {
             cookie_name: "portcullis_token".into(),
             origin: None,
             max_message: 16 << 20,
+            tls: None,
         }
     }
 }
@@ -93,6 +101,8 @@ pub enum Outcome {
     ConnectFailed(&'static str),
     /// Something answered that is not a valid upgrade response.
     BadResponse(&'static str),
+    /// The TLS handshake failed; the label says how.
+    TlsFailed(&'static str),
 }
 
 impl Outcome {
@@ -107,6 +117,7 @@ impl Outcome {
             Outcome::Timeout => "timeout".into(),
             Outcome::ConnectFailed(k) => (*k).into(),
             Outcome::BadResponse(_) => "bad_response".into(),
+            Outcome::TlsFailed(_) => "tls_error".into(),
         }
     }
 
@@ -118,6 +129,7 @@ impl Outcome {
                 format!("{status} {detail}")
             }
             Outcome::BadResponse(why) => format!("bad_response: {why}"),
+            Outcome::TlsFailed(why) => format!("tls_error: {why}"),
             other => other.status_key(),
         }
     }
@@ -177,6 +189,121 @@ pub async fn tcp_connect(
     // here only costs latency, so it is ignored.
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// A connection to the gateway: plain TCP or TLS over it.
+pub enum Stream {
+    /// `ws://`.
+    Plain(TcpStream),
+    /// `wss://` (boxed: the TLS state is large and only some runs use it).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// The plain socket, when there is no TLS layer.
+    pub fn into_plain(self) -> Option<TcpStream> {
+        match self {
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(_) => None,
+        }
+    }
+
+    /// Reads what is available into `into` (0 = EOF). The 16 KiB buffer
+    /// lives only inside one poll, never across an await, so an idle
+    /// connection's task stays small.
+    pub async fn read_some(&mut self, into: &mut Vec<u8>) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            let mut tmp = [0u8; 16 * 1024];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut *self).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    into.extend_from_slice(rb.filled());
+                    Poll::Ready(Ok(rb.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Writes all of `buf` and flushes any TLS record.
+    pub async fn send_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.write_all(buf).await?;
+        self.flush().await
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Maps a TLS handshake error to a bounded label.
+fn tls_label(e: &io::Error) -> &'static str {
+    let text = e.to_string();
+    if text.contains("certificate") || text.contains("Certificate") {
+        "bad_certificate"
+    } else if io_outcome(e) == Outcome::Reset {
+        "reset"
+    } else if e.kind() == io::ErrorKind::UnexpectedEof {
+        "closed"
+    } else {
+        "handshake_failed"
+    }
+}
+
+/// Wraps a connected socket in TLS when the target is `wss://`; the
+/// handshake is bounded by the response timeout.
+pub async fn secure(tcp: TcpStream, target: &Target, opts: &ClientOpts) -> Result<Stream, Outcome> {
+    if !target.tls {
+        return Ok(Stream::Plain(tcp));
+    }
+    let Some(config) = opts.tls.clone() else {
+        return Err(Outcome::TlsFailed("no_tls_config"));
+    };
+    let name = crate::tls::server_name(&target.host).map_err(|_| Outcome::TlsFailed("bad_server_name"))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    match timeout(opts.response_timeout, connector.connect(name, tcp)).await {
+        Err(_) => Err(Outcome::TlsFailed("timeout")),
+        Ok(Err(e)) => Err(Outcome::TlsFailed(tls_label(&e))),
+        Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+    }
 }
 
 /// A fresh random `Sec-WebSocket-Key` (16 random bytes, base64).
@@ -315,7 +442,7 @@ pub fn refusal_detail(resp: &Response) -> String {
 /// Sends the upgrade request on `stream` and reads the answer. On 101 the
 /// returned bytes are whatever followed the head (early frames).
 pub async fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     target: &Target,
     token: Option<&str>,
     opts: &ClientOpts,
@@ -323,7 +450,7 @@ pub async fn handshake(
     let key = new_key();
     let head = request_head(target, &key, token, opts);
     let deadline = Instant::now() + opts.response_timeout;
-    match timeout_at(deadline, stream.write_all(head.as_bytes())).await {
+    match timeout_at(deadline, stream.send_all(head.as_bytes())).await {
         Err(_) => return Err(Outcome::Timeout),
         // A peer that closed at once may still have answered: read on.
         Ok(Err(e)) if io_outcome(&e) != Outcome::Reset => return Err(io_outcome(&e)),
@@ -331,9 +458,7 @@ pub async fn handshake(
     }
     let mut buf = Vec::with_capacity(256);
     loop {
-        // `read_buf` into a heap Vec keeps no stack buffer in the task.
-        buf.reserve(1024);
-        match timeout_at(deadline, stream.read_buf(&mut buf)).await {
+        match timeout_at(deadline, stream.read_some(&mut buf)).await {
             Err(_) => return Err(Outcome::Timeout),
             Ok(Err(e)) => return Err(io_outcome(&e)),
             Ok(Ok(0)) => {
@@ -370,22 +495,36 @@ pub async fn handshake(
     }
 }
 
-/// Connects, upgrades, and wraps the stream; the duration is from before the
-/// TCP connect to the parsed answer.
+/// How long an attempt took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timing {
+    /// From before the TCP connect to the parsed answer (or the failure).
+    pub total: Duration,
+    /// The TLS handshake alone (`wss://` only, when it completed).
+    pub tls: Option<Duration>,
+}
+
+/// Connects (TCP, then TLS for `wss://`), upgrades, and wraps the stream.
 pub async fn open(
     target: &Target,
     source: Option<IpAddr>,
     token: Option<&str>,
     opts: &ClientOpts,
-) -> (Result<WsConn, Outcome>, Duration) {
+) -> (Result<WsConn, Outcome>, Timing) {
     let t0 = Instant::now();
-    let mut stream = match tcp_connect(target.addr, source, None, opts.connect_timeout).await {
+    let tcp = match tcp_connect(target.addr, source, None, opts.connect_timeout).await {
         Ok(s) => s,
-        Err(o) => return (Err(o), t0.elapsed()),
+        Err(o) => return (Err(o), Timing { total: t0.elapsed(), tls: None }),
     };
+    let t1 = Instant::now();
+    let mut stream = match secure(tcp, target, opts).await {
+        Ok(s) => s,
+        Err(o) => return (Err(o), Timing { total: t0.elapsed(), tls: None }),
+    };
+    let tls = target.tls.then(|| t1.elapsed());
     let res = handshake(&mut stream, target, token, opts).await;
-    let took = t0.elapsed();
-    (res.map(|early| WsConn::new(stream, early, opts.max_message)), took)
+    let timing = Timing { total: t0.elapsed(), tls };
+    (res.map(|early| WsConn::new(stream, early, opts.max_message)), timing)
 }
 
 /// A data message or the server's close.
@@ -431,7 +570,7 @@ impl From<io::Error> for WsError {
 /// An upgraded connection.
 pub struct WsConn {
     /// The socket.
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes of an incomplete frame; empty (and unallocated) between frames.
     rbuf: Vec<u8>,
     /// A fragmented message being assembled: its opcode and bytes so far.
@@ -448,7 +587,7 @@ pub struct WsConn {
 
 impl WsConn {
     /// Wraps an upgraded stream with any bytes that followed the 101 head.
-    pub fn new(stream: TcpStream, early: Vec<u8>, max_message: usize) -> Self {
+    pub fn new(stream: Stream, early: Vec<u8>, max_message: usize) -> Self {
         WsConn {
             stream,
             rbuf: early,
@@ -460,8 +599,8 @@ impl WsConn {
         }
     }
 
-    /// The raw socket (for zombies that stop reading).
-    pub fn into_stream(self) -> TcpStream {
+    /// The stream (for connections dropped with RST).
+    pub fn into_stream(self) -> Stream {
         self.stream
     }
 
@@ -471,24 +610,12 @@ impl WsConn {
             self.close_sent = true;
         }
         let f = frame::client_frame(op, payload);
-        self.stream.write_all(&f).await
+        self.stream.send_all(&f).await
     }
 
-    /// Reads more bytes into `rbuf`; 0 means EOF. The stack buffer is not
-    /// held across the await, so it does not grow the task.
+    /// Reads more bytes into `rbuf`; 0 means EOF.
     async fn fill(&mut self) -> io::Result<usize> {
-        loop {
-            self.stream.readable().await?;
-            let mut tmp = [0u8; 16 * 1024];
-            match self.stream.try_read(&mut tmp) {
-                Ok(n) => {
-                    self.rbuf.extend_from_slice(&tmp[..n]);
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        self.stream.read_some(&mut self.rbuf).await
     }
 
     /// Takes one complete frame out of `rbuf`, if there is one.

@@ -32,8 +32,13 @@ pub fn esc(s: &str) -> String {
 
 type Series = (String, Vec<(f64, f64)>);
 
-/// A line chart as an SVG string; empty when there is nothing to draw.
+/// A line chart over seconds as an SVG string; empty when there is nothing to draw.
 fn line_chart(title: &str, y_desc: &str, series: &[Series]) -> String {
+    xy_chart(title, "seconds", y_desc, series)
+}
+
+/// A line chart as an SVG string; empty when there is nothing to draw.
+fn xy_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> String {
     let pts = series.iter().flat_map(|(_, p)| p.iter());
     let (mut xmax, mut ymax) = (1.0f64, 0.0f64);
     let mut any = false;
@@ -58,7 +63,7 @@ fn line_chart(title: &str, y_desc: &str, series: &[Series]) -> String {
             .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
         chart
             .configure_mesh()
-            .x_desc("seconds")
+            .x_desc(x_desc)
             .y_desc(y_desc)
             .x_labels(10)
             .y_labels(6)
@@ -197,6 +202,12 @@ pub fn render(r: &Report) -> String {
         st = r.started_unix_s,
         tool = esc(&r.tool),
     );
+    for w in &r.warnings {
+        let _ = write!(out, "<p style=\"color:#b00;font-weight:bold\">WARNING: {}</p>", esc(w));
+    }
+    if let Some(c) = &r.capacity {
+        capacity_section(&mut out, c);
+    }
     for (name, g) in &r.groups {
         let _ = write!(out, "<h2>{}</h2>", esc(name));
         out.push_str("<table><caption>summary</caption>");
@@ -212,9 +223,17 @@ pub fn render(r: &Report) -> String {
             kv("success ratio", format!("{s:.4}"));
         }
         out.push_str("</table>");
+        if let Some(p) = &g.hs_p99_per_second {
+            let _ = write!(
+                out,
+                "<p>handshake p99 per second over the whole run: worst {:.2} ms (t = {} s), median {:.2} ms, {} seconds</p>",
+                p.worst_ms, p.worst_t, p.median_ms, p.seconds
+            );
+        }
         if g.handshake_ms.is_some() || g.rtt_ms.is_some() || g.lifetime_ms.is_some() {
             out.push_str("<table><caption>latency (ms)</caption><tr><th></th><th>n</th><th>min</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>");
             pct_row(&mut out, "handshake", &g.handshake_ms);
+            pct_row(&mut out, "of which TLS", &g.tls_ms);
             pct_row(&mut out, "round trip", &g.rtt_ms);
             pct_row(&mut out, "lifetime (reaped)", &g.lifetime_ms);
             out.push_str("</table>");
@@ -259,6 +278,9 @@ pub fn render(r: &Report) -> String {
         results.extend(g.ends.iter().map(|(k, v)| (format!("end: {k}"), *v)));
         out.push_str(&bar_chart(&format!("{name}: results and reject reasons"), &results));
     }
+    if let Some(p) = &r.gateway {
+        gateway_section(&mut out, p);
+    }
     if let Some(m) = &r.metrics {
         let _ =
             write!(out, "<h2>gateway metrics</h2><p><code>{}</code> change over the run</p>", esc(&m.url));
@@ -284,6 +306,71 @@ pub fn render(r: &Report) -> String {
         esc(&serde_json::to_string_pretty(&r.params).unwrap_or_default())
     );
     out
+}
+
+fn mib(b: f64) -> f64 {
+    b / (1024.0 * 1024.0)
+}
+
+/// `capacity`: the sizing table (each figure with its measurement), the
+/// steps, and RSS / descriptors against open connections.
+fn capacity_section(out: &mut String, c: &crate::scenarios::capacity::Sizing) {
+    let _ = write!(
+        out,
+        "<h2>capacity ({})</h2><p>readings from {}<br>stopped: {}</p>\
+         <table><caption>sizing</caption><tr><th>figure</th><th>value</th><th>measurement</th></tr>",
+        esc(&c.mode),
+        esc(&c.source),
+        esc(&c.stop_reason)
+    );
+    for f in &c.figures {
+        let _ = write!(
+            out,
+            "<tr><th>{}</th><td>{:.2} {}</td><td style=\"text-align:left\">{}</td></tr>",
+            esc(&f.name),
+            f.value,
+            esc(&f.unit),
+            esc(&f.how)
+        );
+    }
+    out.push_str("</table><table><caption>steps</caption><tr><th>open</th><th>RSS MiB</th><th>descriptors</th><th>CPU s</th><th>at s</th></tr>");
+    for s in &c.steps {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{:.1}</td><td>{}</td><td>{:.2}</td><td>{:.1}</td></tr>",
+            s.open,
+            mib(s.reading.rss_bytes),
+            s.reading.fds,
+            s.reading.cpu_s,
+            s.at_s
+        );
+    }
+    out.push_str("</table>");
+    let mut rss = vec![(0.0, mib(c.base.rss_bytes))];
+    rss.extend(c.steps.iter().map(|s| (s.open as f64, mib(s.reading.rss_bytes))));
+    out.push_str(&xy_chart("gateway RSS against open connections", "open", "MiB", &[("RSS".into(), rss)]));
+}
+
+/// The gateway's process over the run.
+fn gateway_section(out: &mut String, p: &crate::procstat::ProcStats) {
+    let _ = write!(
+        out,
+        "<h2>gateway process</h2><p>{}</p><table><tr><th>RSS MiB before / peak / after</th><td>{:.1} / {:.1} / {:.1}</td></tr>\
+         <tr><th>CPU s (mean, peak cores)</th><td>{:.2} ({:.2}, {:.2})</td></tr><tr><th>descriptors before / peak</th><td>{} / {}</td></tr></table>",
+        esc(&p.source),
+        mib(p.before.rss_bytes),
+        mib(p.peak_rss_bytes),
+        mib(p.after.rss_bytes),
+        p.cpu_s,
+        p.mean_cpu_cores,
+        p.peak_cpu_cores,
+        p.before.fds,
+        p.peak_fds
+    );
+    let rss: Vec<(f64, f64)> = p.timeline.iter().map(|t| (t.t as f64, mib(t.rss_bytes))).collect();
+    out.push_str(&line_chart("gateway RSS", "MiB", &[("RSS".into(), rss)]));
+    let cpu: Vec<(f64, f64)> = p.timeline.iter().map(|t| (t.t as f64, t.cpu_cores)).collect();
+    out.push_str(&line_chart("gateway CPU", "cores", &[("CPU".into(), cpu)]));
 }
 
 #[cfg(test)]

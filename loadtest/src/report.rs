@@ -11,23 +11,31 @@ use serde::{Deserialize, Serialize};
 use crate::metrics::Scrape;
 use crate::stats::{names, GroupData, HistData};
 
-/// What one process measured (or several, merged).
+/// What one process measured (or several, merged). It travels in the
+/// `--json` file as `raw`, histograms included, so that `merge` can combine
+/// runs exactly.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RunData {
     /// Scenario name.
     pub scenario: String,
     /// Wall-clock start, Unix seconds.
     pub started_unix_s: u64,
+    /// Wall-clock start, Unix milliseconds (aligns runs of several machines).
+    #[serde(default)]
+    pub started_unix_ms: u64,
     /// Run length in seconds (the longest worker's).
     pub elapsed_s: f64,
     /// Worker processes merged in.
     pub workers: u32,
     /// Per-group measurements.
     pub groups: BTreeMap<String, GroupData>,
+    /// `capacity`'s sizing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<crate::scenarios::capacity::Sizing>,
 }
 
 impl RunData {
-    /// Merges another worker's data.
+    /// Merges another worker's data (same start).
     pub fn merge(&mut self, o: &RunData) {
         if self.scenario.is_empty() {
             self.scenario = o.scenario.clone();
@@ -37,11 +45,51 @@ impl RunData {
         } else {
             self.started_unix_s.min(o.started_unix_s)
         };
+        self.started_unix_ms = if self.started_unix_ms == 0 {
+            o.started_unix_ms
+        } else {
+            self.started_unix_ms.min(o.started_unix_ms)
+        };
         self.elapsed_s = self.elapsed_s.max(o.elapsed_s);
         self.workers += o.workers;
         for (name, g) in &o.groups {
             self.groups.entry(name.clone()).or_default().merge(g);
         }
+        if self.capacity.is_none() {
+            self.capacity = o.capacity.clone();
+        }
+    }
+
+    fn start_ms(&self) -> u64 {
+        if self.started_unix_ms > 0 {
+            self.started_unix_ms
+        } else {
+            self.started_unix_s * 1000
+        }
+    }
+
+    /// Combines runs of several machines: counts summed, histograms merged,
+    /// per-second timelines aligned on the wall clock (to the nearest
+    /// second of each run's start), the span from the first start to the
+    /// last end.
+    pub fn merge_runs(runs: &[RunData]) -> RunData {
+        let first = runs.iter().map(RunData::start_ms).min().unwrap_or(0);
+        let end = runs.iter().map(|r| r.start_ms() as f64 / 1000.0 + r.elapsed_s).fold(0.0, f64::max);
+        let mut out = RunData {
+            scenario: runs.first().map(|r| r.scenario.clone()).unwrap_or_default(),
+            started_unix_s: first / 1000,
+            started_unix_ms: first,
+            elapsed_s: if runs.is_empty() { 0.0 } else { end - first as f64 / 1000.0 },
+            ..Default::default()
+        };
+        for r in runs {
+            let shift = ((r.start_ms() - first) as f64 / 1000.0).round() as u32;
+            out.workers += r.workers;
+            for (name, g) in &r.groups {
+                out.groups.entry(name.clone()).or_default().merge_shifted(g, shift);
+            }
+        }
+        out
     }
 }
 
@@ -123,6 +171,29 @@ pub struct Tick {
     pub rtt_p999_ms: Option<f64>,
 }
 
+/// A per-second percentile summarized over the run's seconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PerSecond {
+    /// Seconds with samples.
+    pub seconds: usize,
+    /// The worst second's value (ms).
+    pub worst_ms: f64,
+    /// When it was (seconds since the start).
+    pub worst_t: u32,
+    /// The median of the seconds' values (ms).
+    pub median_ms: f64,
+}
+
+fn per_second(ticks: &[Tick]) -> Option<PerSecond> {
+    let mut v: Vec<(f64, u32)> = ticks.iter().filter_map(|t| t.hs_p99_ms.map(|p| (p, t.t))).collect();
+    if v.is_empty() {
+        return None;
+    }
+    let (worst_ms, worst_t) = v.iter().copied().fold((f64::MIN, 0), |a, b| if b.0 > a.0 { b } else { a });
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Some(PerSecond { seconds: v.len(), worst_ms, worst_t, median_ms: v[v.len() / 2].0 })
+}
+
 /// A group's results.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct GroupReport {
@@ -154,6 +225,11 @@ pub struct GroupReport {
     pub rtt_ms: Option<Percentiles>,
     /// Lifetime of connections the server ended (ms): time to reap.
     pub lifetime_ms: Option<Percentiles>,
+    /// TLS handshake alone (ms), `wss://` only; `handshake_ms` includes it.
+    pub tls_ms: Option<Percentiles>,
+    /// Handshake p99 of each second, over the whole run (nothing excluded):
+    /// the worst second and the median second.
+    pub hs_p99_per_second: Option<PerSecond>,
     /// One sample per second.
     pub timeline: Vec<Tick>,
 }
@@ -177,7 +253,7 @@ impl GroupReport {
         } else {
             None
         };
-        let timeline = g
+        let timeline: Vec<Tick> = g
             .timeline
             .iter()
             .map(|t| {
@@ -215,6 +291,8 @@ impl GroupReport {
             handshake_ms: Percentiles::of(&g.handshake_us),
             rtt_ms: Percentiles::of(&g.rtt_us),
             lifetime_ms: Percentiles::of(&g.lifetime_us),
+            tls_ms: Percentiles::of(&g.tls_us),
+            hs_p99_per_second: per_second(&timeline),
             timeline,
         }
     }
@@ -242,6 +320,18 @@ pub struct Report {
     /// The gateway's counters, with `--metrics`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Scrape>,
+    /// The gateway's process (RSS, CPU, descriptors), with `--gateway-pid`
+    /// or `--metrics`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<crate::procstat::ProcStats>,
+    /// `capacity`'s sizing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<crate::scenarios::capacity::Sizing>,
+    /// Things the reader must not miss (`--insecure`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// The measurements themselves, histograms included (what `merge` reads).
+    pub raw: RunData,
 }
 
 impl Report {
@@ -267,6 +357,10 @@ impl Report {
             elapsed_s: data.elapsed_s,
             groups,
             metrics,
+            gateway: None,
+            capacity: data.capacity.clone(),
+            warnings: Vec::new(),
+            raw: data.clone(),
         }
     }
 
@@ -293,6 +387,9 @@ impl Report {
             "scenario {}  target {}  workers {}  elapsed {:.1} s",
             self.scenario, self.target, self.workers, self.elapsed_s
         );
+        for w in &self.warnings {
+            let _ = writeln!(s, "WARNING: {w}");
+        }
         for (name, g) in &self.groups {
             let _ = writeln!(s, "\n== {name} ==");
             let row = |s: &mut String, k: &str, v: String| {
@@ -325,6 +422,7 @@ impl Report {
             }
             for (label, p) in [
                 ("handshake ms", &g.handshake_ms),
+                ("  of which TLS ms", &g.tls_ms),
                 ("round trip ms", &g.rtt_ms),
                 ("lifetime (reaped) ms", &g.lifetime_ms),
             ] {
@@ -338,6 +436,16 @@ impl Report {
                         ),
                     );
                 }
+            }
+            if let Some(p) = &g.hs_p99_per_second {
+                row(
+                    &mut s,
+                    "handshake p99 per s",
+                    format!(
+                        "worst {:.2} (t={} s)  median {:.2}  over {} s",
+                        p.worst_ms, p.worst_t, p.median_ms, p.seconds
+                    ),
+                );
             }
             for (label, m) in [("status", &g.status), ("reasons", &g.reasons), ("ends", &g.ends)] {
                 if !m.is_empty() {
@@ -363,6 +471,46 @@ impl Report {
                 }
             }
         }
+        if let Some(p) = &self.gateway {
+            let _ = writeln!(s, "\n== gateway process: {} ==", p.source);
+            if let Some(e) = &p.error {
+                let _ = writeln!(s, "  error: {e}");
+            }
+            let mib = |b: f64| b / (1024.0 * 1024.0);
+            let _ = writeln!(
+                s,
+                "  RSS MiB                before {:.1}  peak {:.1}  after {:.1}",
+                mib(p.before.rss_bytes),
+                mib(p.peak_rss_bytes),
+                mib(p.after.rss_bytes)
+            );
+            let _ = writeln!(
+                s,
+                "  CPU                    {:.2} s  mean {:.2} cores  peak {:.2} cores (1 s samples)",
+                p.cpu_s, p.mean_cpu_cores, p.peak_cpu_cores
+            );
+            let _ = writeln!(s, "  descriptors            before {}  peak {}", p.before.fds, p.peak_fds);
+        }
+        if let Some(c) = &self.capacity {
+            let _ = writeln!(s, "\n== capacity ({}) ==", c.mode);
+            let _ = writeln!(s, "  readings from {}", c.source);
+            let _ = writeln!(s, "  stopped: {}", c.stop_reason);
+            let _ = writeln!(s, "  {:>8} {:>12} {:>8} {:>10}", "open", "RSS MiB", "fds", "CPU s");
+            for st in &c.steps {
+                let _ = writeln!(
+                    s,
+                    "  {:>8} {:>12.1} {:>8} {:>10.2}",
+                    st.open,
+                    st.reading.rss_bytes / (1024.0 * 1024.0),
+                    st.reading.fds,
+                    st.reading.cpu_s
+                );
+            }
+            for f in &c.figures {
+                let _ = writeln!(s, "  {:<28} {:>12.2} {}", f.name, f.value, f.unit);
+                let _ = writeln!(s, "      {}", f.how);
+            }
+        }
         if let Some(m) = &self.metrics {
             let _ = writeln!(s, "\n== gateway metrics (change over the run) {} ==", m.url);
             if let Some(e) = &m.error {
@@ -383,6 +531,81 @@ mod tests {
     use crate::client::Outcome;
     use crate::stats::Group;
     use std::time::Duration;
+
+    /// Deterministic samples: a log-uniform spread from ~100 µs to ~1 s.
+    fn samples(seed: u64, n: usize) -> Vec<u64> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+                (100.0 * 10f64.powf(4.0 * u)) as u64
+            })
+            .collect()
+    }
+
+    fn run_of(samples: &[u64], start_ms: u64, ticks: u32) -> RunData {
+        let g = Group::new("legit");
+        g.tick(0);
+        for (i, us) in samples.iter().enumerate() {
+            g.record_attempt(&Outcome::Upgraded, Duration::from_micros(*us));
+            if (i + 1) % (samples.len() / ticks as usize) == 0 {
+                g.tick((i / (samples.len() / ticks as usize)) as u32 + 1);
+            }
+        }
+        let mut d = RunData {
+            scenario: "mixed".into(),
+            started_unix_ms: start_ms,
+            started_unix_s: start_ms / 1000,
+            elapsed_s: ticks as f64,
+            workers: 1,
+            ..Default::default()
+        };
+        d.groups.insert("legit".into(), g.snapshot());
+        d
+    }
+
+    #[test]
+    fn merged_runs_equal_the_combined_samples() {
+        let (a, b) = (samples(1, 20_000), samples(2, 7_000));
+        // b started 3 s after a (a second load machine).
+        let (ra, rb) = (run_of(&a, 1_700_000_000_000, 10), run_of(&b, 1_700_000_003_000, 7));
+        let m = RunData::merge_runs(&[ra.clone(), rb.clone()]);
+        let g = &m.groups["legit"];
+        assert_eq!(g.counter(names::ATTEMPTS), 27_000);
+        assert_eq!(g.counter(names::UPGRADED), 27_000);
+        assert_eq!(m.workers, 2);
+        assert_eq!(m.elapsed_s, 10.0);
+        // Percentiles of the merged histograms are those of one histogram
+        // fed every raw sample...
+        let all = Group::new("all");
+        for us in a.iter().chain(&b) {
+            all.record_attempt(&Outcome::Upgraded, Duration::from_micros(*us));
+        }
+        let merged = Percentiles::of(&g.handshake_us).unwrap();
+        assert_eq!(Some(merged.clone()), Percentiles::of(&all.snapshot().handshake_us));
+        // ...and those of the sorted samples, to the histogram's precision.
+        let mut sorted: Vec<u64> = a.iter().chain(&b).copied().collect();
+        sorted.sort_unstable();
+        for (q, got) in [(0.5, merged.p50), (0.9, merged.p90), (0.99, merged.p99), (0.999, merged.p999)] {
+            let exact = sorted[((q * sorted.len() as f64).ceil() as usize).max(1) - 1] as f64 / 1000.0;
+            assert!((got - exact).abs() <= exact * 0.002 + 0.001, "q{q}: {got} vs {exact}");
+        }
+        assert_eq!(merged.count, 27_000);
+        // Averaging the two runs' p99 would not give this (the point of merging histograms).
+        let (pa, pb) = (
+            Percentiles::of(&ra.groups["legit"].handshake_us).unwrap(),
+            Percentiles::of(&rb.groups["legit"].handshake_us).unwrap(),
+        );
+        assert!(merged.p99 <= pa.p99.max(pb.p99) && merged.p99 >= pa.p99.min(pb.p99));
+        // Seconds aligned by wall clock: at t = 3 s, a's 3rd second plus b's start.
+        let at = |t: u32| g.timeline.iter().find(|x| x.t == t).unwrap().counters[names::ATTEMPTS];
+        assert_eq!(at(3), 6_000);
+        assert_eq!(at(4), 8_000 + 1_000);
+        // After b's end (t = 10 is a's last), b's final counts carry forward.
+        assert_eq!(at(10), 27_000);
+        assert_eq!(g.timeline.len(), 11);
+    }
 
     #[test]
     fn report_from_groups() {

@@ -3,19 +3,23 @@
 //! progress line, scrape the gateway's metrics, and write the outputs.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio::time::{interval_at, sleep, timeout_at, Instant, MissedTickBehavior};
 
-use crate::cli::{Cli, Common, Scenario, MAX_DURATION};
+use crate::cli::{Cli, Command, Common, Scenario, ZombieMode, MAX_DURATION};
 use crate::client::ClientOpts;
 use crate::metrics::{self, Scrape};
+use crate::procstat::{Sampler, Source};
 use crate::progress::{emit_json, ProgressLine};
 use crate::report::{Report, RunData};
 use crate::scenarios::{self, group_names, Ctx, Groups, Share};
 use crate::stats::{sum_progress, Group};
-use crate::target::{parse_http_url, parse_ip_ranges, parse_ws_url, SourcePool, Target};
+use crate::target::{
+    parse_http_url_with, parse_ip_ranges_with, parse_ws_url_with, Reach, SourcePool, Target,
+};
+use crate::tls::Trust;
 use crate::token::{parse_kinds, unix_now, Minter, TokenKind, TokenOpts};
 
 /// After the stop signal, tasks get this long to close before they are dropped.
@@ -36,11 +40,28 @@ pub struct Plan {
     pub sources: SourcePool,
     /// Source addresses of attacks (`mixed`).
     pub attack_sources: SourcePool,
+    /// `mixed`: slowloris, zombie and flood sources.
+    pub slowloris_sources: SourcePool,
+    /// See `slowloris_sources`.
+    pub zombie_sources: SourcePool,
+    /// See `slowloris_sources`.
+    pub flood_sources: SourcePool,
     /// The `/metrics` URL.
     pub metrics: Option<Target>,
     /// Group names in display order.
     pub groups: Vec<String>,
+    /// TLS client configuration (`wss://`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The gateway's process, when it can be read.
+    pub gateway: Option<Source>,
+    /// Wall-clock start (`--start-at`), Unix seconds.
+    pub start_at: Option<f64>,
+    /// Things the report must say loudly.
+    pub warnings: Vec<String>,
 }
+
+/// Latest `--start-at` accepted: a day ahead.
+const MAX_START_AHEAD_S: f64 = 86_400.0;
 
 fn token_opts(c: &Common) -> TokenOpts {
     TokenOpts {
@@ -56,8 +77,9 @@ fn token_opts(c: &Common) -> TokenOpts {
     }
 }
 
-fn client_opts(c: &Common) -> ClientOpts {
+fn client_opts(c: &Common, tls: Option<Arc<rustls::ClientConfig>>) -> ClientOpts {
     ClientOpts {
+        tls,
         connect_timeout: c.connect_timeout,
         response_timeout: c.response_timeout,
         carrier: c.carrier,
@@ -72,6 +94,7 @@ fn kinds_needed(s: &Scenario) -> Result<Vec<TokenKind>, String> {
     Ok(match s {
         Scenario::Handshake(a) => parse_kinds(&a.kinds)?,
         Scenario::Slowloris(a) if !a.with_token => vec![],
+        Scenario::Capacity(a) if a.mode == crate::cli::CapacityMode::Stalled => vec![],
         Scenario::Mixed(a) => {
             let mut k = vec![TokenKind::Valid];
             if a.flood_rate > 0.0 {
@@ -99,6 +122,7 @@ fn sockets_per_process(s: &Scenario, share: &Share) -> u64 {
                 + share.part(a.zombies)
                 + share.part(a.flood_concurrency)
         }
+        Scenario::Capacity(_) => c.unwrap_or(scenarios::capacity::DEFAULT_COUNT),
     }
 }
 
@@ -110,7 +134,12 @@ fn check_rates(s: &Scenario) -> Result<(), String> {
         Scenario::Slowloris(a) => vec![("--rate", a.rate)],
         Scenario::Zombie(a) => vec![("--rate", a.rate)],
         Scenario::Storm(a) => vec![("--rate", a.rate)],
-        Scenario::Mixed(a) => vec![("--flood-rate", a.flood_rate), ("--attack-rate", a.attack_rate)],
+        Scenario::Mixed(a) => vec![
+            ("--flood-rate", a.flood_rate),
+            ("--attack-rate", a.attack_rate),
+            ("--legit-rate", a.legit_rate),
+        ],
+        Scenario::Capacity(a) => vec![("--rate", a.rate), ("--msg-rate", a.msg_rate)],
     };
     for (name, r) in rates {
         if !r.is_finite() || r < 0.0 {
@@ -130,10 +159,36 @@ fn check_rates(s: &Scenario) -> Result<(), String> {
     Ok(())
 }
 
+fn pool(spec: &str, reach: Reach, target: &Target) -> Result<SourcePool, String> {
+    SourcePool::new(parse_ip_ranges_with(spec, reach).map_err(|e| e.to_string())?, &target.addr)
+        .map_err(|e| e.to_string())
+}
+
 /// Validates the command line into a plan.
 pub fn plan(s: Scenario) -> Result<Plan, String> {
     let c = s.common();
-    let target = parse_ws_url(&c.url).map_err(|e| e.to_string())?;
+    let reach = if c.allow_remote { Reach::Remote } else { Reach::Loopback };
+    let target = parse_ws_url_with(&c.url, reach).map_err(|e| e.to_string())?;
+    let mut warnings = Vec::new();
+    let tls = if target.tls {
+        let trust = match (&c.ca, c.insecure) {
+            (_, true) => Trust::Insecure,
+            (Some(p), false) => Trust::CaFile(p.clone()),
+            (None, false) => Trust::System,
+        };
+        if trust == Trust::Insecure {
+            warnings.push(
+                "--insecure: the gateway's TLS certificate was NOT verified (any certificate accepted)"
+                    .into(),
+            );
+        }
+        Some(crate::tls::client_config(&trust)?)
+    } else {
+        if c.ca.is_some() || c.insecure {
+            return Err("--ca and --insecure apply to wss:// targets only".into());
+        }
+        None
+    };
     let duration = s.duration();
     if duration.is_zero() || duration > MAX_DURATION {
         return Err(format!("--duration must be between 0 and {} s", MAX_DURATION.as_secs()));
@@ -142,25 +197,93 @@ pub fn plan(s: Scenario) -> Result<Plan, String> {
         return Err("--workers must be between 1 and 64".into());
     }
     let metrics = match &c.metrics {
-        Some(u) => Some(parse_http_url(u).map_err(|e| e.to_string())?),
+        Some(u) => Some(parse_http_url_with(u, reach).map_err(|e| e.to_string())?),
         None => None,
     };
     let sources = match &c.source_ips {
-        Some(spec) => SourcePool::new(parse_ip_ranges(spec).map_err(|e| e.to_string())?, &target.addr)
-            .map_err(|e| e.to_string())?,
+        Some(spec) => pool(spec, reach, &target)?,
         None => SourcePool::default(),
     };
-    let attack_sources = match &s {
-        Scenario::Mixed(a) if a.attack_source_ips.is_some() => {
-            let spec = a.attack_source_ips.as_deref().unwrap_or_default();
-            SourcePool::new(parse_ip_ranges(spec).map_err(|e| e.to_string())?, &target.addr)
-                .map_err(|e| e.to_string())?
+    let (mut attack_sources, mut slowloris_sources, mut zombie_sources, mut flood_sources) =
+        (sources.clone(), sources.clone(), sources.clone(), sources.clone());
+    if let Scenario::Mixed(a) = &s {
+        if let Some(spec) = &a.attack_source_ips {
+            attack_sources = pool(spec, reach, &target)?;
         }
-        _ => sources.clone(),
+        let pick = |o: &Option<String>| match o {
+            Some(spec) => pool(spec, reach, &target),
+            None => Ok(attack_sources.clone()),
+        };
+        slowloris_sources = pick(&a.slowloris_source_ips)?;
+        zombie_sources = pick(&a.zombie_source_ips)?;
+        flood_sources = pick(&a.flood_source_ips)?;
+    }
+    let no_read = match &s {
+        Scenario::Zombie(a) => a.mode == ZombieMode::NoRead,
+        Scenario::Mixed(a) => a.zombies > 0 && a.zombie_mode == ZombieMode::NoRead,
+        _ => false,
     };
+    if no_read && target.tls {
+        return Err("no-read zombies write raw frames and are not supported over wss://".into());
+    }
+    let gateway = match (c.gateway_pid, &metrics) {
+        (Some(pid), _) => Some(Source::Proc(pid)),
+        (None, Some(m)) => Some(Source::Metrics(m.clone())),
+        (None, None) => None,
+    };
+    if let Scenario::Capacity(_) = &s {
+        if gateway.is_none() {
+            return Err(
+                "capacity reads the gateway: give --metrics URL (its admin /metrics) or --gateway-pid".into(),
+            );
+        }
+        if c.workers > 1 {
+            return Err(
+                "capacity runs in one process (its steps are measured together); drop --workers".into()
+            );
+        }
+    }
+    if let Some(at) = c.start_at {
+        let now = unix_now_f64();
+        if !at.is_finite() || at > now + MAX_START_AHEAD_S {
+            return Err(format!("--start-at {at} is more than 24 h ahead (now {now:.0})"));
+        }
+        if at < now - 1.0 && c.worker_index.is_none() {
+            return Err(format!("--start-at {at} has passed (now {now:.0})"));
+        }
+    }
     check_rates(&s)?;
     let groups = group_names(&s)?;
-    Ok(Plan { target, duration, sources, attack_sources, metrics, groups, scenario: s })
+    Ok(Plan {
+        target,
+        duration,
+        sources,
+        attack_sources,
+        slowloris_sources,
+        zombie_sources,
+        flood_sources,
+        metrics,
+        groups,
+        tls,
+        gateway,
+        start_at: c.start_at,
+        warnings,
+        scenario: s,
+    })
+}
+
+fn unix_now_f64() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Waits for `--start-at` (wall clock), if any.
+async fn wait_start(at: Option<f64>) {
+    if let Some(at) = at {
+        let wait = at - unix_now_f64();
+        if wait > 0.0 {
+            sleep(Duration::from_secs_f64(wait)).await;
+        }
+    }
 }
 
 /// Raises the soft open-file limit to the hard one; returns the limit in force.
@@ -180,16 +303,25 @@ pub async fn run_local(
     quiet: bool,
     json_progress: bool,
 ) -> RunData {
+    wait_start(plan.start_at).await;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     let start = Instant::now();
     let started_unix_s = unix_now();
+    let started_unix_ms = (unix_now_f64() * 1000.0) as u64;
     let groups: Groups = plan.groups.iter().map(|n| (n.clone(), Arc::new(Group::new(n.clone())))).collect();
     let ctx = Arc::new(Ctx {
         target: plan.target.clone(),
         sources: plan.sources.clone(),
         attack_sources: plan.attack_sources.clone(),
+        slowloris_sources: plan.slowloris_sources.clone(),
+        zombie_sources: plan.zombie_sources.clone(),
+        flood_sources: plan.flood_sources.clone(),
+        gateway: plan.gateway.clone(),
+        sizing: std::sync::Mutex::new(None),
+        stop_tx: stop_tx.clone(),
         minter,
-        client: client_opts(plan.scenario.common()),
+        client: client_opts(plan.scenario.common(), plan.tls.clone()),
         share,
         stop: stop_rx,
         start,
@@ -255,12 +387,15 @@ pub async fn run_local(
     let _ = done_tx.send(true);
     let _ = ticker.await;
     stopper.abort();
+    let capacity = ctx.sizing.lock().map(|mut s| s.take()).unwrap_or(None);
     RunData {
         scenario: plan.scenario.name().to_string(),
         started_unix_s,
+        started_unix_ms,
         elapsed_s: elapsed.as_secs_f64(),
         workers: 1,
         groups: groups.iter().map(|(n, g)| (n.clone(), g.snapshot())).collect(),
+        capacity,
     }
 }
 
@@ -279,7 +414,14 @@ async fn scrape_into(m: &mut Scrape, t: &Target, before: bool) {
 
 /// The whole command: returns an error message for exit code 2.
 pub async fn run(cli: Cli) -> Result<(), String> {
-    let plan = plan(cli.scenario)?;
+    match cli.command {
+        Command::Merge(m) => crate::merge::run(&m),
+        Command::Run(s) => run_scenario(s).await,
+    }
+}
+
+async fn run_scenario(scenario: Scenario) -> Result<(), String> {
+    let plan = plan(scenario)?;
     let c = plan.scenario.common().clone();
     let minter = Minter::new(&token_opts(&c))?;
     minter.check(&kinds_needed(&plan.scenario)?)?;
@@ -311,14 +453,34 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         .metrics
         .as_ref()
         .map(|t| Scrape { url: format!("http://{}{}", t.host_header, t.path), ..Default::default() });
+    for w in &plan.warnings {
+        eprintln!("portcullis-loadtest: WARNING: {w}");
+    }
+    if let Some(at) = plan.start_at {
+        eprintln!("portcullis-loadtest: starting at Unix time {at} (in {:.1} s)", at - unix_now_f64());
+    }
     if let (Some(m), Some(t)) = (scrape.as_mut(), plan.metrics.as_ref()) {
+        wait_start(plan.start_at).await;
         scrape_into(m, t, true).await;
     }
+    let sampler = match &plan.gateway {
+        Some(src) => {
+            wait_start(plan.start_at).await;
+            Some(Sampler::start(src.clone()).await)
+        }
+        None => None,
+    };
     let data = if c.workers > 1 {
         drop(minter);
-        crate::workers::run_parent(c.workers, plan.duration + GRACE, c.quiet, plan.scenario.name()).await?
+        let wait = plan.start_at.map(|at| (at - unix_now_f64()).max(0.0)).unwrap_or(0.0);
+        let bound = plan.duration + GRACE + Duration::from_secs_f64(wait);
+        crate::workers::run_parent(c.workers, bound, c.quiet, plan.scenario.name()).await?
     } else {
         run_local(&plan, minter, Share::ALL, c.quiet, false).await
+    };
+    let gateway = match (sampler, &plan.gateway) {
+        (Some(s), Some(src)) => Some(s.finish(src).await),
+        _ => None,
     };
     if let (Some(m), Some(t)) = (scrape.as_mut(), plan.metrics.as_ref()) {
         // The gateway counts a disconnect when it notices it: give it a moment.
@@ -328,7 +490,9 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         }
     }
     let params = serde_json::to_value(&plan.scenario).unwrap_or_default();
-    let report = Report::new(&data, &plan.groups, plan.target.to_string(), params, scrape);
+    let mut report = Report::new(&data, &plan.groups, plan.target.to_string(), params, scrape);
+    report.gateway = gateway;
+    report.warnings = plan.warnings.clone();
     print!("{}", report.table());
     if let Some(p) = &c.json {
         let text = serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())?;

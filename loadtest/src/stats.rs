@@ -129,6 +129,9 @@ pub struct GroupData {
     pub rtt_us: HistData,
     /// Lifetime (µs) of connections the server ended (time to reap).
     pub lifetime_us: HistData,
+    /// TLS handshake alone (µs), `wss://` only; `handshake_us` includes it.
+    #[serde(default)]
+    pub tls_us: HistData,
     /// One sample per second.
     pub timeline: Vec<RawTick>,
 }
@@ -139,9 +142,52 @@ fn add_map(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
     }
 }
 
+/// A timeline's value at second `t`: the tick itself, or between ticks the
+/// last one's counters (cumulative, they hold) with no latencies, or after
+/// the end the final counters with nothing open; nothing before the start.
+fn tick_at(line: &[RawTick], t: u32) -> Option<RawTick> {
+    if let Some(x) = line.iter().find(|x| x.t == t) {
+        return Some(x.clone());
+    }
+    let prev = line.iter().filter(|x| x.t < t).max_by_key(|x| x.t)?;
+    let ended = line.iter().all(|x| x.t < t);
+    Some(RawTick {
+        t,
+        open: if ended { 0 } else { prev.open },
+        counters: prev.counters.clone(),
+        ..Default::default()
+    })
+}
+
+/// Sums two timelines second by second over the union of their seconds
+/// (see [`tick_at`] for seconds only one of them has).
+pub fn merge_timelines(a: &[RawTick], b: &[RawTick]) -> Vec<RawTick> {
+    let mut ts: Vec<u32> = a.iter().chain(b).map(|x| x.t).collect();
+    ts.sort_unstable();
+    ts.dedup();
+    ts.into_iter()
+        .map(|t| {
+            let mut out = RawTick { t, ..Default::default() };
+            for x in [tick_at(a, t), tick_at(b, t)].into_iter().flatten() {
+                out.open += x.open;
+                add_map(&mut out.counters, &x.counters);
+                out.handshake_us.merge(&x.handshake_us);
+                out.rtt_us.merge(&x.rtt_us);
+            }
+            out
+        })
+        .collect()
+}
+
 impl GroupData {
     /// Adds another worker's data for the same group.
     pub fn merge(&mut self, o: &GroupData) {
+        self.merge_shifted(o, 0);
+    }
+
+    /// Adds another run's data for the same group whose timeline starts
+    /// `shift` seconds after this one's (wall-clock alignment).
+    pub fn merge_shifted(&mut self, o: &GroupData, shift: u32) {
         add_map(&mut self.counters, &o.counters);
         add_map(&mut self.status, &o.status);
         add_map(&mut self.reasons, &o.reasons);
@@ -153,18 +199,10 @@ impl GroupData {
         self.handshake_us.merge(&o.handshake_us);
         self.rtt_us.merge(&o.rtt_us);
         self.lifetime_us.merge(&o.lifetime_us);
-        for tick in &o.timeline {
-            match self.timeline.iter_mut().find(|t| t.t == tick.t) {
-                Some(mine) => {
-                    mine.open += tick.open;
-                    add_map(&mut mine.counters, &tick.counters);
-                    mine.handshake_us.merge(&tick.handshake_us);
-                    mine.rtt_us.merge(&tick.rtt_us);
-                }
-                None => self.timeline.push(tick.clone()),
-            }
-        }
-        self.timeline.sort_by_key(|t| t.t);
+        self.tls_us.merge(&o.tls_us);
+        let shifted: Vec<RawTick> =
+            o.timeline.iter().map(|x| RawTick { t: x.t + shift, ..x.clone() }).collect();
+        self.timeline = merge_timelines(&self.timeline, &shifted);
         // Workers peak at different moments: the merged peak is the highest
         // summed sample, and at least the highest single worker's peak.
         let sampled = self.timeline.iter().map(|t| t.open).max().unwrap_or(0);
@@ -199,6 +237,7 @@ struct Inner {
     handshake: Histogram<u64>,
     rtt: Histogram<u64>,
     lifetime: Histogram<u64>,
+    tls: Histogram<u64>,
     /// This second's latencies, reset at every tick.
     tick_handshake: Histogram<u64>,
     tick_rtt: Histogram<u64>,
@@ -246,6 +285,7 @@ impl Group {
                 handshake: new_hist(),
                 rtt: new_hist(),
                 lifetime: new_hist(),
+                tls: new_hist(),
                 tick_handshake: new_hist(),
                 tick_rtt: new_hist(),
                 timeline: Vec::new(),
@@ -287,6 +327,15 @@ impl Group {
                 i.tick_handshake.saturating_record(micros(took));
             }
         });
+    }
+
+    /// Records an attempt timed by [`crate::client::open`]: its result and
+    /// total latency, and the TLS handshake apart when there was one.
+    pub fn record_open(&self, outcome: &Outcome, t: &crate::client::Timing) {
+        self.record_attempt(outcome, t.total);
+        if let Some(d) = t.tls {
+            self.with(|i| i.tls.saturating_record(micros(d)));
+        }
     }
 
     /// Records a message round trip.
@@ -376,6 +425,7 @@ impl Group {
             handshake_us: HistData::from_hist(&i.handshake),
             rtt_us: HistData::from_hist(&i.rtt),
             lifetime_us: HistData::from_hist(&i.lifetime),
+            tls_us: HistData::from_hist(&i.tls),
             timeline: i.timeline.clone(),
         })
     }

@@ -1,9 +1,12 @@
-//! Where traffic may go: the `ws://` target, the `http://` metrics URL and the
-//! source-address ranges, all parsed here and all held to the workplace rule
-//! that a load test only ever talks to this machine.
+//! Where traffic may go: the `ws://` / `wss://` target, the `http://`
+//! metrics URL and the source-address ranges, all parsed here and all held
+//! to one [`Reach`] policy.
 //!
-//! **Invariant:** every address this tool connects to or binds passes
-//! [`ensure_loopback`] (127.0.0.0/8 or `::1`). There is no flag to lift it.
+//! **Invariant:** by default every address this tool connects to or binds is
+//! loopback (127.0.0.0/8 or `::1`, see [`ensure_allowed`]): a typo in a URL
+//! must not aim an attack at a machine the operator does not own. Only
+//! `--allow-remote` ([`Reach::Remote`]) lifts it, and then source addresses
+//! must still be addresses of this host ([`ensure_local`]).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -28,30 +31,66 @@ fn err<T>(msg: impl Into<String>) -> Result<T, TargetError> {
     Err(TargetError(msg.into()))
 }
 
-/// A parsed `ws://host:port/path?query` target.
+/// Which addresses a run may talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reach {
+    /// Loopback only (the default).
+    #[default]
+    Loopback,
+    /// Any target (`--allow-remote`); sources must be local addresses.
+    Remote,
+}
+
+/// A parsed `ws://` or `wss://host:port/path?query` target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// The socket address connected to (always loopback).
+    /// The socket address connected to.
     pub addr: SocketAddr,
     /// The `Host` header value, as the user wrote it (`127.0.0.1:8080`).
     pub host_header: String,
     /// Path and query sent in the request line (`/`, `/ws?x=1`).
     pub path: String,
+    /// `wss://`: TLS before the upgrade.
+    pub tls: bool,
+    /// The host without port or brackets: TLS server name (SNI, certificate check).
+    pub host: String,
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ws://{}{}", self.host_header, self.path)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        write!(f, "{scheme}://{}{}", self.host_header, self.path)
     }
 }
 
 /// Refuses anything but loopback (127.0.0.0/8, `::1`, and IPv4-mapped
-/// loopback). This is a hard rule of the workplace, not a default.
+/// loopback).
 pub fn ensure_loopback(ip: IpAddr, what: &str) -> Result<(), TargetError> {
     if ip.to_canonical().is_loopback() {
         Ok(())
     } else {
-        err(format!("{what}: {ip} is not a loopback address; only 127.0.0.0/8 and ::1 are allowed"))
+        err(format!(
+            "{what}: {ip} is not a loopback address. By default the load tester only talks to \
+             this machine (127.0.0.0/8, ::1), so that a mistyped URL cannot aim an attack at a \
+             host you do not run; pass --allow-remote to load a gateway on another host"
+        ))
+    }
+}
+
+/// Applies the reach policy to an address connected to.
+pub fn ensure_allowed(ip: IpAddr, what: &str, reach: Reach) -> Result<(), TargetError> {
+    match reach {
+        Reach::Loopback => ensure_loopback(ip, what),
+        Reach::Remote => Ok(()),
+    }
+}
+
+/// Checks that `ip` is an address of this host, by binding a socket to it
+/// (the kernel refuses non-local addresses with EADDRNOTAVAIL).
+pub fn ensure_local(ip: IpAddr) -> Result<(), TargetError> {
+    match std::net::TcpListener::bind(SocketAddr::new(ip, 0)) {
+        Ok(_) => Ok(()),
+        Err(e) => err(format!("source IP {ip} is not an address of this host ({e})")),
     }
 }
 
@@ -62,10 +101,11 @@ fn split_url(
     scheme: &str,
     default_port: u16,
     what: &str,
-) -> Result<(SocketAddr, String, String), TargetError> {
+    reach: Reach,
+) -> Result<(SocketAddr, String, String, String), TargetError> {
     let Some(rest) = url.strip_prefix(scheme).and_then(|r| r.strip_prefix("://")) else {
-        if url.starts_with("wss://") || url.starts_with("https://") {
-            return err(format!("{what}: TLS targets are not supported (use ws:// / http://): {url}"));
+        if url.starts_with("https://") {
+            return err(format!("{what}: https:// is not supported (use http://): {url}"));
         }
         return err(format!("{what}: expected {scheme}://HOST[:PORT][/PATH], got {url:?}"));
     };
@@ -105,33 +145,72 @@ fn split_url(
     };
     let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else if let Ok(ip) = host.parse() {
+        ip
+    } else if reach == Reach::Remote {
+        resolve(host, port, what)?
     } else {
-        host.parse().map_err(|_| {
-            TargetError(format!(
-                "{what}: host {host:?} must be an IP literal or localhost (no DNS: loopback only)"
-            ))
-        })?
+        return err(format!(
+            "{what}: host {host:?} must be an IP literal or localhost (no DNS without --allow-remote)"
+        ));
     };
-    ensure_loopback(ip, what)?;
-    Ok((SocketAddr::new(ip, port), authority.to_string(), path))
+    ensure_allowed(ip, what, reach)?;
+    Ok((SocketAddr::new(ip, port), authority.to_string(), path, host.to_string()))
 }
 
-/// Parses a `ws://` target (`ws://127.0.0.1:8080/`, `ws://[::1]:8080/ws`).
+/// Resolves a host name once, before the run (first address wins).
+fn resolve(host: &str, port: u16, what: &str) -> Result<IpAddr, TargetError> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| TargetError(format!("{what}: cannot resolve {host:?}: {e}")))?;
+    addrs.next().map(|a| a.ip()).ok_or_else(|| TargetError(format!("{what}: {host:?} has no address")))
+}
+
+/// Parses a loopback `ws://` / `wss://` target (`ws://127.0.0.1:8080/`,
+/// `wss://[::1]:8443/ws`).
 pub fn parse_ws_url(url: &str) -> Result<Target, TargetError> {
-    let (addr, host_header, path) = split_url(url, "ws", 80, "target")?;
-    Ok(Target { addr, host_header, path })
+    parse_ws_url_with(url, Reach::Loopback)
 }
 
-/// Parses an `http://` URL (the admin `/metrics` endpoint).
+/// Parses a `ws://` / `wss://` target under the given reach policy.
+pub fn parse_ws_url_with(url: &str, reach: Reach) -> Result<Target, TargetError> {
+    let (scheme, port, tls) = if url.starts_with("wss://") { ("wss", 443, true) } else { ("ws", 80, false) };
+    let (addr, host_header, path, host) = split_url(url, scheme, port, "target", reach)?;
+    Ok(Target { addr, host_header, path, tls, host })
+}
+
+/// Parses a loopback `http://` URL (the admin `/metrics` endpoint).
 pub fn parse_http_url(url: &str) -> Result<Target, TargetError> {
-    let (addr, host_header, path) = split_url(url, "http", 80, "metrics URL")?;
-    Ok(Target { addr, host_header, path })
+    parse_http_url_with(url, Reach::Loopback)
 }
 
-/// Expands `127.0.0.2-127.0.0.41,127.0.0.50,::1` into addresses. Each item is
-/// an address or an inclusive `FIRST-LAST` range of one family; every address
-/// must be loopback.
+/// Parses an `http://` URL under the given reach policy.
+pub fn parse_http_url_with(url: &str, reach: Reach) -> Result<Target, TargetError> {
+    let (addr, host_header, path, host) = split_url(url, "http", 80, "metrics URL", reach)?;
+    Ok(Target { addr, host_header, path, tls: false, host })
+}
+
+/// Expands `127.0.0.2-127.0.0.41,127.0.0.50,::1` into loopback addresses.
 pub fn parse_ip_ranges(spec: &str) -> Result<Vec<IpAddr>, TargetError> {
+    parse_ip_ranges_with(spec, Reach::Loopback)
+}
+
+/// Expands address ranges under the reach policy. Each item is an address or
+/// an inclusive `FIRST-LAST` range of one family. Loopback: every address
+/// must be loopback. Remote: every address must be one of this host's
+/// (checked by binding it, see [`ensure_local`]).
+pub fn parse_ip_ranges_with(spec: &str, reach: Reach) -> Result<Vec<IpAddr>, TargetError> {
+    let out = expand_ranges(spec, reach)?;
+    if reach == Reach::Remote {
+        for ip in &out {
+            ensure_local(*ip)?;
+        }
+    }
+    Ok(out)
+}
+
+fn expand_ranges(spec: &str, reach: Reach) -> Result<Vec<IpAddr>, TargetError> {
     let mut out = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (a, b) = match item.split_once('-') {
@@ -140,8 +219,8 @@ pub fn parse_ip_ranges(spec: &str) -> Result<Vec<IpAddr>, TargetError> {
         };
         let first: IpAddr = a.parse().map_err(|_| TargetError(format!("source IPs: bad address {a:?}")))?;
         let last: IpAddr = b.parse().map_err(|_| TargetError(format!("source IPs: bad address {b:?}")))?;
-        ensure_loopback(first, "source IPs")?;
-        ensure_loopback(last, "source IPs")?;
+        ensure_allowed(first, "source IPs", reach)?;
+        ensure_allowed(last, "source IPs", reach)?;
         match (first, last) {
             (IpAddr::V4(f), IpAddr::V4(l)) => {
                 let (f, l) = (u32::from(f), u32::from(l));
@@ -154,8 +233,10 @@ pub fn parse_ip_ranges(spec: &str) -> Result<Vec<IpAddr>, TargetError> {
                 out.extend((f..=l).map(|n| IpAddr::V4(Ipv4Addr::from(n))));
             }
             (IpAddr::V6(f), IpAddr::V6(l)) => {
-                // Loopback IPv6 is the single address ::1.
-                if f != l || f != Ipv6Addr::LOCALHOST {
+                // Loopback IPv6 is the single address ::1; elsewhere list
+                // IPv6 addresses one by one.
+                let allowed = f == l && (reach == Reach::Remote || f == Ipv6Addr::LOCALHOST);
+                if !allowed {
                     return err(format!("source IPs: IPv6 ranges are not supported ({item:?})"));
                 }
                 out.push(IpAddr::V6(f));
@@ -233,7 +314,7 @@ mod tests {
     fn ws_urls_refused() {
         for bad in [
             "http://127.0.0.1:8080/",
-            "wss://127.0.0.1:8080/",
+            "wss://10.0.0.1:8443/",
             "ws://10.0.0.1:8080/",
             "ws://192.168.1.1/",
             "ws://8.8.8.8:80/",
@@ -249,7 +330,25 @@ mod tests {
             assert!(parse_ws_url(bad).is_err(), "{bad} should be refused");
         }
         let e = parse_ws_url("ws://10.1.2.3:80/").unwrap_err();
-        assert!(e.0.contains("not a loopback"), "{e}");
+        assert!(e.0.contains("not a loopback") && e.0.contains("--allow-remote"), "{e}");
+    }
+
+    #[test]
+    fn remote_and_tls_urls() {
+        let t = parse_ws_url("wss://127.0.0.1:8443/ws").unwrap();
+        assert!(t.tls);
+        assert_eq!((t.host.as_str(), t.addr.port()), ("127.0.0.1", 8443));
+        assert_eq!(t.to_string(), "wss://127.0.0.1:8443/ws");
+        assert_eq!(parse_ws_url("wss://localhost/").unwrap().addr.port(), 443);
+        assert!(parse_ws_url("ws://10.0.0.5:8080/").is_err());
+        let t = parse_ws_url_with("ws://10.0.0.5:8080/", Reach::Remote).unwrap();
+        assert_eq!(t.addr, "10.0.0.5:8080".parse().unwrap());
+        assert!(parse_http_url_with("http://10.0.0.5:9090/metrics", Reach::Remote).is_ok());
+        // Source addresses must be this host's, even when the target may be remote.
+        assert!(parse_ip_ranges_with("127.0.0.1", Reach::Remote).is_ok());
+        let e = parse_ip_ranges_with("192.0.2.77", Reach::Remote).unwrap_err();
+        assert!(e.0.contains("not an address of this host"), "{e}");
+        assert!(parse_ip_ranges("192.0.2.77").is_err());
     }
 
     #[test]
@@ -259,6 +358,7 @@ mod tests {
         assert_eq!(t.path, "/metrics");
         assert!(parse_http_url("http://172.16.0.1:9090/metrics").is_err());
         assert!(parse_http_url("https://127.0.0.1/metrics").is_err());
+        assert!(parse_http_url("ws://127.0.0.1/metrics").is_err());
     }
 
     #[test]

@@ -99,9 +99,9 @@ async fn attempt(ctx: &Ctx, g: &Group, kind: TokenKind, user: u64, source: Optio
     let (res, took) = client::open(&ctx.target, source, token.as_deref(), &ctx.client).await;
     match res {
         Ok(mut conn) => {
-            g.record_attempt(&Outcome::Upgraded, took);
+            g.record_open(&Outcome::Upgraded, &took);
             conn.close(1000, CLOSE_WAIT).await;
         }
-        Err(o) => g.record_attempt(&o, took),
+        Err(o) => g.record_open(&o, &took),
     }
 }

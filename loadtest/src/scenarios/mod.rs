@@ -6,6 +6,7 @@
 //! the driver in `run.rs` additionally drops whatever is left after a short
 //! grace period, so a run can never outlive its bound by much.
 
+pub mod capacity;
 pub mod echo;
 pub mod handshake;
 pub mod idle;
@@ -16,7 +17,7 @@ pub mod zombie;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -73,6 +74,18 @@ pub struct Ctx {
     pub sources: SourcePool,
     /// Source addresses of attacks in `mixed`.
     pub attack_sources: SourcePool,
+    /// `mixed`: slowloris sources (default `attack_sources`).
+    pub slowloris_sources: SourcePool,
+    /// `mixed`: zombie sources (default `attack_sources`).
+    pub zombie_sources: SourcePool,
+    /// `mixed`: flood sources (default `attack_sources`).
+    pub flood_sources: SourcePool,
+    /// The gateway's process, when it can be read (`capacity`).
+    pub gateway: Option<crate::procstat::Source>,
+    /// What `capacity` found.
+    pub sizing: Mutex<Option<capacity::Sizing>>,
+    /// Ends the run early (a scenario that finished its own measurement).
+    pub stop_tx: Arc<watch::Sender<bool>>,
     /// Token minting.
     pub minter: Minter,
     /// Client knobs.
@@ -89,6 +102,17 @@ impl Ctx {
     /// True once the run must stop.
     pub fn stopped(&self) -> bool {
         *self.stop.borrow()
+    }
+
+    /// Tells every task to stop now.
+    pub fn end_run(&self) {
+        let _ = self.stop_tx.send(true);
+    }
+
+    /// Stores `capacity`'s result.
+    pub fn set_sizing(&self, s: capacity::Sizing) {
+        // A poisoned lock only means a task panicked; the slot is still usable.
+        *self.sizing.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
     }
 }
 
@@ -155,11 +179,11 @@ pub async fn connect(
     let (res, took) = client::open(&ctx.target, source, token.as_deref(), &ctx.client).await;
     match res {
         Ok(conn) => {
-            g.record_attempt(&Outcome::Upgraded, took);
+            g.record_open(&Outcome::Upgraded, &took);
             Some(conn)
         }
         Err(o) => {
-            g.record_attempt(&o, took);
+            g.record_open(&o, &took);
             None
         }
     }
@@ -213,6 +237,7 @@ pub async fn run(s: &Scenario, ctx: Arc<Ctx>, groups: &Groups) {
         Scenario::Zombie(a) => zombie::run(ctx, a, group(groups, "zombie")).await,
         Scenario::Storm(a) => storm::run(ctx, a, group(groups, "storm")).await,
         Scenario::Mixed(a) => mixed::run(ctx, a, groups).await,
+        Scenario::Capacity(a) => capacity::run(ctx, a, group(groups, "capacity")).await,
     }
 }
 

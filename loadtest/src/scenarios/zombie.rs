@@ -115,7 +115,7 @@ async fn peer_closed(stream: &TcpStream) -> bool {
 async fn no_read(ctx: &Ctx, g: &Group, gi: u64, source: Option<IpAddr>, nr: &NoReadArgs) {
     let t0 = Instant::now();
     let rcvbuf = nr.rcvbuf.min(u32::MAX as usize) as u32;
-    let mut stream =
+    let stream =
         match client::tcp_connect(ctx.target.addr, source, Some(rcvbuf), ctx.client.connect_timeout).await {
             Ok(s) => s,
             Err(o) => {
@@ -127,10 +127,16 @@ async fn no_read(ctx: &Ctx, g: &Group, gi: u64, source: Option<IpAddr>, nr: &NoR
         Ok(t) => t,
         Err(_) => return,
     };
-    if let Err(o) = client::handshake(&mut stream, &ctx.target, token.as_deref(), &ctx.client).await {
+    // Plain TCP only (the driver refuses no-read zombies over wss://): the
+    // frames below are written raw.
+    let mut wrapped = client::Stream::Plain(stream);
+    if let Err(o) = client::handshake(&mut wrapped, &ctx.target, token.as_deref(), &ctx.client).await {
         g.record_attempt(&o, t0.elapsed());
         return;
     }
+    let Some(stream) = wrapped.into_plain() else {
+        return;
+    };
     g.record_attempt(&Outcome::Upgraded, t0.elapsed());
     g.opened();
     let since = Instant::now();
