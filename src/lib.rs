@@ -35,6 +35,7 @@ pub mod events;
 pub mod fdlimit;
 pub mod gateway;
 pub mod handshake;
+pub mod header;
 pub mod login;
 pub mod metrics;
 pub mod reject;
