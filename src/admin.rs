@@ -78,7 +78,7 @@ fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::header::bearer)
         .unwrap_or("");
     bool::from(got.as_bytes().ct_eq(want))
 }

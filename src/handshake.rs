@@ -49,7 +49,7 @@ impl RequestHead {
 
     /// Does any header of that name hold `token` in its comma list?
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers_named(name).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+        self.headers_named(name).any(|v| crate::header::list_has_token(v, token))
     }
 }
 

@@ -36,6 +36,7 @@ pub mod events;
 pub mod fdlimit;
 pub mod gateway;
 pub mod handshake;
+pub mod header;
 pub mod login;
 pub mod metrics;
 pub mod pipeline;

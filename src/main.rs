@@ -233,3 +233,21 @@ async fn serve(cfg: Config, path: Option<PathBuf>, demo: bool) -> anyhow::Result
     reloader.abort();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_in_units_or_seconds() {
+        for (s, secs) in
+            [("90s", 90), ("30m", 1800), ("1h", 3600), ("2d", 172_800), ("1h 30m", 5400), ("3600", 3600)]
+        {
+            assert_eq!(parse_duration(s), Ok(Duration::from_secs(secs)), "{s}");
+        }
+        for bad in ["0", "0s", "", "abc", "1x", "-5", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -240,6 +240,12 @@ fn serve_under_nofile(nofile: u32, extra: &str) -> (Proc, Vec<String>, tempfile:
 
 #[tokio::test]
 async fn the_default_connection_cap_fits_the_descriptor_limit() {
+    // `ulimit -n 256` needs a hard limit of at least that (any sane host).
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    if hard < 256 {
+        eprintln!("skipped: the hard open-file limit is {hard}");
+        return;
+    }
     let warning = "needs more file descriptors";
     // Echo mode: one descriptor per connection, 64 held back.
     let (p, lines, _dir) = serve_under_nofile(256, "");

@@ -759,3 +759,34 @@ fn the_annotated_example_config_checks_out_and_names_every_key() {
         }
     }
 }
+
+// ------------------------------------------------------ the admin token
+
+#[tokio::test]
+async fn the_admin_token_guards_admin_paths_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.admin.token = "adm1n-s3cret".into();
+    let gw = start(cfg).await;
+    let get = |auth: Option<&'static str>| {
+        let admin = gw.admin;
+        async move {
+            let headers: Vec<(&str, &str)> = auth.map(|a| vec![("Authorization", a)]).unwrap_or_default();
+            http(admin, "GET", "/admin/connections", &headers, "").await
+        }
+    };
+    let refused = get(None).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.header("www-authenticate").as_deref(), Some("Bearer realm=\"portcullis-admin\""));
+    for wrong in ["Bearer adm1n-s3cre", "Basic adm1n-s3cret", "Bearer adm1n-s3cret extra", "adm1n-s3cret"] {
+        assert_eq!(get(Some(wrong)).await.status, 401, "{wrong}");
+    }
+    // The scheme is case-insensitive (RFC 7235), as for the token carrier.
+    for right in ["Bearer adm1n-s3cret", "bearer adm1n-s3cret", "BEARER  adm1n-s3cret"] {
+        assert_eq!(get(Some(right)).await.status, 200, "{right}");
+    }
+    // Metrics and probes stay open: the admin port is firewalled instead.
+    assert_eq!(http(gw.admin, "GET", "/metrics", &[], "").await.status, 200);
+    assert_eq!(http(gw.admin, "GET", "/readyz", &[], "").await.status, 200);
+    gw.stop().await;
+}
