@@ -50,6 +50,9 @@ pub const NAMES: &[&str] = &[
     CONFIG_RELOADS_TOTAL,
     STORE_UP,
     STORE_ERRORS_TOTAL,
+    HANDSHAKE_PRESSURE,
+    HANDSHAKE_DEADLINE,
+    FD_EXHAUSTED_TOTAL,
 ];
 
 /// Handshake latency: from accept to the verdict; sub-millisecond refusals
