@@ -164,11 +164,14 @@ async fn revoke(shared: &Shared, req: Request<Incoming>) -> Resp {
             )
         }
     };
-    if let Err(e) = shared.store.revoke(r.clone()).await {
-        tracing::error!(error = %e, "revocation not persisted");
-        return json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({ "error": e.to_string() }));
-    }
-    let closed = shared.registry.kick_revoked(&r);
+    // Counted across the store's own broadcast, which may kick first.
+    let closed = match shared.registry.revoke_counting(&r, shared.store.revoke(r.clone())).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "revocation not persisted");
+            return json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({ "error": e.to_string() }));
+        }
+    };
     shared.metrics.set_revocations(shared.store.len());
     tracing::info!(
         event = "revoke",

@@ -99,11 +99,17 @@ impl Shared {
         let result = (|| {
             // Everything that can fail is loaded first; only then applied.
             // Embedders call this directly, not only `Config::load`: validate.
+            // Nothing is swapped before every part has been built: a
+            // failure anywhere leaves the old configuration whole.
             new.validate()?;
             let tls = crate::tls::acceptor(&new.listen)?;
             let signer = self.login.as_ref().map(|_| Login::prepare(&new.auth)).transpose()?;
-            if let Some(jwt) = &self.jwt {
-                jwt.reload(&new.auth, &new.upstream.claim_headers)?;
+            let auth = match &self.jwt {
+                Some(_) => Some(JwtAuthenticator::prepare(&new.auth, &new.upstream.claim_headers)?),
+                None => None,
+            };
+            if let (Some(jwt), Some(auth)) = (&self.jwt, auth) {
+                jwt.install(auth);
             }
             if let (Some(login), Some(signer)) = (&self.login, signer) {
                 login.apply(signer, &new.auth.login);

@@ -351,9 +351,15 @@ where
     }
 
     // Stage 4: authenticate.
-    let identity = match shared.auth.authenticate(&head, ctx.client).await {
+    let identity = match crate::auth::authenticate(shared.auth.as_ref(), &head, ctx.client).await {
         Ok(id) => id,
         Err(AuthRefusal::Reason(r)) => return Err(refuse(&mut io, r, None).await),
+        Err(AuthRefusal::Described { reason, description }) => {
+            let status = reason.status().unwrap_or(401);
+            answer_and_close(&mut io, &handshake::refusal_described(reason, status, None, Some(description)))
+                .await;
+            return Err(reason);
+        }
         Err(AuthRefusal::Custom { status, body }) => {
             let bytes = handshake::response(status, &[], "text/plain; charset=utf-8", &body);
             answer_and_close(&mut io, &bytes).await;
@@ -372,6 +378,10 @@ where
         Ok(s) => s,
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
+    // A revocation that landed since stage 4's lookup (now kickable).
+    if let Err(r) = crate::revocation::recheck(shared.store.as_ref(), &slot.info) {
+        return Err(refuse(&mut io, r, None).await);
+    }
 
     // Stage 6: the upstream, before any 101.
     let ws_config = session::ws_config(&live.limits);
@@ -379,26 +389,7 @@ where
     let upstream = match &shared.upstream {
         None => None,
         Some(url) => {
-            let claim_names: Vec<&str> = cfg.upstream.claim_headers.values().map(String::as_str).collect();
-            let mut headers: Vec<(String, String)> = head
-                .headers
-                .iter()
-                .filter(|(n, _)| upstream::forwardable(n, &claim_names))
-                .cloned()
-                .collect();
-            headers.push(("X-Portcullis-Sub".into(), identity.sub.clone()));
-            headers.extend(identity.forward.iter().cloned());
-            let mut xff: Vec<String> = if is_trusted(trusted, peer.ip()) {
-                head.headers_named("x-forwarded-for").map(str::to_string).collect()
-            } else {
-                Vec::new()
-            };
-            let client_ip = ctx.client.ip().to_string();
-            let last_hop = xff.last().and_then(|v| v.rsplit(',').next()).map(str::trim);
-            if last_hop != Some(client_ip.as_str()) {
-                xff.push(client_ip);
-            }
-            headers.push(("X-Forwarded-For".into(), xff.join(", ")));
+            let headers = upstream::request_headers(&head, &identity, cfg, peer, ctx.client);
             let target = url.target_for(&carrier::strip_access_token(&head.target));
             let protocols = carrier::other_subprotocols(&head);
             let timeout = Duration::from_millis(cfg.upstream.connect_timeout_ms);
