@@ -78,9 +78,16 @@ fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     bool::from(got.as_bytes().ct_eq(want))
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is
+/// case-insensitive (RFC 7235 §2.1), blanks around the token are ignored.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
@@ -179,4 +186,19 @@ async fn revoke(shared: &Shared, req: Request<Incoming>) -> Resp {
         kind = if matches!(r, Revocation::Jti { .. }) { "jti" } else { "sub" }
     );
     json(StatusCode::OK, &serde_json::json!({ "revoked": r, "closed": closed }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer t0k", "bearer t0k", "BEARER  t0k ", "BeArEr\tt0k"] {
+            assert_eq!(bearer_token(v), Some("t0k"), "{v}");
+        }
+        for v in ["Basic t0k", "Bearer", "t0k", "Bearert0k"] {
+            assert_ne!(bearer_token(v), Some("t0k"), "{v}");
+        }
+    }
 }

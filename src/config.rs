@@ -260,7 +260,7 @@ pub enum Carrier {
     Query,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// Algorithm names as JWT spells them (`HS256`, `ES256`, `EdDSA`, …).
@@ -333,7 +333,7 @@ pub enum RevocationBackend {
     Redis,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Revocation {
     pub backend: RevocationBackend,
@@ -382,7 +382,7 @@ impl Default for Upstream {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Admin {
     /// When set, `/admin/*` requires `Authorization: Bearer <token>`.
@@ -407,6 +407,73 @@ pub struct Log {
 impl Default for Log {
     fn default() -> Self {
         Log { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// What `Debug` prints for a secret: whether one is set, never its value
+/// (a `{:?}` of the configuration ends up in logs and panics).
+fn secret(s: &str) -> &'static str {
+    if s.is_empty() {
+        "\"\""
+    } else {
+        "\"<redacted>\""
+    }
+}
+
+/// A URL's password replaced, for `Debug`.
+fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}<redacted>@{}", &url[..s + 3], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Prints a `&'static str` as is (no quotes added) in a `Debug` struct.
+struct Raw<'a>(&'a str);
+
+impl std::fmt::Debug for Raw<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("algorithms", &self.algorithms)
+            .field("hmac_secret", &Raw(secret(&self.hmac_secret)))
+            .field("hmac_secret_file", &self.hmac_secret_file)
+            .field("public_key_file", &self.public_key_file)
+            .field("private_key_file", &self.private_key_file)
+            .field("jwks_file", &self.jwks_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway_s", &self.leeway_s)
+            .field("max_token_ttl_s", &self.max_token_ttl_s)
+            .field("carriers", &self.carriers)
+            .field("cookie_name", &self.cookie_name)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("cache_capacity", &self.cache_capacity)
+            .field("login", &self.login)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").field("token", &Raw(secret(&self.token))).finish()
+    }
+}
+
+impl std::fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revocation")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("redis_url", &redacted_url(&self.redis_url))
+            .field("lease_ttl_ms", &self.lease_ttl_ms)
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .finish()
     }
 }
 
@@ -647,5 +714,24 @@ mod tests {
             .starts_with("limits.max_outbound_bytes"));
         assert!(err(&format!("{s}[upstream]\nurl = \"http://x\"\n")).starts_with("upstream.url"));
         assert!(err("[auth]\nalgorithms = [\"ES256\"]\n").starts_with("auth.public_key_file"));
+    }
+
+    #[test]
+    fn debug_never_prints_a_secret() {
+        let cfg = Config::parse(
+            "[auth]\nhmac_secret = \"hmac-s3cret\"\n[admin]\ntoken = \"adm1n-s3cret\"\n\
+             [revocation]\nbackend = \"redis\"\nredis_url = \"redis://u:redis-s3cret@h:6379/0\"\n",
+        )
+        .unwrap();
+        let text = format!("{cfg:?} {cfg:#?}");
+        for s in ["hmac-s3cret", "adm1n-s3cret", "redis-s3cret"] {
+            assert!(!text.contains(s), "{s} printed: {text}");
+        }
+        assert!(text.contains("hmac_secret: \"<redacted>\""), "{text}");
+        assert!(
+            text.contains("redis://u:<redacted>@h:6379/0") || text.contains("redis://<redacted>@h:6379/0"),
+            "{text}"
+        );
+        assert!(format!("{:?}", Config::default()).contains("token: \"\""));
     }
 }

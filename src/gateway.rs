@@ -22,7 +22,7 @@ use crate::reject::CloseReason;
 use crate::revocation::file::FileStore;
 use crate::revocation::redis::RedisStore;
 use crate::revocation::SharedStore;
-use crate::session::leases::UserCaps;
+use crate::session::leases::{RedisLeases, UserCaps};
 use crate::session::registry::Registry;
 use crate::upstream::UpstreamUrl;
 use crate::{admin, server};
@@ -138,6 +138,27 @@ impl Shared {
     }
 }
 
+/// Everything start-up checks before it binds, in the order it does:
+/// validation, the revocation log (or Redis URL), the JWT keys (PEM, JWKS,
+/// secret file; `jwt` false with a custom authenticator), the login users
+/// and signing key, the TLS certificate and key. `check-config` runs
+/// exactly this, so it reports what `serve` would.
+pub fn preflight(cfg: &Config, jwt: bool) -> Result<(), StartError> {
+    cfg.validate()?;
+    if cfg.revocation.backend == RevocationBackend::Redis {
+        crate::revocation::redis::client_for(&cfg.revocation.redis_url)?;
+    }
+    crate::revocation::file::check_path(&cfg.revocation.path)?;
+    if jwt {
+        JwtAuthenticator::prepare(&cfg.auth, &cfg.upstream.claim_headers)?;
+    }
+    if cfg.auth.login.enabled {
+        Login::load(&cfg.auth)?;
+    }
+    crate::tls::acceptor(&cfg.listen)?;
+    Ok(())
+}
+
 /// A bound gateway, ready to [`run`](Gateway::run).
 pub struct Gateway {
     shared: Arc<Shared>,
@@ -174,7 +195,16 @@ impl Gateway {
 
     /// As [`bind`](Gateway::bind), with a custom authenticator when given.
     pub async fn bind_with(cfg: Config, auth: Option<Arc<dyn Authenticator>>) -> Result<Gateway, StartError> {
+        // The same checks, in the same order, as `preflight` (which
+        // `check-config` runs); here each part is kept as it is loaded.
         cfg.validate()?;
+        if cfg.listen.trusted_proxies.iter().any(|n| n.prefix_len() == 0) {
+            tracing::warn!(
+                trusted_proxies = ?cfg.listen.trusted_proxies,
+                "listen.trusted_proxies covers every address (a /0 entry): any client can name any \
+                 address in PROXY or X-Forwarded-For, and no client is limited per IP"
+            );
+        }
         let metrics = Arc::new(Metrics::new());
         let (store, file_store, redis): (SharedStore, Option<Arc<FileStore>>, Option<RedisStore>) =
             match cfg.revocation.backend {
@@ -192,7 +222,11 @@ impl Gateway {
         if redis.is_none() {
             metrics.set_store_up(true);
         }
-        let user_caps = redis.as_ref().map(|r| Arc::new(r.leases()) as Arc<dyn UserCaps>);
+        let user_caps = redis.as_ref().map(|r| {
+            let (leases, keeper) = RedisLeases::start(r.link(), cfg.revocation.lease_ttl_ms);
+            r.own_task(keeper);
+            Arc::new(leases) as Arc<dyn UserCaps>
+        });
         let (auth, jwt): (Arc<dyn Authenticator>, Option<Arc<JwtAuthenticator>>) = match auth {
             Some(a) => (a, None),
             None => {

@@ -68,7 +68,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if n == 0 {
         return Err("the duration must be positive".into());
     }
-    Ok(Duration::from_secs(n * mult))
+    let secs = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))?;
+    Ok(Duration::from_secs(secs))
 }
 
 fn main() -> ExitCode {
@@ -85,7 +86,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::CheckConfig { file } => {
-            Config::load(&file)?;
+            // What `serve` checks before binding, files opened and all.
+            let cfg = Config::load(&file)?;
+            portcullis::gateway::preflight(&cfg, true)?;
             println!("{}: ok", file.display());
             Ok(())
         }

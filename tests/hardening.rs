@@ -247,3 +247,33 @@ async fn claim_headers_colliding_with_the_gateways_own_are_refused() {
         assert!(err.starts_with("upstream.claim_headers") && err.contains(name), "{name}: {err}");
     }
 }
+
+#[tokio::test]
+async fn the_admin_token_guards_admin_paths_with_a_case_insensitive_scheme() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.admin.token = "adm1n-t0ken".into();
+    let gw = start(cfg).await;
+    let get = |auth: Option<&'static str>| {
+        let admin = gw.admin;
+        async move {
+            let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+            http(admin, "GET", "/admin/connections", &headers, "").await
+        }
+    };
+    let none = get(None).await;
+    assert_eq!(none.status, 401);
+    assert!(none.header("www-authenticate").unwrap().starts_with("Bearer"), "{}", none.text);
+    for wrong in ["Bearer nope", "Basic adm1n-t0ken", "adm1n-t0ken", "Bearer adm1n-t0ken-and-more"] {
+        assert_eq!(get(Some(wrong)).await.status, 401, "{wrong}");
+    }
+    for right in ["Bearer adm1n-t0ken", "bearer adm1n-t0ken", "BEARER adm1n-t0ken"] {
+        assert_eq!(get(Some(right)).await.status, 200, "{right}");
+    }
+    let revoke = http(gw.admin, "POST", "/admin/revoke", &[], r#"{"jti":"x"}"#).await;
+    assert_eq!(revoke.status, 401);
+    // The metrics and probes stay open: scrapers and load balancers carry no token.
+    assert_eq!(http(gw.admin, "GET", "/metrics", &[], "").await.status, 200);
+    assert_eq!(http(gw.admin, "GET", "/readyz", &[], "").await.status, 200);
+    gw.stop().await;
+}

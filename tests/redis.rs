@@ -75,6 +75,26 @@ impl Redis {
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// One command, its raw RESP reply (waits out a `CLIENT PAUSE`).
+    fn cmd(&self, args: &[&str]) -> String {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// The number of members of a sorted set.
+    fn zcard(&self, key: &str) -> u64 {
+        let r = self.cmd(&["ZCARD", key]);
+        r.trim().trim_start_matches(':').parse().unwrap_or_else(|_| panic!("ZCARD {key}: {r:?}"))
+    }
+
     /// Kills it (SIGKILL: an outage, not a shutdown).
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -430,4 +450,106 @@ async fn an_instance_starts_without_redis_and_connects_when_it_appears() {
     a.wait_metric(UP, 1.0).await;
     assert_eq!(readyz(&a).await.1["store"], "up");
     a.stop().await;
+}
+
+#[tokio::test]
+async fn revoke_reports_what_it_closed_even_when_the_broadcast_kicked_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let a = start(instance(dir.path(), "a", &redis)).await;
+    for round in 0..3 {
+        let sub = format!("zoe{round}");
+        let t = token(&sub);
+        let mut cs = Vec::new();
+        for _ in 0..3 {
+            cs.push(ws(a.public, &t).await);
+        }
+        // Revoked "now": the connections of tokens minted this second too.
+        let answer = a.revoke(&serde_json::json!({ "sub": sub }).to_string()).await;
+        assert_eq!(answer.status, 200);
+        assert!(body(&answer).contains(r#""closed":3"#), "round {round}: {}", body(&answer));
+        for c in &mut cs {
+            assert_eq!(close_code(c, Duration::from_secs(2)).await.0, Some(1008));
+        }
+    }
+    a.assert_gauges_zero().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_claim_falls_back_alone_and_leaves_exactly_one_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let mut cfg = instance(dir.path(), "a", &redis);
+    cfg.revocation.redis_timeout_ms = 100;
+    cfg.revocation.lease_ttl_ms = 3000;
+    let a = start(cfg).await;
+    assert_eq!(a.metric(UP).await, 1.0);
+    // Redis stalls every client for a moment (a slow script, a fork).
+    redis.cmd(&["CLIENT", "PAUSE", "700", "ALL"]);
+    let mut c = ws(a.public, &token("sly")).await;
+    // That one claim timed out and fell back to the local count; the link
+    // is not down for everyone else.
+    assert_eq!(a.metric("portcullis_store_errors_total{op=\"lease_claim\"}").await, 1.0);
+    assert_eq!(a.metric(UP).await, 1.0, "one slow claim took the link down");
+    assert_eq!(readyz(&a).await.1["store"], "up");
+    // The claim still ran in Redis once the pause ended; the connection
+    // must hold one lease then, never two (watched across a renewal).
+    let key = "portcullis:lease:sly";
+    let until = Instant::now() + Duration::from_millis(2500);
+    let (mut most, mut last) = (0, 0);
+    while Instant::now() < until {
+        last = redis.zcard(key);
+        most = most.max(last);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(most <= 1, "the connection held {most} leases");
+    assert_eq!(last, 1, "the adopted connection is counted fleet-wide again");
+    echo(&mut c, "served all along").await;
+    drop(c);
+    let until = Instant::now() + Duration::from_secs(5);
+    while redis.zcard(key) != 0 {
+        assert!(Instant::now() < until, "the lease was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.assert_gauges_zero().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_renewal_never_brings_back_a_lease_an_eviction_removed() {
+    use portcullis::revocation::redis::RedisStore;
+    use portcullis::session::leases::{RedisLeases, UserCaps};
+    use portcullis::session::registry::Registry;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let metrics = std::sync::Arc::new(portcullis::metrics::Metrics::new());
+    let (sa, sb) = (
+        RedisStore::open(&instance(dir.path(), "a", &redis), metrics.clone()).await.unwrap(),
+        RedisStore::open(&instance(dir.path(), "b", &redis), metrics.clone()).await.unwrap(),
+    );
+    // Short leases: the keeper renews every 200 ms on its own as well.
+    let (la, _ka) = RedisLeases::start(sa.link(), 600);
+    let (lb, _kb) = RedisLeases::start(sb.link(), 600);
+    let mut evicted_on_a = la.evictions();
+    // Nothing here closes an evicted connection: A keeps renewing it.
+    let reg = Registry::new(metrics);
+    let ip = "127.0.0.1".parse().unwrap();
+    let c1 = reg.register("ugo", ip, None, None, 8, OnUserCap::Reject).unwrap();
+    let c2 = reg.register("ugo", ip, None, None, 8, OnUserCap::Reject).unwrap();
+    la.claim(&c1.info, 1, OnUserCap::EvictOldest).await.unwrap();
+    lb.claim(&c2.info, 1, OnUserCap::EvictOldest).await.unwrap();
+    la.renew_all().await;
+    let until = Instant::now() + Duration::from_millis(700);
+    while Instant::now() < until {
+        assert_eq!(redis.zcard("portcullis:lease:ugo"), 1, "the evicted lease came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = tokio::time::timeout(Duration::from_secs(2), evicted_on_a.recv()).await.unwrap().unwrap();
+    assert_eq!(id, c1.info.id);
+    // A claim of a member already held is idempotent: still one lease.
+    lb.claim(&c2.info, 1, OnUserCap::EvictOldest).await.unwrap();
+    assert_eq!(redis.zcard("portcullis:lease:ugo"), 1);
+    sa.close();
+    sb.close();
 }

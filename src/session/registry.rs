@@ -163,12 +163,21 @@ impl Registry {
             Ok(()) => Ok(self.insert(info, usize::MAX, policy)?),
             Err(CapError::Full) => Err(Reject::UserCap),
             Err(CapError::Unavailable) => match limits.on_cap_store_error {
-                OnCapStoreError::Reject => Err(Reject::UserCap),
-                OnCapStoreError::Local => {
-                    let slot = self.insert(info, max, policy)?;
-                    caps.adopt(&slot.info);
-                    Ok(slot)
+                OnCapStoreError::Reject => {
+                    // Never admitted: whatever the timed-out claim left goes.
+                    caps.release(&info);
+                    Err(Reject::UserCap)
                 }
+                OnCapStoreError::Local => match self.insert(info.clone(), max, policy) {
+                    Ok(slot) => {
+                        caps.adopt(&slot.info);
+                        Ok(slot)
+                    }
+                    Err(r) => {
+                        caps.release(&info);
+                        Err(r)
+                    }
+                },
             },
         }
     }
