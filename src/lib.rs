@@ -32,6 +32,8 @@ pub mod auth;
 pub mod client_addr;
 pub mod config;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod handshake;
 pub mod login;
