@@ -137,6 +137,10 @@ async fn readyz(gw: &TestGateway) -> (u16, serde_json::Value) {
 
 const UP: &str = "portcullis_store_up";
 
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+}
+
 #[tokio::test]
 async fn revoking_on_one_instance_closes_connections_on_the_others() {
     let dir = tempfile::tempdir().unwrap();
@@ -181,9 +185,16 @@ async fn revoking_on_one_instance_closes_connections_on_the_others() {
     let c = start(instance(dir.path(), "c", &redis)).await;
     assert_eq!(c.metric("portcullis_revocations").await, 2.0);
     assert_eq!(status(c.public, &t).await, 401);
-    // Past a health tick or two (pings on a subscribed connection), no
-    // Redis call failed anywhere.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Across a health tick or two (pings on a subscribed connection), no
+    // Redis call fails anywhere: checked all along, not after a sleep.
+    let until = Instant::now() + Duration::from_millis(1100);
+    while Instant::now() < until {
+        for g in [&a, &b, &c] {
+            assert_eq!(g.metric(UP).await, 1.0);
+            assert_eq!(g.metric("portcullis_store_errors_total{op=\"subscribe\"}").await, 0.0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for g in [a, b, c] {
         g.assert_gauges_zero().await;
         assert_eq!(g.metric(UP).await, 1.0);
@@ -247,10 +258,17 @@ async fn evict_oldest_closes_the_oldest_connection_wherever_it_is() {
     };
     let (a, b) = (gw("a").await, gw("b").await);
     let t = token("frank");
+    // Leases sort by admission millisecond: each admission in a later one.
+    let next_ms = || async {
+        let ms = unix_ms();
+        while unix_ms() == ms {
+            tokio::task::yield_now().await;
+        }
+    };
     let mut oldest = ws(a.public, &t).await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    next_ms().await;
     let mut middle = ws(b.public, &t).await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    next_ms().await;
     // The third, on B, evicts the oldest, which A holds.
     let mut newest = ws(b.public, &t).await;
     let (code, took) = close_code(&mut oldest, Duration::from_secs(2)).await;
@@ -322,8 +340,15 @@ async fn a_dead_instances_leases_expire_by_themselves() {
     let _one = ws(b.public, &t).await;
     let _two = ws(b.public, &t).await;
     assert_eq!(status(a.public, &t).await, 429);
-    // Let B renew at least once, then kill it: nothing releases its leases.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Once B has renewed at least once (the scores move), kill it:
+    // nothing releases its leases.
+    let scores = || redis.cmd(&["ZRANGE", "portcullis:lease:grace", "0", "-1", "WITHSCORES"]);
+    let first = scores();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while scores() == first {
+        assert!(Instant::now() < deadline, "B never renewed its leases");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     b.proc.child.kill().unwrap();
     b.proc.child.wait().unwrap();
     let killed = Instant::now();
