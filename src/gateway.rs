@@ -342,12 +342,17 @@ async fn drain(shared: &Arc<Shared>, stop_accepting: impl FnOnce()) {
     stop_accepting();
     shared.registry.start_closing();
     let timeout = Duration::from_secs(cfg.listen.drain_timeout_s);
-    let end = tokio::time::Instant::now() + timeout;
+    let start = tokio::time::Instant::now();
+    let end = start + timeout;
     let conns = shared.registry.all();
-    let step = if conns.is_empty() { Duration::ZERO } else { (timeout / 2) / conns.len() as u32 };
+    // Each kick at its own instant of the first half (absolute, not a step
+    // slept per connection: a thousand sleeps' overshoot would add up and
+    // push the last kicks past the timeout).
+    let n = conns.len().max(1) as f64;
     for (i, c) in conns.iter().enumerate() {
-        if i > 0 && !step.is_zero() {
-            tokio::time::sleep(step).await;
+        let at = start + (timeout / 2).mul_f64(i as f64 / n);
+        if at > tokio::time::Instant::now() {
+            tokio::time::sleep_until(at).await;
         }
         c.kick(CloseReason::Drain);
     }

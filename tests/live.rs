@@ -139,7 +139,7 @@ async fn sighup_changes_limits_and_heartbeat_under_live_traffic() {
     drop((live, p));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_closes_a_thousand_connections_with_1001_spread_over_time() {
     const N: usize = 1000;
     let dir = tempfile::tempdir().unwrap();
