@@ -164,11 +164,14 @@ async fn revoke(shared: &Shared, req: Request<Incoming>) -> Resp {
             )
         }
     };
-    if let Err(e) = shared.store.revoke(r.clone()).await {
-        tracing::error!(error = %e, "revocation not persisted");
-        return json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({ "error": e.to_string() }));
-    }
-    let closed = shared.registry.kick_revoked(&r);
+    // Counted across the store's own broadcast, which may kick first.
+    let closed = match shared.registry.revoke_counting(&r, shared.store.revoke(r.clone())).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "revocation not persisted");
+            return json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({ "error": e.to_string() }));
+        }
+    };
     shared.metrics.set_revocations(shared.store.len());
     tracing::info!(
         event = "revoke",
@@ -176,4 +179,19 @@ async fn revoke(shared: &Shared, req: Request<Incoming>) -> Resp {
         kind = if matches!(r, Revocation::Jti { .. }) { "jti" } else { "sub" }
     );
     json(StatusCode::OK, &serde_json::json!({ "revoked": r, "closed": closed }))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::header::bearer as bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer t0k", "bearer t0k", "BEARER  t0k ", "BeArEr\tt0k"] {
+            assert_eq!(bearer_token(v), Some("t0k"), "{v}");
+        }
+        for v in ["Basic t0k", "Bearer", "t0k", "Bearert0k"] {
+            assert_ne!(bearer_token(v), Some("t0k"), "{v}");
+        }
+    }
 }

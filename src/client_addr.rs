@@ -47,45 +47,15 @@ pub async fn read_proxy_header(tcp: &mut TcpStream, deadline: Instant) -> Result
         };
         let before = buf.len();
         buf.extend_from_slice(&chunk[..n]);
-        let parsed = HeaderResult::parse(&buf);
-        if parsed.is_incomplete() {
-            // A v1 line ends at its CRLF: past it, "incomplete" (as `ppp`
-            // says of e.g. `PROXY TCP4 x\r\n`) is malformed; fail now, not
-            // at the deadline.
-            if buf.starts_with(b"PROXY ") && buf.windows(2).any(|w| w == b"\r\n") {
-                return Err(());
+        let (addr, len) = match parse_proxy_header(&buf) {
+            ProxyParse::Incomplete => {
+                // Every byte so far is header: consume them, so that the next
+                // peek waits for more instead of returning the same bytes.
+                consume(tcp, &mut chunk[..n], deadline).await?;
+                continue;
             }
-            // Every byte so far is header: consume them, so that the next
-            // peek waits for more instead of returning the same bytes.
-            consume(tcp, &mut chunk[..n], deadline).await?;
-            continue;
-        }
-        let (addr, len) = match parsed {
-            HeaderResult::V1(Ok(h)) => {
-                let addr = match h.addresses {
-                    ppp::v1::Addresses::Tcp4(a) => {
-                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    ppp::v1::Addresses::Tcp6(a) => {
-                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    ppp::v1::Addresses::Unknown => None,
-                };
-                (addr, h.header.len())
-            }
-            HeaderResult::V2(Ok(h)) => {
-                let addr = match (h.command, h.addresses) {
-                    (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => {
-                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => {
-                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    _ => None,
-                };
-                (addr, h.len())
-            }
-            _ => return Err(()),
+            ProxyParse::Malformed => return Err(()),
+            ProxyParse::Header { source, len } => (source, len),
         };
         // The header was incomplete without the peeked bytes, so it ends
         // within them: consume up to its end and not further.
@@ -93,6 +63,60 @@ pub async fn read_proxy_header(tcp: &mut TcpStream, deadline: Instant) -> Result
         consume(tcp, &mut chunk[..take], deadline).await?;
         return Ok(addr);
     }
+}
+
+/// What the bytes so far say of a PROXY header.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProxyParse {
+    /// A prefix of a header: more bytes are needed.
+    Incomplete,
+    /// Not a PROXY header (v1 or v2), or a broken one.
+    Malformed,
+    /// A whole header of `len` bytes, naming `source` (`None` for `LOCAL`
+    /// / `UNKNOWN`).
+    Header { source: Option<SocketAddr>, len: usize },
+}
+
+/// Parses a PROXY header (v1 or v2) at the start of `buf`; pure, so it can
+/// be fuzzed.
+pub fn parse_proxy_header(buf: &[u8]) -> ProxyParse {
+    let parsed = HeaderResult::parse(buf);
+    if parsed.is_incomplete() {
+        // A v1 line ends at its CRLF: past it, "incomplete" (as `ppp`
+        // says of e.g. `PROXY TCP4 x\r\n`) is malformed; fail now, not
+        // at the deadline.
+        if buf.starts_with(b"PROXY ") && buf.windows(2).any(|w| w == b"\r\n") {
+            return ProxyParse::Malformed;
+        }
+        return ProxyParse::Incomplete;
+    }
+    let (source, len) = match parsed {
+        HeaderResult::V1(Ok(h)) => {
+            let addr = match h.addresses {
+                ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+                ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+                ppp::v1::Addresses::Unknown => None,
+            };
+            (addr, h.header.len())
+        }
+        HeaderResult::V2(Ok(h)) => {
+            let addr = match (h.command, h.addresses) {
+                (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => {
+                    Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                }
+                (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => {
+                    Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                }
+                _ => None,
+            };
+            (addr, h.len())
+        }
+        _ => return ProxyParse::Malformed,
+    };
+    if len > buf.len() {
+        return ProxyParse::Malformed;
+    }
+    ProxyParse::Header { source, len }
 }
 
 /// Reads (and drops) exactly `buf.len()` bytes that a peek already saw.

@@ -86,6 +86,59 @@ fn invalid(key: &'static str, msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, msg: msg.into() }
 }
 
+/// Upper bounds of numeric keys. Generous for any real deployment; their
+/// job is to keep arithmetic on them (instants, durations, rates) from
+/// overflowing or panicking, at start and on reload alike.
+pub mod bounds {
+    /// Counts of connections, handshakes, users.
+    pub const MAX_COUNT: u64 = 10_000_000;
+    /// Millisecond timeouts and intervals: one day.
+    pub const MAX_MS: u64 = 86_400_000;
+    /// Second durations of the drain: one day.
+    pub const MAX_DRAIN_S: u64 = 86_400;
+    /// Token and connection lifetimes: ten years.
+    pub const MAX_LIFETIME_S: u64 = 10 * 365 * 86_400;
+    /// Rates per second: the smallest is one a day (a smaller positive one
+    /// would overflow the limiter's period), the largest a million.
+    pub const MIN_RATE: f64 = 1.0 / 86_400.0;
+    pub const MAX_RATE: f64 = 1_000_000.0;
+    /// Bursts (a day-long period times this still fits the limiter).
+    pub const MAX_BURST: u64 = 100_000;
+    /// Bytes of a request head.
+    pub const MAX_HEADER_BYTES: u64 = 1 << 20;
+    /// Bytes of a message, and of the outbound queue.
+    pub const MAX_MESSAGE_BYTES: u64 = 1 << 30;
+    pub const MAX_OUTBOUND_BYTES: u64 = 1 << 32;
+    /// Verified tokens cached.
+    pub const MAX_CACHE: u64 = 100_000_000;
+    /// Seconds of clock leeway.
+    pub const MAX_LEEWAY_S: u64 = 86_400;
+}
+
+/// `v` within `min..=max`, or an error naming `key`.
+fn within(key: &'static str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if v < min || v > max {
+        return Err(invalid(key, format!("must be between {min} and {max}, got {v}")));
+    }
+    Ok(())
+}
+
+/// A rate: 0 when `zero_ok` (off), else within the rate bounds.
+fn rate_within(key: &'static str, v: f64, zero_ok: bool) -> Result<(), ConfigError> {
+    use bounds::{MAX_RATE, MIN_RATE};
+    if zero_ok && v == 0.0 {
+        return Ok(());
+    }
+    if !(v.is_finite() && (MIN_RATE..=MAX_RATE).contains(&v)) {
+        let off = if zero_ok { "0 (off) or " } else { "" };
+        return Err(invalid(
+            key,
+            format!("must be {off}between {MIN_RATE:.6} (one a day) and {MAX_RATE}, got {v}"),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -244,7 +297,7 @@ pub enum Carrier {
     Query,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// Algorithm names as JWT spells them (`HS256`, `ES256`, `EdDSA`, …).
@@ -317,7 +370,7 @@ pub enum RevocationBackend {
     Redis,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Revocation {
     pub backend: RevocationBackend,
@@ -366,7 +419,7 @@ impl Default for Upstream {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Admin {
     /// When set, `/admin/*` requires `Authorization: Bearer <token>`.
@@ -391,6 +444,73 @@ pub struct Log {
 impl Default for Log {
     fn default() -> Self {
         Log { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// What `Debug` prints for a secret: whether one is set, never its value
+/// (a `{:?}` of the configuration ends up in logs and panics).
+fn secret(s: &str) -> &'static str {
+    if s.is_empty() {
+        "\"\""
+    } else {
+        "\"<redacted>\""
+    }
+}
+
+/// A URL's password replaced, for `Debug`.
+fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}<redacted>@{}", &url[..s + 3], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Prints a `&'static str` as is (no quotes added) in a `Debug` struct.
+struct Raw<'a>(&'a str);
+
+impl std::fmt::Debug for Raw<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("algorithms", &self.algorithms)
+            .field("hmac_secret", &Raw(secret(&self.hmac_secret)))
+            .field("hmac_secret_file", &self.hmac_secret_file)
+            .field("public_key_file", &self.public_key_file)
+            .field("private_key_file", &self.private_key_file)
+            .field("jwks_file", &self.jwks_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway_s", &self.leeway_s)
+            .field("max_token_ttl_s", &self.max_token_ttl_s)
+            .field("carriers", &self.carriers)
+            .field("cookie_name", &self.cookie_name)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("cache_capacity", &self.cache_capacity)
+            .field("login", &self.login)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").field("token", &Raw(secret(&self.token))).finish()
+    }
+}
+
+impl std::fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revocation")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("redis_url", &redacted_url(&self.redis_url))
+            .field("lease_ttl_ms", &self.lease_ttl_ms)
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .finish()
     }
 }
 
@@ -454,45 +574,28 @@ impl Config {
                 "TLS needs both tls_cert_file and tls_key_file",
             ));
         }
+        use bounds::*;
+        within("listen.backlog", u64::from(self.listen.backlog), 1, 65_535)?;
+        within("listen.drain_delay_s", self.listen.drain_delay_s, 0, MAX_DRAIN_S)?;
+        within("listen.drain_timeout_s", self.listen.drain_timeout_s, 0, MAX_DRAIN_S)?;
         for (key, v) in [
             ("limits.max_connections", l.max_connections),
             ("limits.max_handshakes", l.max_handshakes),
+            ("limits.per_ip_max_handshakes", l.per_ip_max_handshakes),
             ("limits.per_ip_max_connections", l.per_ip_max_connections),
             ("limits.per_user_max_connections", l.per_user_max_connections),
-            ("limits.max_header_bytes", l.max_header_bytes),
-            ("limits.max_message_bytes", l.max_message_bytes),
         ] {
-            if v == 0 {
-                return Err(invalid(key, "must be at least 1"));
-            }
+            within(key, v as u64, 1, MAX_COUNT)?;
         }
-        if !(l.per_ip_rate.is_finite() && l.per_ip_rate > 0.0) {
-            return Err(invalid("limits.per_ip_rate", "must be a positive number"));
-        }
-        if l.per_ip_burst == 0 {
-            return Err(invalid("limits.per_ip_burst", "must be at least 1"));
-        }
-        if l.handshake_timeout_ms == 0 {
-            return Err(invalid("limits.handshake_timeout_ms", "must be at least 1"));
-        }
-        if l.per_ip_max_handshakes == 0 {
-            return Err(invalid("limits.per_ip_max_handshakes", "must be at least 1"));
-        }
-        if l.handshake_timeout_min_ms == 0 || l.handshake_timeout_min_ms > l.handshake_timeout_ms {
-            return Err(invalid(
-                "limits.handshake_timeout_min_ms",
-                "must be at least 1 and at most limits.handshake_timeout_ms",
-            ));
-        }
-        if self.listen.defer_accept_s > 3600 {
-            return Err(invalid("listen.defer_accept_s", "must be at most 3600"));
-        }
-        if l.max_header_bytes < 256 {
-            return Err(invalid("limits.max_header_bytes", "must be at least 256"));
-        }
-        if !(l.per_conn_msgs_per_s.is_finite() && l.per_conn_msgs_per_s >= 0.0) {
-            return Err(invalid("limits.per_conn_msgs_per_s", "must be 0 (off) or positive"));
-        }
+        rate_within("limits.per_ip_rate", l.per_ip_rate, false)?;
+        within("limits.per_ip_burst", u64::from(l.per_ip_burst), 1, MAX_BURST)?;
+        within("limits.handshake_timeout_ms", l.handshake_timeout_ms, 1, MAX_MS)?;
+        within("limits.handshake_timeout_min_ms", l.handshake_timeout_min_ms, 1, l.handshake_timeout_ms)?;
+        within("listen.defer_accept_s", self.listen.defer_accept_s, 0, 3600)?;
+        within("limits.max_header_bytes", l.max_header_bytes as u64, 256, MAX_HEADER_BYTES)?;
+        within("limits.max_message_bytes", l.max_message_bytes as u64, 1, MAX_MESSAGE_BYTES)?;
+        rate_within("limits.per_conn_msgs_per_s", l.per_conn_msgs_per_s, true)?;
+        within("limits.max_outbound_bytes", l.max_outbound_bytes as u64, 1, MAX_OUTBOUND_BYTES)?;
         if l.max_outbound_bytes <= l.max_message_bytes {
             return Err(invalid(
                 "limits.max_outbound_bytes",
@@ -502,15 +605,16 @@ impl Config {
                 ),
             ));
         }
-        if l.write_timeout_ms == 0 {
-            return Err(invalid("limits.write_timeout_ms", "must be at least 1"));
-        }
-        if self.heartbeat.ping_interval_ms == 0 {
-            return Err(invalid("heartbeat.ping_interval_ms", "must be at least 1"));
-        }
-        if self.heartbeat.pong_timeout_ms == 0 {
-            return Err(invalid("heartbeat.pong_timeout_ms", "must be at least 1"));
-        }
+        within("limits.write_timeout_ms", l.write_timeout_ms, 1, MAX_MS)?;
+        within("limits.max_lifetime_s", l.max_lifetime_s, 0, MAX_LIFETIME_S)?;
+        within("heartbeat.ping_interval_ms", self.heartbeat.ping_interval_ms, 1, MAX_MS)?;
+        within("heartbeat.pong_timeout_ms", self.heartbeat.pong_timeout_ms, 1, MAX_MS)?;
+        within("heartbeat.idle_timeout_ms", self.heartbeat.idle_timeout_ms, 0, MAX_MS)?;
+        within("auth.leeway_s", a.leeway_s, 0, MAX_LEEWAY_S)?;
+        within("auth.max_token_ttl_s", a.max_token_ttl_s, 1, MAX_LIFETIME_S)?;
+        within("auth.cache_capacity", a.cache_capacity, 0, MAX_CACHE)?;
+        within("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms, 1, MAX_MS)?;
+        within("revocation.lease_ttl_ms", self.revocation.lease_ttl_ms, 100, MAX_MS)?;
         if a.algorithms.is_empty() {
             return Err(invalid("auth.algorithms", "needs at least one algorithm"));
         }
@@ -554,9 +658,6 @@ impl Config {
         if a.cookie_name.is_empty() {
             return Err(invalid("auth.cookie_name", "must not be empty"));
         }
-        if a.max_token_ttl_s == 0 {
-            return Err(invalid("auth.max_token_ttl_s", "must be at least 1"));
-        }
         if a.login.enabled {
             if a.login.users_file.as_os_str().is_empty() {
                 return Err(invalid("auth.login.users_file", "required when login is enabled"));
@@ -564,12 +665,8 @@ impl Config {
             if a.login.token_ttl_s == 0 || a.login.token_ttl_s > a.max_token_ttl_s {
                 return Err(invalid("auth.login.token_ttl_s", "must be between 1 and auth.max_token_ttl_s"));
             }
-            if !(a.login.per_ip_rate.is_finite() && a.login.per_ip_rate > 0.0) {
-                return Err(invalid("auth.login.per_ip_rate", "must be a positive number"));
-            }
-            if a.login.per_ip_burst == 0 {
-                return Err(invalid("auth.login.per_ip_burst", "must be at least 1"));
-            }
+            rate_within("auth.login.per_ip_rate", a.login.per_ip_rate, false)?;
+            within("auth.login.per_ip_burst", u64::from(a.login.per_ip_burst), 1, MAX_BURST)?;
         }
         if self.upstream.url != "echo" {
             if !self.upstream.url.starts_with("ws://") {
@@ -579,9 +676,6 @@ impl Config {
                 return Err(invalid("upstream.url", format!("cannot parse {:?}", self.upstream.url)));
             }
         }
-        if self.upstream.connect_timeout_ms == 0 {
-            return Err(invalid("upstream.connect_timeout_ms", "must be at least 1"));
-        }
         for (claim, header) in &self.upstream.claim_headers {
             let ok = !header.is_empty()
                 && header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
@@ -589,6 +683,12 @@ impl Config {
                 return Err(invalid(
                     "upstream.claim_headers",
                     format!("{claim:?} -> {header:?} is not a valid header name"),
+                ));
+            }
+            if crate::upstream::reserved_header(header) {
+                return Err(invalid(
+                    "upstream.claim_headers",
+                    format!("{claim:?} -> {header:?}: the gateway sets or checks {header:?} itself"),
                 ));
             }
         }
@@ -601,9 +701,6 @@ impl Config {
         }
         if self.revocation.path.as_os_str().is_empty() {
             return Err(invalid("revocation.path", "must not be empty"));
-        }
-        if self.revocation.lease_ttl_ms < 100 {
-            return Err(invalid("revocation.lease_ttl_ms", "must be at least 100"));
         }
         if self.revocation.redis_timeout_ms == 0 || self.revocation.redis_timeout_ms > 10_000 {
             return Err(invalid("revocation.redis_timeout_ms", "must be between 1 and 10000"));
@@ -782,5 +879,24 @@ mod tests {
             .starts_with("limits.max_outbound_bytes"));
         assert!(err(&format!("{s}[upstream]\nurl = \"http://x\"\n")).starts_with("upstream.url"));
         assert!(err("[auth]\nalgorithms = [\"ES256\"]\n").starts_with("auth.public_key_file"));
+    }
+
+    #[test]
+    fn debug_never_prints_a_secret() {
+        let cfg = Config::parse(
+            "[auth]\nhmac_secret = \"hmac-s3cret\"\n[admin]\ntoken = \"adm1n-s3cret\"\n\
+             [revocation]\nbackend = \"redis\"\nredis_url = \"redis://u:redis-s3cret@h:6379/0\"\n",
+        )
+        .unwrap();
+        let text = format!("{cfg:?} {cfg:#?}");
+        for s in ["hmac-s3cret", "adm1n-s3cret", "redis-s3cret"] {
+            assert!(!text.contains(s), "{s} printed: {text}");
+        }
+        assert!(text.contains("hmac_secret: \"<redacted>\""), "{text}");
+        assert!(
+            text.contains("redis://u:<redacted>@h:6379/0") || text.contains("redis://<redacted>@h:6379/0"),
+            "{text}"
+        );
+        assert!(format!("{:?}", Config::default()).contains("token: \"\""));
     }
 }

@@ -21,7 +21,7 @@ use crate::reject::CloseReason;
 use crate::revocation::file::FileStore;
 use crate::revocation::redis::RedisStore;
 use crate::revocation::SharedStore;
-use crate::session::leases::UserCaps;
+use crate::session::leases::{RedisLeases, UserCaps};
 use crate::session::registry::Registry;
 pub use crate::shared::Shared;
 use crate::upstream::UpstreamUrl;
@@ -54,11 +54,17 @@ impl Shared {
         let result = (|| {
             // Everything that can fail is loaded first; only then applied.
             // Embedders call this directly, not only `Config::load`: validate.
+            // Nothing is swapped before every part has been built: a
+            // failure anywhere leaves the old configuration whole.
             new.validate()?;
             let tls = crate::tls::acceptor(&new.listen)?;
             let signer = self.login.as_ref().map(|_| Login::prepare(&new.auth)).transpose()?;
-            if let Some(jwt) = &self.jwt {
-                jwt.reload(&new.auth, &new.upstream.claim_headers)?;
+            let auth = match &self.jwt {
+                Some(_) => Some(JwtAuthenticator::prepare(&new.auth, &new.upstream.claim_headers)?),
+                None => None,
+            };
+            if let (Some(jwt), Some(auth)) = (&self.jwt, auth) {
+                jwt.install(auth);
             }
             if let (Some(login), Some(signer)) = (&self.login, signer) {
                 login.apply(signer, &new.auth.login);
@@ -85,6 +91,27 @@ impl Shared {
         }
         result
     }
+}
+
+/// Everything start-up checks before it binds, in the order it does:
+/// validation, the revocation log (or Redis URL), the JWT keys (PEM, JWKS,
+/// secret file; `jwt` false with a custom authenticator), the login users
+/// and signing key, the TLS certificate and key. `check-config` runs
+/// exactly this, so it reports what `serve` would.
+pub fn preflight(cfg: &Config, jwt: bool) -> Result<(), StartError> {
+    cfg.validate()?;
+    if cfg.revocation.backend == RevocationBackend::Redis {
+        crate::revocation::redis::client_for(&cfg.revocation.redis_url)?;
+    }
+    crate::revocation::file::check_path(&cfg.revocation.path)?;
+    if jwt {
+        JwtAuthenticator::prepare(&cfg.auth, &cfg.upstream.claim_headers)?;
+    }
+    if cfg.auth.login.enabled {
+        Login::load(&cfg.auth)?;
+    }
+    crate::tls::acceptor(&cfg.listen)?;
+    Ok(())
 }
 
 /// A bound gateway, ready to [`run`](Gateway::run).
@@ -124,7 +151,16 @@ impl Gateway {
 
     /// As [`bind`](Gateway::bind), with a custom authenticator when given.
     pub async fn bind_with(cfg: Config, auth: Option<Arc<dyn Authenticator>>) -> Result<Gateway, StartError> {
+        // The same checks, in the same order, as `preflight` (which
+        // `check-config` runs); here each part is kept as it is loaded.
         cfg.validate()?;
+        if cfg.listen.trusted_proxies.iter().any(|n| n.prefix_len() == 0) {
+            tracing::warn!(
+                trusted_proxies = ?cfg.listen.trusted_proxies,
+                "listen.trusted_proxies covers every address (a /0 entry): any client can name any \
+                 address in PROXY or X-Forwarded-For, and no client is limited per IP"
+            );
+        }
         let metrics = Arc::new(Metrics::new());
         let (store, file_store, redis): (SharedStore, Option<Arc<FileStore>>, Option<RedisStore>) =
             match cfg.revocation.backend {
@@ -142,7 +178,11 @@ impl Gateway {
         if redis.is_none() {
             metrics.set_store_up(true);
         }
-        let user_caps = redis.as_ref().map(|r| Arc::new(r.leases()) as Arc<dyn UserCaps>);
+        let user_caps = redis.as_ref().map(|r| {
+            let (leases, keeper) = RedisLeases::start(r.link(), cfg.revocation.lease_ttl_ms);
+            r.own_task(keeper);
+            Arc::new(leases) as Arc<dyn UserCaps>
+        });
         let (auth, jwt): (Arc<dyn Authenticator>, Option<Arc<JwtAuthenticator>>) = match auth {
             Some(a) => (a, None),
             None => {
@@ -252,12 +292,17 @@ async fn drain(shared: &Arc<Shared>, stop_accepting: impl FnOnce()) {
     stop_accepting();
     shared.registry.start_closing();
     let timeout = Duration::from_secs(cfg.listen.drain_timeout_s);
-    let end = tokio::time::Instant::now() + timeout;
+    let start = tokio::time::Instant::now();
+    let end = start + timeout;
     let conns = shared.registry.all();
-    let step = if conns.is_empty() { Duration::ZERO } else { (timeout / 2) / conns.len() as u32 };
+    // Each kick at its own instant of the first half (absolute, not a step
+    // slept per connection: a thousand sleeps' overshoot would add up and
+    // push the last kicks past the timeout).
+    let n = conns.len().max(1) as f64;
     for (i, c) in conns.iter().enumerate() {
-        if i > 0 && !step.is_zero() {
-            tokio::time::sleep(step).await;
+        let at = start + (timeout / 2).mul_f64(i as f64 / n);
+        if at > tokio::time::Instant::now() {
+            tokio::time::sleep_until(at).await;
         }
         c.kick(CloseReason::Drain);
     }

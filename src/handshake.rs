@@ -252,6 +252,7 @@ pub fn parse(bytes: &[u8]) -> Result<RequestHead, ReadError> {
 /// Checks a head as an RFC 6455 upgrade (the path was checked before).
 /// Returns the `Sec-WebSocket-Key` on success.
 pub fn validate_upgrade(head: &RequestHead) -> Result<&str, Reject> {
+    refuse_duplicates(head)?;
     if head.method != "GET" || head.header("host").is_none() {
         return Err(Reject::BadRequest);
     }
@@ -267,6 +268,20 @@ pub fn validate_upgrade(head: &RequestHead) -> Result<&str, Reject> {
         Ok(raw) if raw.len() == 16 => Ok(key),
         _ => Err(Reject::BadRequest),
     }
+}
+
+/// Headers that must appear at most once: the gateway reads the first, a
+/// backend or an intermediary might believe another (request smuggling
+/// between what was checked and what is acted on).
+pub const SINGLE_HEADERS: [&str; 5] =
+    ["host", "origin", "sec-websocket-key", "sec-websocket-version", "authorization"];
+
+/// Refuses (400) a head repeating any of [`SINGLE_HEADERS`].
+fn refuse_duplicates(head: &RequestHead) -> Result<(), Reject> {
+    if SINGLE_HEADERS.iter().any(|name| head.headers_named(name).nth(1).is_some()) {
+        return Err(Reject::BadRequest);
+    }
+    Ok(())
 }
 
 /// Is the request's `Origin` acceptable? An absent `Origin` is a
@@ -336,13 +351,24 @@ pub fn response(status: u16, extra_headers: &[(&str, String)], content_type: &st
 /// The answer to a refusal: status, the headers tied to it, and the
 /// reason as a short plain-text body.
 pub fn refusal(reason: Reject, status: u16, retry_after_s: Option<u64>) -> Vec<u8> {
+    refusal_described(reason, status, retry_after_s, None)
+}
+
+/// [`refusal`] with a token reason's `error_description` told instead of
+/// the reason's generic one (a fixed text without quotes).
+pub fn refusal_described(
+    reason: Reject,
+    status: u16,
+    retry_after_s: Option<u64>,
+    description: Option<&str>,
+) -> Vec<u8> {
     let mut extra: Vec<(&str, String)> = Vec::new();
     match reason {
         Reject::MissingToken => {
             extra.push(("WWW-Authenticate", "Bearer realm=\"portcullis\"".into()));
         }
         Reject::InvalidToken | Reject::ExpiredToken | Reject::RevokedToken => {
-            let desc = reason.token_error().unwrap_or("the token is invalid");
+            let desc = description.or(reason.token_error()).unwrap_or("the token is invalid");
             extra.push((
                 "WWW-Authenticate",
                 format!("Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{desc}\""),
@@ -392,6 +418,20 @@ mod tests {
             (text.replace("Version: 13", "Version: 8"), Reject::BadVersion),
             (text.replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ="), Reject::BadRequest),
             (text.replace("Host: h\r\n", ""), Reject::BadRequest),
+            (text.replace("Host: h\r\n", "Host: h\r\nhost: evil\r\n"), Reject::BadRequest),
+            (text.replace("Host: h\r\n", "Host: h\r\nOrigin: a\r\nOrigin: b\r\n"), Reject::BadRequest),
+            (text.replace("Host: h\r\n", "Host: h\r\nSec-WebSocket-Version: 13\r\n"), Reject::BadRequest),
+            (
+                text.replace("Host: h\r\n", "Host: h\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+                Reject::BadRequest,
+            ),
+            (
+                text.replace(
+                    "Host: h\r\n",
+                    "Host: h\r\nAuthorization: Bearer a\r\nauthorization: Bearer b\r\n",
+                ),
+                Reject::BadRequest,
+            ),
         ];
         for (req, want) in cases {
             let h = parse(req.as_bytes()).unwrap();

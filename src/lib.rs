@@ -14,6 +14,7 @@
 //! - [`handshake`]: stage 3, the request head under a total deadline, RFC 6455 checks, answers.
 //! - [`auth`]: stage 4, the [`auth::Authenticator`] extension point and the JWT implementation.
 //! - [`revocation`]: revocation stores (embedded file log; Redis, shared by a fleet).
+//! - [`redis_link`]: the one Redis connection the store and the leases share.
 //! - [`session::registry`]: stage 5 per-user caps, and live connections to kick;
 //!   [`session::leases`]: the same caps fleet-wide (Redis leases).
 //! - [`upstream`]: stage 6, the backend connection.
@@ -34,12 +35,15 @@ pub mod clock;
 pub mod config;
 pub mod events;
 pub mod fdlimit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod handshake;
 pub mod header;
 pub mod login;
 pub mod metrics;
 pub mod pipeline;
+pub mod redis_link;
 pub mod reject;
 pub mod revocation;
 pub mod server;

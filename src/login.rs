@@ -78,13 +78,28 @@ impl Login {
                 });
             }
         }
-        // The dummy copies a real user's parameters so its cost matches.
-        let params = users
-            .values()
-            .next()
-            .and_then(|h| PasswordHash::new(h).ok())
-            .and_then(|h| argon2::Params::try_from(&h).ok())
-            .unwrap_or_default();
+        // The dummy uses the parameters `hash-password` uses, fixed (not
+        // whichever user a map happens to list first): an unknown user then
+        // costs what a known one hashed by this tool costs. A user hashed
+        // with other parameters would cost differently, which tells an
+        // attacker the name exists: said at start.
+        let params = argon2::Params::default();
+        for (user, hash) in &users {
+            let same = PasswordHash::new(hash)
+                .ok()
+                .and_then(|h| argon2::Params::try_from(&h).ok())
+                .is_some_and(|p| {
+                    (p.m_cost(), p.t_cost(), p.p_cost())
+                        == (params.m_cost(), params.t_cost(), params.p_cost())
+                });
+            if !same {
+                tracing::warn!(
+                    user = %user,
+                    "auth.login.users_file: this hash's argon2 parameters differ from `portcullis hash-password`'s; \
+                     its verification time tells that the user exists (rehash it with hash-password)"
+                );
+            }
+        }
         let hasher = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let secret: [u8; 16] = rand::random();
         let dummy = hasher

@@ -65,6 +65,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if d.is_zero() {
         return Err("the duration must be positive".into());
     }
+    // Far beyond any token's life, and safe to add to a unix time.
+    if d.as_secs() > 100 * 365 * 86_400 {
+        return Err(format!("{s:?} is too long"));
+    }
     Ok(d)
 }
 
@@ -96,7 +100,9 @@ fn one_line(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::CheckConfig { file } => {
-            Config::load(&file)?;
+            // What `serve` checks before binding, files opened and all.
+            let cfg = Config::load(&file)?;
+            portcullis::gateway::preflight(&cfg, true)?;
             println!("{}: ok", file.display());
             Ok(())
         }

@@ -298,6 +298,12 @@ where
     let identity = match authenticate(shared, ctx, &head).await {
         Ok(id) => id,
         Err(Refusal::Answer(r)) => return Err(refuse(&mut io, r, None).await),
+        Err(Refusal::Described { reason, description }) => {
+            let status = reason.status().unwrap_or(401);
+            answer_and_close(&mut io, &handshake::refusal_described(reason, status, None, Some(description)))
+                .await;
+            return Err(reason);
+        }
         Err(Refusal::Custom { status, body }) => {
             let bytes = handshake::response(status, &[], "text/plain; charset=utf-8", &body);
             answer_and_close(&mut io, &bytes).await;
@@ -365,34 +371,42 @@ fn validate(cfg: &Config, head: &RequestHead) -> Result<String, Reject> {
     Ok(key)
 }
 
-/// How stage 4 refuses: one of the reasons, or an authenticator's own
-/// answer.
+/// How stage 4 refuses: one of the reasons (with what the client may be
+/// told of it), or an authenticator's own answer.
 enum Refusal {
     Answer(Reject),
+    Described { reason: Reject, description: &'static str },
     Custom { status: u16, body: String },
 }
 
 /// Stage 4: the authenticator (JWT by default; revocation checked there).
 async fn authenticate(shared: &Shared, ctx: &Ctx, head: &RequestHead) -> Result<Identity, Refusal> {
-    match shared.auth.authenticate(head, ctx.client).await {
+    match crate::auth::authenticate(shared.auth.as_ref(), head, ctx.client).await {
         Ok(id) => Ok(id),
         Err(AuthRefusal::Reason(r)) => Err(Refusal::Answer(r)),
+        Err(AuthRefusal::Described { reason, description }) => {
+            Err(Refusal::Described { reason, description })
+        }
         Err(AuthRefusal::Custom { status, body }) => Err(Refusal::Custom { status, body }),
     }
 }
 
 /// Stage 5: the per-user cap (fleet-wide with the Redis backend; its one
-/// round trip is bounded by `revocation.redis_timeout_ms`).
+/// round trip is bounded by `revocation.redis_timeout_ms`). Then, the
+/// connection now being kickable, revocation is looked up once more: one
+/// that landed since stage 4's lookup would otherwise be missed.
 async fn user_cap(
     shared: &Shared,
     live: &Config,
     ctx: &Ctx,
     identity: &Identity,
 ) -> Result<session::registry::Slot, Reject> {
-    shared
+    let slot = shared
         .registry
         .admit(&identity.sub, ctx.client.ip(), identity.jti.clone(), identity.issued_at, &live.limits)
-        .await
+        .await?;
+    crate::revocation::recheck(shared.store.as_ref(), &slot.info)?;
+    Ok(slot)
 }
 
 /// Stage 6: the backend, connected before any 101. Returns it (none in
@@ -405,23 +419,7 @@ async fn upstream(
     identity: &Identity,
 ) -> Result<(session::Upstream, Option<String>), Reject> {
     let Some(url) = &shared.upstream else { return Ok((None, None)) };
-    let trusted = &cfg.listen.trusted_proxies;
-    let claim_names: Vec<&str> = cfg.upstream.claim_headers.values().map(String::as_str).collect();
-    let mut headers: Vec<(String, String)> =
-        head.headers.iter().filter(|(n, _)| upstream::forwardable(n, &claim_names)).cloned().collect();
-    headers.push(("X-Portcullis-Sub".into(), identity.sub.clone()));
-    headers.extend(identity.forward.iter().cloned());
-    let mut xff: Vec<String> = if is_trusted(trusted, ctx.peer.ip()) {
-        head.headers_named("x-forwarded-for").map(str::to_string).collect()
-    } else {
-        Vec::new()
-    };
-    let client_ip = ctx.client.ip().to_string();
-    let last_hop = xff.last().and_then(|v| v.rsplit(',').next()).map(str::trim);
-    if last_hop != Some(client_ip.as_str()) {
-        xff.push(client_ip);
-    }
-    headers.push(("X-Forwarded-For".into(), xff.join(", ")));
+    let headers = upstream::request_headers(head, identity, cfg, ctx.peer, ctx.client);
     let target = url.target_for(&carrier::strip_access_token(&head.target));
     let protocols = carrier::other_subprotocols(head);
     let timeout = std::time::Duration::from_millis(cfg.upstream.connect_timeout_ms);

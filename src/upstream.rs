@@ -5,6 +5,7 @@
 //! client's path and query without `access_token` (`ws://b:9000/api` and a
 //! client on `/chat?room=1` → `/api/chat?room=1`).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,6 +15,11 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::{Request, Uri};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
+
+use crate::auth::{carrier, Identity};
+use crate::client_addr::is_trusted;
+use crate::config::{Carrier, Config};
+use crate::handshake::RequestHead;
 
 /// Largest response head accepted from the backend.
 const MAX_RESPONSE_HEAD_BYTES: usize = 8192;
@@ -65,8 +71,10 @@ impl UpstreamUrl {
 }
 
 /// Client request headers never copied upstream: hop-by-hop, the
-/// handshake's own, the credential, and what the gateway sets itself.
-const NOT_FORWARDED: [&str; 13] = [
+/// handshake's own, the credential, and what the gateway sets itself or a
+/// backend may trust as set by a proxy (`Forwarded` and its `X-` cousins,
+/// which a client could otherwise forge).
+const NOT_FORWARDED: [&str; 17] = [
     "host",
     "connection",
     "upgrade",
@@ -80,16 +88,89 @@ const NOT_FORWARDED: [&str; 13] = [
     "authorization",
     "x-forwarded-for",
     "x-real-ip",
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
 ];
 
-/// May a client-sent header go upstream? `claim_headers` are the
-/// configured claim header names, which only the gateway may set.
-pub fn forwardable(name: &str, claim_headers: &[&str]) -> bool {
+/// May a client-sent header go upstream? `reserved` are header names only
+/// the gateway may set (claim headers, the authenticator's identity
+/// headers); the client's own `Connection` names are checked by
+/// [`request_headers`].
+pub fn forwardable(name: &str, reserved: &[&str]) -> bool {
     let lower = name.to_ascii_lowercase();
     !(NOT_FORWARDED.contains(&lower.as_str())
         || lower.starts_with("sec-websocket-")
         || lower.starts_with("x-portcullis-")
-        || claim_headers.iter().any(|c| c.eq_ignore_ascii_case(name)))
+        || reserved.iter().any(|c| c.eq_ignore_ascii_case(name)))
+}
+
+/// Does the gateway set or check a header of this name itself? Such a name
+/// cannot carry a claim (`upstream.claim_headers`): the claim would
+/// collide with, or be stripped as, the gateway's own.
+pub fn reserved_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    NOT_FORWARDED.contains(&lower.as_str())
+        || lower.starts_with("sec-websocket-")
+        || lower.starts_with("x-portcullis-")
+        || ["cookie", "origin", "expect", "x-forwarded-port"].contains(&lower.as_str())
+}
+
+/// Header names the client lists in its `Connection` header: hop-by-hop by
+/// its own declaration (RFC 9110 §7.6.1), so never forwarded.
+fn connection_named(head: &RequestHead) -> Vec<String> {
+    head.headers_named("connection")
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Every header sent upstream besides the handshake's own (stage 6):
+/// the client's forwardable headers (with the cookie carrier's cookie
+/// removed from `Cookie`), then `X-Portcullis-Sub`, the identity's headers,
+/// and `X-Forwarded-For` with the client appended. `peer` is the TCP peer
+/// (its `X-Forwarded-For` is kept only when it is a trusted proxy);
+/// `client` the client as resolved.
+pub fn request_headers(
+    head: &RequestHead,
+    identity: &Identity,
+    cfg: &Config,
+    peer: SocketAddr,
+    client: SocketAddr,
+) -> Vec<(String, String)> {
+    let mut reserved: Vec<&str> = cfg.upstream.claim_headers.values().map(String::as_str).collect();
+    reserved.extend(identity.forward.iter().map(|(n, _)| n.as_str()));
+    let hop = connection_named(head);
+    let strip_cookie = cfg.auth.carriers.contains(&Carrier::Cookie);
+    let mut headers: Vec<(String, String)> = Vec::with_capacity(head.headers.len() + 4);
+    for (name, value) in &head.headers {
+        if !forwardable(name, &reserved) || hop.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        if strip_cookie && name.eq_ignore_ascii_case("cookie") {
+            if let Some(rest) = carrier::without_cookie(value, &cfg.auth.cookie_name) {
+                headers.push((name.clone(), rest));
+            }
+            continue;
+        }
+        headers.push((name.clone(), value.clone()));
+    }
+    headers.push(("X-Portcullis-Sub".into(), identity.sub.clone()));
+    headers.extend(identity.forward.iter().cloned());
+    let mut xff: Vec<String> = if is_trusted(&cfg.listen.trusted_proxies, peer.ip()) {
+        head.headers_named("x-forwarded-for").map(str::to_string).collect()
+    } else {
+        Vec::new()
+    };
+    let client_ip = client.ip().to_string();
+    let last_hop = xff.last().and_then(|v| v.rsplit(',').next()).map(str::trim);
+    if last_hop != Some(client_ip.as_str()) {
+        xff.push(client_ip);
+    }
+    headers.push(("X-Forwarded-For".into(), xff.join(", ")));
+    headers
 }
 
 /// Opens the backend WebSocket within `timeout`. Returns the stream and

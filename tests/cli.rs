@@ -99,8 +99,11 @@ async fn readiness_turns_503_during_the_drain_delay_while_still_accepting() {
     let mut p = spawn(&["serve", "--config", path.to_str().unwrap()]);
     assert_eq!(http(p.admin, "GET", "/readyz", &[], "").await.status, 200);
     signal(&p, "-INT");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(http(p.admin, "GET", "/readyz", &[], "").await.status, 503);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while http(p.admin, "GET", "/readyz", &[], "").await.status != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "readiness never turned 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut c = ws(p.public, &token("late")).await;
     echo(&mut c, "still accepted during the delay").await;
     assert_eq!(close_code(&mut c, Duration::from_secs(5)).await.0, Some(1001));
@@ -353,4 +356,148 @@ async fn wait_series(admin: SocketAddr, series: &str, want: f64) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// The line `portcullis: error: …` a command printed, and its exit code.
+fn error_of(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN).args(args).env("PORTCULLIS_LOG", "off").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    let line = err.lines().find(|l| l.starts_with("portcullis: error:")).unwrap_or("").to_string();
+    (out.status.code(), line)
+}
+
+#[test]
+fn check_config_reports_exactly_what_serve_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("garbage.pem"), "not a key\n").unwrap();
+    std::fs::write(d.join("jwks.json"), "{\"keys\": 7}").unwrap();
+    std::fs::write(d.join("users.toml"), "alice = \"not-a-hash\"\n").unwrap();
+    let listen = "[listen]\npublic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
+    let rev = format!("[revocation]\npath = \"{}\"\n", d.join("r.log").display());
+    let p = |name: &str| d.join(name).display().to_string();
+    let cases: Vec<(String, &str)> = vec![
+        (format!("[auth]\nhmac_secret_file = \"{}\"\n", p("missing.secret")), "auth.hmac_secret"),
+        (format!("[auth]\nalgorithms = [\"ES256\"]\npublic_key_file = \"{}\"\n", p("missing.pem")), "auth.public_key_file"),
+        (format!("[auth]\nalgorithms = [\"ES256\"]\npublic_key_file = \"{}\"\n", p("garbage.pem")), "auth.public_key_file"),
+        (format!("[auth]\nalgorithms = [\"ES256\"]\njwks_file = \"{}\"\n", p("jwks.json")), "auth.jwks_file"),
+        (
+            format!("[auth]\nhmac_secret = \"{SECRET}\"\n[auth.login]\nenabled = true\nusers_file = \"{}\"\n", p("nope.toml")),
+            "auth.login.users_file",
+        ),
+        (
+            format!("[auth]\nhmac_secret = \"{SECRET}\"\n[auth.login]\nenabled = true\nusers_file = \"{}\"\n", p("users.toml")),
+            "auth.login.users_file",
+        ),
+        (
+            format!("[auth]\nhmac_secret = \"{SECRET}\"\n[listen]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n", p("c.pem"), p("k.pem")),
+            "listen.tls_cert_file",
+        ),
+        (format!("[auth]\nhmac_secret = \"{SECRET}\"\n[limits]\nper_ip_rate = 1e-30\n"), "limits.per_ip_rate"),
+        (format!("[auth]\nhmac_secret = \"{SECRET}\"\n[limits]\nmax_lifetime_s = 18446744073709551615\n"), "limits.max_lifetime_s"),
+    ];
+    let path = d.join("c.toml");
+    for (body, key) in &cases {
+        // The revocation log's own table goes last (a key may open [listen]).
+        let text = if body.contains("[listen]") {
+            format!("{}{rev}", body.replace("[listen]\n", listen))
+        } else {
+            format!("{listen}{body}{rev}")
+        };
+        std::fs::write(&path, &text).unwrap();
+        let check = error_of(&["check-config", path.to_str().unwrap()]);
+        let serve = error_of(&["serve", "--config", path.to_str().unwrap()]);
+        assert_eq!(check.0, Some(2), "{text}");
+        assert!(check.1.contains(key), "{key}: {}", check.1);
+        assert_eq!(check, serve, "check-config and serve disagree on\n{text}");
+    }
+    // A revocation log in a directory that does not exist.
+    let text = format!(
+        "{listen}[auth]\nhmac_secret = \"{SECRET}\"\n[revocation]\npath = \"{}\"\n",
+        p("no/dir/r.log")
+    );
+    std::fs::write(&path, &text).unwrap();
+    let check = error_of(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(check.0, Some(2));
+    assert_eq!(check, error_of(&["serve", "--config", path.to_str().unwrap()]));
+    assert!(!d.join("no").exists());
+    // A good one passes, and leaves no revocation log behind.
+    let fresh = format!("[revocation]\npath = \"{}\"\n", p("fresh.log"));
+    std::fs::write(&path, format!("{listen}[auth]\nhmac_secret = \"{SECRET}\"\n{fresh}")).unwrap();
+    let out = Command::new(BIN).args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!d.join("fresh.log").exists(), "check-config left a revocation log behind");
+}
+
+#[test]
+fn an_absurd_token_ttl_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, format!("[auth]\nhmac_secret = \"{SECRET}\"\n")).unwrap();
+    for ttl in ["999999999999999999d", "18446744073709551615h", "100000000000000000000"] {
+        let (code, line) =
+            error_of(&["token", "--config", path.to_str().unwrap(), "--sub", "x", "--ttl", ttl]);
+        assert_eq!(code, Some(2), "{ttl}");
+        let _ = line;
+    }
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_entry_covering_everything_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listen]\npublic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::/0\"]\n\
+             [auth]\nhmac_secret = \"{SECRET}\"\n[revocation]\npath = \"{}\"\n",
+            dir.path().join("r.log").display()
+        ),
+    )
+    .unwrap();
+    let proc = ChildProc::spawn(Command::new(BIN).args(["serve", "--config", path.to_str().unwrap()]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let Ok(line) = proc.lines.recv_timeout(Duration::from_millis(200)) else { continue };
+        let done = line.starts_with("listening ");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains("trusted_proxies covers every address")), "{seen:#?}");
+}
+
+#[tokio::test]
+async fn sighup_with_a_rate_no_limiter_can_hold_is_refused_and_the_reloader_lives_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[listen]\npublic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[auth]\nhmac_secret = \"{SECRET}\"\n\
+                 [revocation]\npath = \"{}\"\n{extra}",
+                dir.path().join("r.log").display()
+            ),
+        )
+        .unwrap()
+    };
+    write("");
+    let p = spawn(&["serve", "--config", path.to_str().unwrap()]);
+    let mut live = ws(p.public, &token("hugo")).await;
+    write("[limits]\nper_ip_rate = 1e-30\n");
+    signal(&p, "-HUP");
+    assert!(wait_series(p.admin, "portcullis_config_reloads_total{result=\"error\"}", 1.0).await);
+    echo(&mut live, "after the refused reload").await;
+    // The reloader is still there: a good file applies.
+    write("[limits]\nper_ip_rate = 5.0\n");
+    signal(&p, "-HUP");
+    assert!(wait_series(p.admin, "portcullis_config_reloads_total{result=\"ok\"}", 1.0).await);
+    let mut again = ws(p.public, &token("hugo")).await;
+    echo(&mut again, "after the good reload").await;
+    drop((live, again));
+    drop(p);
 }

@@ -686,12 +686,23 @@ async fn a_flood_of_refusals_logs_a_few_lines_and_counts_the_rest() {
         t.await.unwrap();
     }
     // A refusal in a later second reports what the flood's seconds held back.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let flood_second = now();
+    while now() == flood_second {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(raw(public, upgrade_request("/", &[]).as_bytes()).await.status, 401);
     p.wait_line(|v| v["event"] == "suppressed", Duration::from_secs(5));
     p.wait_metric(&reason_series("missing_token"), (flood + 1) as f64).await;
-    // Let the last lines arrive.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Until the last lines have arrived.
+    let accounted = |lines: &[Value]| {
+        let refused = lines.iter().filter(|v| v["event"] == "rejected").count() as u64;
+        let suppressed: u64 = lines.iter().filter_map(|v| v["suppressed"].as_u64()).sum();
+        refused + suppressed
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while accounted(&p.json_lines()) < flood + 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let lines = p.json_lines();
     let refused: Vec<&Value> = lines.iter().filter(|v| v["event"] == "rejected").collect();

@@ -247,3 +247,110 @@ async fn a_vanished_backend_closes_the_client_with_1014() {
     gw.assert_gauges_zero().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn the_cookie_carrier_works_end_to_end_and_its_cookie_stays_at_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(Behaviour::Echo).await;
+    let mut cfg = proxy_config(dir.path(), be.addr);
+    cfg.auth.carriers = vec![portcullis::config::Carrier::Cookie];
+    cfg.auth.allowed_origins = vec!["https://app.example".into()];
+    let gw = start(cfg).await;
+    let t = token("cora");
+    let cookie = format!("theme=dark; portcullis_token={t}; lang=fr");
+    let mut c =
+        ws_connect(gw.public, "/", &[("Cookie", &cookie), ("Origin", "https://app.example")]).await.unwrap();
+    echo(&mut c, "by cookie").await;
+    // Only the carrier's cookie: alone in its header, the header goes.
+    let only = format!("portcullis_token={t}");
+    let mut d =
+        ws_connect(gw.public, "/", &[("Cookie", &only), ("Origin", "https://app.example")]).await.unwrap();
+    echo(&mut d, "by cookie alone").await;
+    let seen = be.seen.lock().unwrap().clone();
+    assert_eq!(header(&seen[0].1, "x-portcullis-sub"), vec!["cora"]);
+    assert_eq!(header(&seen[0].1, "cookie"), vec!["theme=dark; lang=fr"]);
+    assert!(header(&seen[1].1, "cookie").is_empty(), "{:?}", seen[1].1);
+    for (_, headers) in &seen {
+        assert!(headers.iter().all(|(_, v)| !v.contains(&t)), "the token reached the backend: {headers:?}");
+    }
+    // A foreign origin is refused even with a good cookie (CSWSH).
+    let a = raw(
+        gw.public,
+        upgrade_request("/", &[("Cookie", &cookie), ("Origin", "https://evil.example")]).as_bytes(),
+    )
+    .await;
+    assert_eq!(a.status, 403);
+    drop((c, d));
+    gw.assert_gauges_zero().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn headers_a_client_could_smuggle_never_reach_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(Behaviour::Echo).await;
+    let gw = start(proxy_config(dir.path(), be.addr)).await;
+    let t = token_with(json!({ "sub": "sam", "role": "user" }));
+    let req = upgrade_request(
+        "/",
+        &[
+            ("Authorization", &format!("Bearer {t}")),
+            ("Connection", "X-Internal-Auth, keep-alive"),
+            ("X-Internal-Auth", "let-me-in"),
+            ("Forwarded", "for=6.6.6.6;proto=https"),
+            ("X-Forwarded-Host", "admin.internal"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Real-IP", "6.6.6.6"),
+            ("x-user-role", "admin"),
+            ("X-Kept", "yes"),
+        ],
+    );
+    let mut s = tokio::net::TcpStream::connect(gw.public).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(read_answer(&mut s).await.status, 101);
+    let seen = be.seen.lock().unwrap().clone();
+    let headers = &seen[0].1;
+    for gone in ["x-internal-auth", "forwarded", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"] {
+        assert!(header(headers, gone).is_empty(), "{gone} reached the backend: {headers:?}");
+    }
+    assert_eq!(header(headers, "x-user-role"), vec!["user"], "only the gateway sets a claim header");
+    assert_eq!(header(headers, "x-kept"), vec!["yes"]);
+    drop(s);
+    gw.assert_gauges_zero().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_authenticators_identity_headers_cannot_be_spoofed_by_the_client() {
+    use portcullis::auth::{AuthRefusal, Authenticator, Identity};
+    use portcullis::handshake::RequestHead;
+    struct WithTenant;
+    #[async_trait::async_trait]
+    impl Authenticator for WithTenant {
+        async fn authenticate(&self, _: &RequestHead, _: SocketAddr) -> Result<Identity, AuthRefusal> {
+            Ok(Identity {
+                sub: "tia".into(),
+                forward: vec![("X-Tenant".into(), "blue".into())],
+                ..Identity::default()
+            })
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(Behaviour::Echo).await;
+    let gw = portcullis::Gateway::bind_with(proxy_config(dir.path(), be.addr), Some(Arc::new(WithTenant)))
+        .await
+        .unwrap();
+    let public = gw.public_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(gw.run(async move {
+        let _ = rx.await;
+    }));
+    let mut c = ws_connect(public, "/", &[("x-tenant", "red")]).await.unwrap();
+    echo(&mut c, "tenant").await;
+    let seen = be.seen.lock().unwrap().clone();
+    assert_eq!(header(&seen[0].1, "x-tenant"), vec!["blue"]);
+    drop(c);
+    let _ = tx.send(());
+    task.await.unwrap();
+}

@@ -75,6 +75,26 @@ impl Redis {
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// One command, its raw RESP reply (waits out a `CLIENT PAUSE`).
+    fn cmd(&self, args: &[&str]) -> String {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// The number of members of a sorted set.
+    fn zcard(&self, key: &str) -> u64 {
+        let r = self.cmd(&["ZCARD", key]);
+        r.trim().trim_start_matches(':').parse().unwrap_or_else(|_| panic!("ZCARD {key}: {r:?}"))
+    }
+
     /// Kills it (SIGKILL: an outage, not a shutdown).
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -116,6 +136,10 @@ async fn readyz(gw: &TestGateway) -> (u16, serde_json::Value) {
 }
 
 const UP: &str = "portcullis_store_up";
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+}
 
 #[tokio::test]
 async fn revoking_on_one_instance_closes_connections_on_the_others() {
@@ -161,9 +185,16 @@ async fn revoking_on_one_instance_closes_connections_on_the_others() {
     let c = start(instance(dir.path(), "c", &redis)).await;
     assert_eq!(c.metric("portcullis_revocations").await, 2.0);
     assert_eq!(status(c.public, &t).await, 401);
-    // Past a health tick or two (pings on a subscribed connection), no
-    // Redis call failed anywhere.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Across a health tick or two (pings on a subscribed connection), no
+    // Redis call fails anywhere: checked all along, not after a sleep.
+    let until = Instant::now() + Duration::from_millis(1100);
+    while Instant::now() < until {
+        for g in [&a, &b, &c] {
+            assert_eq!(g.metric(UP).await, 1.0);
+            assert_eq!(g.metric("portcullis_store_errors_total{op=\"subscribe\"}").await, 0.0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for g in [a, b, c] {
         g.assert_gauges_zero().await;
         assert_eq!(g.metric(UP).await, 1.0);
@@ -227,10 +258,17 @@ async fn evict_oldest_closes_the_oldest_connection_wherever_it_is() {
     };
     let (a, b) = (gw("a").await, gw("b").await);
     let t = token("frank");
+    // Leases sort by admission millisecond: each admission in a later one.
+    let next_ms = || async {
+        let ms = unix_ms();
+        while unix_ms() == ms {
+            tokio::task::yield_now().await;
+        }
+    };
     let mut oldest = ws(a.public, &t).await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    next_ms().await;
     let mut middle = ws(b.public, &t).await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    next_ms().await;
     // The third, on B, evicts the oldest, which A holds.
     let mut newest = ws(b.public, &t).await;
     let (code, took) = close_code(&mut oldest, Duration::from_secs(2)).await;
@@ -302,8 +340,15 @@ async fn a_dead_instances_leases_expire_by_themselves() {
     let _one = ws(b.public, &t).await;
     let _two = ws(b.public, &t).await;
     assert_eq!(status(a.public, &t).await, 429);
-    // Let B renew at least once, then kill it: nothing releases its leases.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Once B has renewed at least once (the scores move), kill it:
+    // nothing releases its leases.
+    let scores = || redis.cmd(&["ZRANGE", "portcullis:lease:grace", "0", "-1", "WITHSCORES"]);
+    let first = scores();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while scores() == first {
+        assert!(Instant::now() < deadline, "B never renewed its leases");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     b.proc.child.kill().unwrap();
     b.proc.child.wait().unwrap();
     let killed = Instant::now();
@@ -430,4 +475,106 @@ async fn an_instance_starts_without_redis_and_connects_when_it_appears() {
     a.wait_metric(UP, 1.0).await;
     assert_eq!(readyz(&a).await.1["store"], "up");
     a.stop().await;
+}
+
+#[tokio::test]
+async fn revoke_reports_what_it_closed_even_when_the_broadcast_kicked_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let a = start(instance(dir.path(), "a", &redis)).await;
+    for round in 0..3 {
+        let sub = format!("zoe{round}");
+        let t = token(&sub);
+        let mut cs = Vec::new();
+        for _ in 0..3 {
+            cs.push(ws(a.public, &t).await);
+        }
+        // Revoked "now": the connections of tokens minted this second too.
+        let answer = a.revoke(&serde_json::json!({ "sub": sub }).to_string()).await;
+        assert_eq!(answer.status, 200);
+        assert!(body(&answer).contains(r#""closed":3"#), "round {round}: {}", body(&answer));
+        for c in &mut cs {
+            assert_eq!(close_code(c, Duration::from_secs(2)).await.0, Some(1008));
+        }
+    }
+    a.assert_gauges_zero().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_claim_falls_back_alone_and_leaves_exactly_one_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let mut cfg = instance(dir.path(), "a", &redis);
+    cfg.revocation.redis_timeout_ms = 100;
+    cfg.revocation.lease_ttl_ms = 3000;
+    let a = start(cfg).await;
+    assert_eq!(a.metric(UP).await, 1.0);
+    // Redis stalls every client for a moment (a slow script, a fork).
+    redis.cmd(&["CLIENT", "PAUSE", "700", "ALL"]);
+    let mut c = ws(a.public, &token("sly")).await;
+    // That one claim timed out and fell back to the local count; the link
+    // is not down for everyone else.
+    assert_eq!(a.metric("portcullis_store_errors_total{op=\"lease_claim\"}").await, 1.0);
+    assert_eq!(a.metric(UP).await, 1.0, "one slow claim took the link down");
+    assert_eq!(readyz(&a).await.1["store"], "up");
+    // The claim still ran in Redis once the pause ended; the connection
+    // must hold one lease then, never two (watched across a renewal).
+    let key = "portcullis:lease:sly";
+    let until = Instant::now() + Duration::from_millis(2500);
+    let (mut most, mut last) = (0, 0);
+    while Instant::now() < until {
+        last = redis.zcard(key);
+        most = most.max(last);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(most <= 1, "the connection held {most} leases");
+    assert_eq!(last, 1, "the adopted connection is counted fleet-wide again");
+    echo(&mut c, "served all along").await;
+    drop(c);
+    let until = Instant::now() + Duration::from_secs(5);
+    while redis.zcard(key) != 0 {
+        assert!(Instant::now() < until, "the lease was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.assert_gauges_zero().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_renewal_never_brings_back_a_lease_an_eviction_removed() {
+    use portcullis::revocation::redis::RedisStore;
+    use portcullis::session::leases::{RedisLeases, UserCaps};
+    use portcullis::session::registry::Registry;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let metrics = std::sync::Arc::new(portcullis::metrics::Metrics::new());
+    let (sa, sb) = (
+        RedisStore::open(&instance(dir.path(), "a", &redis), metrics.clone()).await.unwrap(),
+        RedisStore::open(&instance(dir.path(), "b", &redis), metrics.clone()).await.unwrap(),
+    );
+    // Short leases: the keeper renews every 200 ms on its own as well.
+    let (la, _ka) = RedisLeases::start(sa.link(), 600);
+    let (lb, _kb) = RedisLeases::start(sb.link(), 600);
+    let mut evicted_on_a = la.evictions();
+    // Nothing here closes an evicted connection: A keeps renewing it.
+    let reg = Registry::new(metrics);
+    let ip = "127.0.0.1".parse().unwrap();
+    let c1 = reg.register("ugo", ip, None, None, 8, OnUserCap::Reject).unwrap();
+    let c2 = reg.register("ugo", ip, None, None, 8, OnUserCap::Reject).unwrap();
+    la.claim(&c1.info, 1, OnUserCap::EvictOldest).await.unwrap();
+    lb.claim(&c2.info, 1, OnUserCap::EvictOldest).await.unwrap();
+    la.renew_all().await;
+    let until = Instant::now() + Duration::from_millis(700);
+    while Instant::now() < until {
+        assert_eq!(redis.zcard("portcullis:lease:ugo"), 1, "the evicted lease came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = tokio::time::timeout(Duration::from_secs(2), evicted_on_a.recv()).await.unwrap().unwrap();
+    assert_eq!(id, c1.info.id);
+    // A claim of a member already held is idempotent: still one lease.
+    lb.claim(&c2.info, 1, OnUserCap::EvictOldest).await.unwrap();
+    assert_eq!(redis.zcard("portcullis:lease:ugo"), 1);
+    sa.close();
+    sb.close();
 }

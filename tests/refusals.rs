@@ -162,6 +162,7 @@ async fn slowloris_trickling_a_byte_every_200ms_gets_408_at_the_deadline() {
     }
     let a = answer.expect("cut before the head was complete");
     assert_eq!(a.status, 408, "{}", a.text);
+    assert_eq!(a.ended, Ended::Closed, "answered, then closed");
     assert_eq!(gw.rejected("handshake_timeout").await, 1.0);
     gw.assert_gauges_zero().await;
     gw.stop().await;

@@ -24,8 +24,11 @@ pub struct RateLimiter {
 }
 
 fn build(rate: f64, burst: u32) -> Keyed {
-    // `rate` is validated positive and finite at config load.
-    let period = Duration::from_secs_f64(1.0 / rate).max(Duration::from_nanos(1));
+    // `rate` is bounded at config load; a value that slipped past (an
+    // embedder's) gets the longest period rather than a panic.
+    let period = Duration::try_from_secs_f64(1.0 / rate)
+        .unwrap_or(Duration::from_secs(86_400))
+        .clamp(Duration::from_nanos(1), Duration::from_secs(86_400));
     let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
     let quota = Quota::with_period(period).unwrap_or(Quota::per_second(NonZeroU32::MIN)).allow_burst(burst);
     governor::RateLimiter::dashmap(quota)

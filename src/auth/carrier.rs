@@ -90,23 +90,42 @@ pub fn other_subprotocols(head: &RequestHead) -> Vec<String> {
     out
 }
 
+/// The `name=value` pairs of one `Cookie` header line, trimmed (RFC 6265
+/// §4.2.1: pairs separated by `;`). A piece without `=` is skipped.
+fn cookie_pairs(line: &str) -> impl Iterator<Item = (&str, &str)> {
+    line.split(';').filter_map(|pair| {
+        let (n, v) = pair.split_once('=')?;
+        Some((n.trim(), v.trim()))
+    })
+}
+
 /// `Cookie: name=value` across every `Cookie` line; the first cookie of that
 /// name wins. Double quotes around the value (RFC 6265 allows them) are
 /// removed; an empty value is malformed.
 fn from_cookie(head: &RequestHead, name: &str) -> Option<String> {
-    head.headers_named("cookie").flat_map(|v| v.split(';')).find_map(|pair| {
-        let (n, v) = pair.split_once('=')?;
-        if n.trim() != name {
+    head.headers_named("cookie").flat_map(cookie_pairs).find_map(|(n, v)| {
+        if n != name {
             return None;
         }
-        let v = v.trim();
         let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
         Some(v.to_owned())
     })
 }
 
-/// `?access_token=T` (percent-decoded, `+` as a space as in forms). The
-/// first occurrence wins; bad percent-encoding is malformed.
+/// One `Cookie` header line without any cookie called `name` (the cookie
+/// carrier's, which must not reach the backend); the other pieces are kept
+/// as sent. `None` when nothing is left, so the header is dropped.
+pub fn without_cookie(line: &str, name: &str) -> Option<String> {
+    let kept: Vec<&str> = line
+        .split(';')
+        .map(str::trim)
+        .filter(|piece| !piece.is_empty() && piece.split_once('=').is_none_or(|(n, _)| n.trim() != name))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("; "))
+}
+
+/// `?access_token=T` (percent-decoded). The first occurrence wins; bad
+/// percent-encoding is malformed.
 fn from_query(head: &RequestHead) -> Option<String> {
     let query = head.query()?;
     query.split('&').find_map(|pair| {
@@ -124,39 +143,23 @@ fn is_access_token(raw_name: &str) -> bool {
     percent_decode(raw_name).is_some_and(|n| n == QUERY_PARAM)
 }
 
-/// Decodes `%XX` escapes and `+`; `None` on a bad escape or non-UTF-8 result.
+/// Decodes `%XX` escapes (RFC 3986); `None` on a bad escape (a `%` not
+/// followed by two hex digits) or a non-UTF-8 result. A `+` stays a `+`:
+/// the form rule (`+` for a space) belongs to HTML form bodies, and would
+/// turn an admin's `?sub=a+b` into another subject.
 pub fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hi = hex_val(*bytes.get(i + 1)?)?;
-                let lo = hex_val(*bytes.get(i + 2)?)?;
-                out.push(hi << 4 | lo);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+    // `percent_decode_str` passes a malformed escape through untouched;
+    // a credential with one is refused instead.
+    let b = s.as_bytes();
+    let bad_escape = b.iter().enumerate().any(|(i, &c)| {
+        c == b'%'
+            && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if bad_escape {
+        return None;
     }
-    String::from_utf8(out).ok()
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+    percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned())
 }
 
 /// Rewrites the query of `target` ("/path?query"), keeping or replacing each
@@ -290,6 +293,31 @@ mod tests {
         assert_eq!(ext(&h, &[Query]), Some((Query, String::new())));
         let h = head("/ws?x=access_token", &[]);
         assert_eq!(ext(&h, &[Query]), None);
+        let h = head("/ws?access_token=bad%4", &[]);
+        assert_eq!(ext(&h, &[Query]), Some((Query, String::new())));
+    }
+
+    #[test]
+    fn percent_decoding_keeps_plus_and_refuses_bad_escapes() {
+        assert_eq!(percent_decode("a+b").as_deref(), Some("a+b"));
+        assert_eq!(percent_decode("a%20b%2B").as_deref(), Some("a b+"));
+        assert_eq!(percent_decode("%e2%82%ac").as_deref(), Some("\u{20ac}"));
+        for bad in ["%", "%4", "%zz", "a%g1", "%ff"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_carrier_cookie_alone_is_removed() {
+        let name = "portcullis_token";
+        assert_eq!(without_cookie("a=1; portcullis_token=t; b=2", name).as_deref(), Some("a=1; b=2"));
+        assert_eq!(without_cookie("portcullis_token=t", name), None);
+        assert_eq!(without_cookie("portcullis_token=t;portcullis_token=u", name), None);
+        assert_eq!(
+            without_cookie("xportcullis_token=1;flag", name).as_deref(),
+            Some("xportcullis_token=1; flag")
+        );
+        assert_eq!(without_cookie(" portcullis_token = t ; c=3", name).as_deref(), Some("c=3"));
     }
 
     #[test]

@@ -121,6 +121,32 @@ impl State {
     }
 }
 
+/// Keys and rules loaded by [`JwtAuthenticator::prepare`], not yet in force.
+pub struct PreparedAuth(State);
+
+/// A refusal and, when the client may be told, why (the challenge's
+/// `error_description`). Signature and key failures are never explained.
+#[derive(Debug)]
+struct Refused {
+    reason: Reject,
+    told: Option<&'static str>,
+}
+
+impl From<Reject> for Refused {
+    fn from(reason: Reject) -> Self {
+        Refused { reason, told: None }
+    }
+}
+
+impl From<Refused> for AuthRefusal {
+    fn from(r: Refused) -> Self {
+        match r.told {
+            Some(description) => AuthRefusal::Described { reason: r.reason, description },
+            None => AuthRefusal::Reason(r.reason),
+        }
+    }
+}
+
 /// Verifies JWTs (stage 4, authenticate); see the module doc for the order of work.
 pub struct JwtAuthenticator {
     /// Keys, rules and cache; replaced whole by [`JwtAuthenticator::reload`].
@@ -181,23 +207,38 @@ impl JwtAuthenticator {
         cfg: &config::Auth,
         claim_headers: &BTreeMap<String, String>,
     ) -> Result<(), ConfigError> {
-        let state = State::build(cfg, claim_headers)?;
-        self.state.store(Arc::new(state));
+        let prepared = JwtAuthenticator::prepare(cfg, claim_headers)?;
+        self.install(prepared);
         Ok(())
+    }
+
+    /// The fallible half of [`reload`](Self::reload): loads keys and rules
+    /// without touching the state in force, so a reload can prepare every
+    /// part before it swaps any.
+    pub fn prepare(
+        cfg: &config::Auth,
+        claim_headers: &BTreeMap<String, String>,
+    ) -> Result<PreparedAuth, ConfigError> {
+        Ok(PreparedAuth(State::build(cfg, claim_headers)?))
+    }
+
+    /// The infallible half of [`reload`](Self::reload).
+    pub fn install(&self, prepared: PreparedAuth) {
+        self.state.store(Arc::new(prepared.0));
     }
 
     /// Verifies `token` (cache, signature, claims, revocation) as the
     /// handshake does, without a carrier: for tests, benches and embedders
     /// that obtained the token themselves.
     pub async fn verify_token(&self, token: &str) -> Result<Identity, Reject> {
-        self.identity(&self.state.load_full(), token).await
+        self.identity(&self.state.load_full(), token).await.map_err(|r| r.reason)
     }
 
     /// Cache or verification, then revocation (never cached).
-    async fn identity(&self, st: &State, token: &str) -> Result<Identity, Reject> {
+    async fn identity(&self, st: &State, token: &str) -> Result<Identity, Refused> {
         let v = self.verified(st, token).await?;
         if self.store.is_revoked(&v.sub, v.jti.as_deref(), v.iat) {
-            return Err(Reject::RevokedToken);
+            return Err(Reject::RevokedToken.into());
         }
         Ok(Identity {
             sub: v.sub.clone(),
@@ -210,9 +251,9 @@ impl JwtAuthenticator {
     }
 
     /// The verified claims of `token`, from the cache or a verification.
-    async fn verified(&self, st: &State, token: &str) -> Result<Arc<Verified>, Reject> {
+    async fn verified(&self, st: &State, token: &str) -> Result<Arc<Verified>, Refused> {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
-            return Err(Reject::InvalidToken);
+            return Err(Reject::InvalidToken.into());
         }
         let key = TokenCache::key(token);
         if let Some(v) = st.cache.get(&key).await {
@@ -231,13 +272,18 @@ impl JwtAuthenticator {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Err(Reject::InvalidToken);
         }
-        self.verify_with(&self.state.load(), token)
+        self.verify_with(&self.state.load(), token).map_err(|r| r.reason)
     }
 
-    fn verify_with(&self, st: &State, token: &str) -> Result<Verified, Reject> {
+    fn verify_with(&self, st: &State, token: &str) -> Result<Verified, Refused> {
         let refuse = |why: &str| {
             tracing::debug!(why, "token refused");
-            Reject::InvalidToken
+            Refused::from(Reject::InvalidToken)
+        };
+        // Claim rules a token's issuer can act on: the client is told.
+        let told = |why: &'static str| {
+            tracing::debug!(why, "token refused");
+            Refused { reason: Reject::InvalidToken, told: Some(why) }
         };
         // Header only: a few hundred nanoseconds, and enough to refuse a
         // disallowed algorithm (`none` does not even parse) or an unknown
@@ -255,10 +301,12 @@ impl JwtAuthenticator {
         self.metrics.token_verify(started.elapsed());
         let claims = match decoded {
             Ok(d) => d.claims,
-            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => return Err(Reject::ExpiredToken),
+            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => {
+                return Err(Reject::ExpiredToken.into())
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "token refused");
-                return Err(Reject::InvalidToken);
+                return Err(Reject::InvalidToken.into());
             }
         };
 
@@ -267,6 +315,11 @@ impl JwtAuthenticator {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(refuse("empty or non-string sub")),
         };
+        // `sub` travels upstream as `X-Portcullis-Sub`: a control character
+        // would otherwise fail there, after the token was accepted (502).
+        if !super::header_value_ok(&sub) {
+            return Err(told(super::BAD_SUB));
+        }
         let exp = claims.get("exp").and_then(seconds).ok_or_else(|| refuse("bad exp"))?;
         let iat = match claims.get("iat") {
             None => None,
@@ -292,8 +345,8 @@ impl JwtAuthenticator {
             if let Some(v) = claims.get(claim) {
                 let text = claim_text(v);
                 // A CR/LF in a claim would inject headers upstream.
-                if text.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-                    return Err(refuse("claim not safe as a header value"));
+                if !super::header_value_ok(&text) {
+                    return Err(told(super::BAD_CLAIM));
                 }
                 forward.push((header.clone(), text));
             }
@@ -311,7 +364,7 @@ impl Authenticator for JwtAuthenticator {
         let Some((carrier, token)) = carrier::extract(head, &st.carriers, &st.cookie_name) else {
             return Err(Reject::MissingToken.into());
         };
-        let mut id = self.identity(&st, &token).await?;
+        let mut id = self.identity(&st, &token).await.map_err(AuthRefusal::from)?;
         id.carrier = Some(carrier);
         Ok(id)
     }

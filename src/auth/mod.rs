@@ -46,6 +46,53 @@ pub enum AuthRefusal {
     /// A custom answer from a custom authenticator; counted as
     /// `invalid_token` in metrics so label values stay a closed set.
     Custom { status: u16, body: String },
+    /// One of the token reasons, with the `error_description` the client
+    /// is told (a fixed text: never an echo of the credential).
+    Described { reason: Reject, description: &'static str },
+}
+
+/// The description of a `sub` that cannot be sent as a header value.
+pub const BAD_SUB: &str = "the sub claim is not a valid header value";
+/// The description of a forwarded claim that cannot be sent as a header value.
+pub const BAD_CLAIM: &str = "a forwarded claim is not a valid header value";
+/// The description of identity headers with an invalid name.
+pub const BAD_HEADER_NAME: &str = "a forwarded header name is not valid";
+
+/// Can `v` be sent as an HTTP header value? (The rule of the `http` crate,
+/// which builds the upstream request: no control character but tab.)
+pub fn header_value_ok(v: &str) -> bool {
+    tokio_tungstenite::tungstenite::http::HeaderValue::from_str(v).is_ok()
+}
+
+/// Stage 4: asks `auth`, then checks that the identity it yields can
+/// travel upstream as headers (`X-Portcullis-Sub`, forwarded headers), so
+/// a bad one is refused here as `invalid_token`, told why, rather than
+/// failing at stage 6 as a 502. Whatever the authenticator.
+pub async fn authenticate(
+    auth: &dyn Authenticator,
+    head: &RequestHead,
+    client: SocketAddr,
+) -> Result<Identity, AuthRefusal> {
+    let id = auth.authenticate(head, client).await?;
+    check_identity(&id)?;
+    Ok(id)
+}
+
+/// The header rules of [`authenticate`] on an identity.
+pub fn check_identity(id: &Identity) -> Result<(), AuthRefusal> {
+    let refuse = |description| Err(AuthRefusal::Described { reason: Reject::InvalidToken, description });
+    if id.sub.is_empty() || !header_value_ok(&id.sub) {
+        return refuse(BAD_SUB);
+    }
+    for (name, value) in &id.forward {
+        if tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return refuse(BAD_HEADER_NAME);
+        }
+        if !header_value_ok(value) {
+            return refuse(BAD_CLAIM);
+        }
+    }
+    Ok(())
 }
 
 impl From<Reject> for AuthRefusal {

@@ -125,6 +125,20 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.display().to_string(), source }
 }
 
+/// Would [`FileStore::open`] succeed on `path`? Checked without keeping
+/// anything: an existing log is opened as `open` opens it; a missing one
+/// is created and removed again (the directory must exist and be
+/// writable). For `check-config`, which must report what start-up would.
+pub fn check_path(path: &Path) -> Result<(), StoreError> {
+    if path.exists() {
+        OpenOptions::new().read(true).append(true).open(path).map_err(io_err(path))?;
+        return Ok(());
+    }
+    OpenOptions::new().read(true).append(true).create_new(true).open(path).map_err(io_err(path))?;
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
 impl FileStore {
     /// Opens (or creates) the log at `path`, replays it, and compacts it.
     /// Blocking: call at start-up (or from `spawn_blocking`).

@@ -1,4 +1,14 @@
-//! Revocations: by `jti`, and by subject ("tokens of `sub` issued before T").
+//! Revocations: by `jti`, and by subject ("tokens of `sub` issued up to T").
+//!
+//! # The same-second rule
+//!
+//! `iat` and T are whole unix seconds, so a token minted in the very second
+//! of a revocation cannot be told apart from one minted just before it. The
+//! rule errs on the safe side: a subject revocation at T covers `iat <= T`
+//! (the token minted in T's own second is refused), and a token minted in
+//! a later second (`iat > T`) is accepted. An operator who revokes "now"
+//! and mints a fresh token at once may therefore see it refused for up to
+//! one second; a stolen token minted in the same second never survives.
 //!
 //! Every backend keeps an in-memory [`RevocationSet`] so the handshake path
 //! never waits on I/O; backends differ in how they persist and share it:
@@ -14,6 +24,8 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::reject::Reject;
+
 /// One revocation, as the admin API receives it and the log stores it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -24,13 +36,20 @@ pub enum Revocation {
 
 impl Revocation {
     /// Does this revocation cover a credential with these claims?
-    /// A token without `iat` counts as issued before any T.
+    /// A token without `iat` counts as issued before any T; see the module
+    /// notes for the same-second rule (`iat <= T`).
     pub fn matches(&self, sub: &str, jti: Option<&str>, iat: Option<u64>) -> bool {
         match self {
             Revocation::Jti { jti: j } => jti == Some(j.as_str()),
-            Revocation::Subject { sub: s, before } => s == sub && iat.is_none_or(|iat| iat < *before),
+            Revocation::Subject { sub: s, before } => s == sub && covered(iat, *before),
         }
     }
+}
+
+/// Is a token issued at `iat` covered by a subject cut-off `before`? The
+/// same-second rule of the module notes: `iat <= before`.
+fn covered(iat: Option<u64>, before: u64) -> bool {
+    iat.is_none_or(|iat| iat <= before)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +106,7 @@ impl RevocationSet {
             }
         }
         match self.subs.get(sub) {
-            Some(before) => iat.is_none_or(|iat| iat < *before),
+            Some(before) => covered(iat, *before),
             None => false,
         }
     }
@@ -138,3 +157,42 @@ pub trait RevocationStore: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn RevocationStore>;
+
+/// The second revocation check, after stage 5 registered the connection
+/// and before the 101 (SPEC §1, stage 4).
+///
+/// Stage 4 looks revocations up before the connection is registered, and
+/// only a registered connection can be kicked: a revocation landing in
+/// between (a Redis lease claim widens that window) would otherwise miss
+/// it and leave a live session until the token expires. Checked once
+/// registered, every revocation is caught by one side or the other: it is
+/// in the store by now, or its kick (which runs after the store has it)
+/// will find the registered connection. A kick that already landed counts
+/// too. Custom authenticators, which need not consult the store
+/// themselves, are covered by this check as well.
+pub fn recheck(store: &dyn RevocationStore, conn: &crate::session::registry::ConnInfo) -> Result<(), Reject> {
+    let kicked = conn.kicked_reason() == Some(crate::reject::CloseReason::Revoked);
+    if kicked || store.is_revoked(&conn.sub, conn.jti.as_deref(), conn.iat) {
+        return Err(Reject::RevokedToken);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subject_cut_off_covers_its_own_second_and_not_the_next() {
+        let r = Revocation::Subject { sub: "u".into(), before: 100 };
+        assert!(r.matches("u", None, Some(99)));
+        assert!(r.matches("u", None, Some(100)), "minted in the revocation's second: refused");
+        assert!(!r.matches("u", None, Some(101)), "minted a second later: accepted");
+        assert!(r.matches("u", None, None));
+        assert!(!r.matches("v", None, Some(1)));
+        let set = RevocationSet::default();
+        set.insert(&r, 100);
+        assert!(set.is_revoked("u", None, Some(100)));
+        assert!(!set.is_revoked("u", None, Some(101)));
+    }
+}

@@ -9,6 +9,7 @@
 //! | `portcullis:revocations` | sorted set | member: the revocation as JSON (`{"jti":"…"}` or `{"sub":"…","before":T}`); score: unix second it expires (see below) |
 //! | `portcullis:revoked` | channel | a member, published when it is first added |
 //! | `portcullis:lease:<sub>` | sorted set | one member per live connection of `sub` (see [`crate::session::leases`]) |
+//! | `portcullis:evicted:<sub>` | sorted set | lease members evicted lately: renewal never re-adds them |
 //! | `portcullis:evict` | channel | a lease member whose connection its owner must close (`evict_oldest`) |
 //!
 //! A revocation expires `auth.max_token_ttl_s` + `auth.leeway_s` after it
@@ -31,8 +32,8 @@
 //! into the mirror, then pushes and publishes every local revocation Redis
 //! lacks, such as those made while cut off), and only then declares the
 //! link up (`portcullis_store_up` 1). It pings both connections every
-//! second; a lost or silent connection, or a failure a caller reports,
-//! takes the link down (gauge 0, callers fall back at once) and the task
+//! second; a lost or silent connection, or [`crate::redis_link::FAILURES_DOWN`]
+//! failed calls in a row, take the link down (gauge 0, callers fall back at once) and the task
 //! reconnects with backoff and resyncs again. Messages published while the
 //! link was down are thus never needed: the resync reads the set itself.
 
@@ -44,25 +45,20 @@ use std::time::Duration;
 use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use ::redis::io::tcp::TcpSettings;
 use ::redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, Msg, Script};
-use arc_swap::ArcSwapOption;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use super::file::FileStore;
 use super::{Revocation, RevocationStore, StoreError};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::leases::RedisLeases;
+use crate::redis_link::{RedisLink, BACKGROUND_TIMEOUT, EVICT_CHANNEL};
 
 /// The sorted set of revocations.
 pub const REVOCATIONS_KEY: &str = "portcullis:revocations";
 /// Where a newly added revocation is announced.
 pub const REVOKED_CHANNEL: &str = "portcullis:revoked";
-/// Where `evict_oldest` names a lease whose connection must close.
-pub const EVICT_CHANNEL: &str = "portcullis:evict";
-/// Prefix of each user's lease set.
-pub const LEASE_PREFIX: &str = "portcullis:lease:";
 
 /// A full resync even while the link stays up: a safety net for whatever
 /// the channel cannot announce (Redis evicting the set under `maxmemory`,
@@ -76,9 +72,6 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bound on a whole resync (pull and push), which may move many entries.
 const RESYNC_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on calls no handshake waits for (revoke's publish, lease renewal
-/// and release).
-pub(crate) const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnect backoff: doubles from the first to the second.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
 /// How long start-up waits for the first connection attempt before it
@@ -91,8 +84,6 @@ const PUSH_CHUNK: usize = 256;
 const PIPELINE_BUFFER: usize = 4096;
 /// Channel messages handled together (one fsync for their revocations).
 const MESSAGE_BATCH: usize = 1024;
-/// Eviction notices kept for a slow consumer before the oldest are lost.
-const EVICTION_CAPACITY: usize = 1024;
 
 /// Adds revocations (`ZADD NX`) and publishes each one that was new, so a
 /// repeated push neither duplicates nor re-announces. The key then lives
@@ -143,56 +134,6 @@ pub fn parse_member(m: &str) -> Option<Revocation> {
     }
 }
 
-/// The connection state shared by the revocation store and the leases.
-pub struct RedisLink {
-    /// The command connection while the link is up; `None` while down, so
-    /// callers (a handshake's lease claim) fall back at once instead of
-    /// waiting for a timeout each.
-    conn: ArcSwapOption<MultiplexedConnection>,
-    pub(crate) metrics: Arc<Metrics>,
-    /// Poked by a caller whose command failed: the sync task checks now.
-    suspect: Notify,
-    /// Poked after each (re)connection and resync: leases re-assert then.
-    pub(crate) reconnected: Notify,
-    /// This instance's id in lease members (random, 64 bits: ids of
-    /// different instances must not collide, or one would close another's
-    /// connection on an eviction).
-    pub(crate) node: String,
-    /// Local connection ids an eviction named (from any instance).
-    pub(crate) evicted: broadcast::Sender<u64>,
-    /// `revocation.redis_timeout_ms`: the bound on a handshake's call.
-    pub(crate) timeout: Duration,
-}
-
-impl RedisLink {
-    /// The command connection, or `None` while the link is down.
-    pub fn conn(&self) -> Option<MultiplexedConnection> {
-        self.conn.load_full().map(|c| (*c).clone())
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.conn.load().is_some()
-    }
-
-    fn set_up(&self, c: MultiplexedConnection) {
-        self.conn.store(Some(Arc::new(c)));
-        self.metrics.set_store_up(true);
-    }
-
-    fn set_down(&self) {
-        self.conn.store(None);
-        self.metrics.set_store_up(false);
-    }
-
-    /// A call failed or timed out: count it, stop sending callers to Redis
-    /// until the sync task has checked the link (at once).
-    pub fn failed(&self, op: &str) {
-        self.metrics.store_error(op);
-        self.set_down();
-        self.suspect.notify_one();
-    }
-}
-
 struct Inner {
     client: Client,
     /// The local mirror and write-through copy.
@@ -208,11 +149,11 @@ struct Inner {
 }
 
 /// The Redis-backed [`RevocationStore`]; also hands out the fleet-wide
-/// per-user cap ([`RedisStore::leases`]) that shares its link.
+/// per-user cap ([`crate::session::leases::RedisLeases`]) shares its
+/// [`link`](RedisStore::link).
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
-    leases: RedisLeases,
     /// The sync task and the lease keeper, stopped by [`close`](Self::close)
     /// or when the last handle to the store goes (a gateway that failed to
     /// start, or was never run, leaves no task reconnecting forever).
@@ -252,27 +193,10 @@ impl RedisStore {
     /// there yet the gateway serves from the local log and connects later.
     pub async fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<RedisStore, StoreError> {
         let rc = &cfg.revocation;
-        let bad_url = |e: ::redis::RedisError| StoreError::Backend(format!("revocation.redis_url: {e}"));
-        // TCP_NODELAY: a lease claim is one small request a handshake waits
-        // for; Nagle would hold it back behind the previous one's ACK.
-        let info = rc
-            .redis_url
-            .as_str()
-            .into_connection_info()
-            .map_err(bad_url)?
-            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        let client = Client::open(info).map_err(bad_url)?;
+        let client = client_for(&rc.redis_url)?;
         let file = FileStore::open(&rc.path, cfg.auth.max_token_ttl_s)?;
         metrics.set_store_up(false);
-        let link = Arc::new(RedisLink {
-            conn: ArcSwapOption::empty(),
-            metrics,
-            suspect: Notify::new(),
-            reconnected: Notify::new(),
-            node: format!("{:016x}", rand::random::<u64>()),
-            evicted: broadcast::channel(EVICTION_CAPACITY).0,
-            timeout: Duration::from_millis(rc.redis_timeout_ms),
-        });
+        let link = Arc::new(RedisLink::new(metrics, Duration::from_millis(rc.redis_timeout_ms)));
         let inner = Arc::new(Inner {
             client,
             file,
@@ -281,7 +205,6 @@ impl RedisStore {
             needs_push: AtomicBool::new(false),
             attempts: watch::channel(0).0,
         });
-        let (leases, keeper) = RedisLeases::start(link, rc.lease_ttl_ms);
         let mut attempts = inner.attempts.subscribe();
         let sync = tokio::spawn(sync_loop(inner.clone()));
         let _ = tokio::time::timeout(STARTUP_WAIT, attempts.wait_for(|n| *n >= 1)).await;
@@ -292,12 +215,18 @@ impl RedisStore {
                  limits.on_cap_store_error, until it connects"
             );
         }
-        Ok(RedisStore { inner, leases, tasks: Arc::new(Tasks(std::sync::Mutex::new(vec![sync, keeper]))) })
+        Ok(RedisStore { inner, tasks: Arc::new(Tasks(std::sync::Mutex::new(vec![sync]))) })
     }
 
-    /// The fleet-wide per-user cap sharing this store's link.
-    pub fn leases(&self) -> RedisLeases {
-        self.leases.clone()
+    /// The link this store keeps up, for the leases to share.
+    pub fn link(&self) -> Arc<RedisLink> {
+        self.inner.link.clone()
+    }
+
+    /// Ties a task using the link (the lease keeper) to this store's life:
+    /// stopped by [`close`](Self::close) or with the last handle.
+    pub fn own_task(&self, task: JoinHandle<()>) {
+        self.tasks.0.lock().unwrap_or_else(|e| e.into_inner()).push(task);
     }
 
     /// The local mirror and write-through log (compacted by housekeeping).
@@ -315,6 +244,19 @@ impl RedisStore {
         self.tasks.abort();
         self.inner.link.set_down();
     }
+}
+
+/// The client for `revocation.redis_url` (no connection made yet); its
+/// error is what start-up and `check-config` report for a bad URL.
+pub fn client_for(url: &str) -> Result<Client, StoreError> {
+    let bad_url = |e: ::redis::RedisError| StoreError::Backend(format!("revocation.redis_url: {e}"));
+    // TCP_NODELAY: a lease claim is one small request a handshake waits
+    // for; Nagle would hold it back behind the previous one's ACK.
+    let info = url
+        .into_connection_info()
+        .map_err(bad_url)?
+        .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+    Client::open(info).map_err(bad_url)
 }
 
 /// `redis://user:password@host` → `redis://host` for logs.
@@ -347,7 +289,7 @@ impl RevocationStore for RedisStore {
         inv.key(REVOCATIONS_KEY).arg(REVOKED_CHANNEL).arg(score).arg(member(&r));
         let call = inv.invoke_async::<i64>(&mut conn);
         match tokio::time::timeout(BACKGROUND_TIMEOUT, call).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => self.inner.link.succeeded(),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "revocation not published to redis; the resync will push it");
                 self.inner.needs_push.store(true, Ordering::Release);
@@ -557,11 +499,9 @@ async fn watch_link(
         if !healthy(&conn, &mut sink).await {
             return;
         }
-        if !inner.link.is_up() {
-            // A caller's failure took the link down but both connections
-            // answer: back up (its failure was counted).
-            inner.link.set_up(conn.clone());
-        }
+        // Both connections answer: whatever callers reported was slowness,
+        // not a lost link (their failures were counted); up, count cleared.
+        inner.link.set_up(conn.clone());
         if inner.needs_push.load(Ordering::Acquire) || last_resync.elapsed() >= RESYNC_EVERY {
             last_resync = tokio::time::Instant::now();
             match resync(inner, conn.clone()).await {
@@ -598,11 +538,7 @@ async fn on_messages(inner: &Inner, batch: &[Msg]) {
                 Some(r) => revoked.push((r, now())),
                 None => tracing::warn!("malformed revocation on the redis channel ignored"),
             },
-            EVICT_CHANNEL => {
-                if let Some(id) = crate::session::leases::owned_conn(&payload, &inner.link.node) {
-                    let _ = inner.link.evicted.send(id);
-                }
-            }
+            EVICT_CHANNEL => inner.link.on_evicted(&payload),
             _ => {}
         }
     }

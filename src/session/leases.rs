@@ -16,11 +16,24 @@
 //! One keeper task per instance renews every lease it holds in one batched
 //! script call every `lease_ttl_ms / 3`, and removes released ones; an
 //! instance that dies stops renewing and its leases expire by themselves
-//! within `lease_ttl_ms`. Renewal re-adds a missing lease (`ZADD` without
-//! `XX`), so after a Redis restart, or an outage during which connections
-//! were admitted on the local count, the fleet's count heals at the next
-//! renewal (a user may then briefly hold more than the cap: nothing is
-//! closed to enforce it after the fact).
+//! within `lease_ttl_ms`. Renewal re-adds a missing lease, so after a
+//! Redis restart, an expiry while Redis was slow, or an outage during
+//! which connections were admitted on the local count, the fleet's count
+//! heals at the next renewal (a user may then briefly hold more than the
+//! cap: nothing is closed to enforce it after the fact) — but never a
+//! lease an eviction removed: an eviction also records the member in
+//! `portcullis:evicted:<sub>` (for three lease TTLs), and a renewal that
+//! finds its member there closes that connection instead (the eviction
+//! notice may have been lost).
+//!
+//! # One lease per connection
+//!
+//! A connection's member is fixed when it is first claimed, so a claim is
+//! idempotent (claiming a member already held refreshes it) and a
+//! connection never holds two leases. A claim that timed out here may
+//! still run in Redis: its member is removed at once (after the claim, on
+//! the same connection), and if the connection was admitted on the local
+//! count meanwhile, the next renewal adds that same member back.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -32,7 +45,12 @@ use tokio::task::JoinHandle;
 
 use super::registry::ConnInfo;
 use crate::config::OnUserCap;
-use crate::revocation::redis::{RedisLink, BACKGROUND_TIMEOUT, EVICT_CHANNEL, LEASE_PREFIX};
+use crate::redis_link::{conn_member, RedisLink, BACKGROUND_TIMEOUT, EVICT_CHANNEL};
+
+/// Prefix of each user's lease set.
+pub const LEASE_PREFIX: &str = "portcullis:lease:";
+/// Prefix of each user's recently evicted members.
+pub const EVICTED_PREFIX: &str = "portcullis:evicted:";
 
 /// Why a claim did not admit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,15 +85,20 @@ pub trait UserCaps: Send + Sync + 'static {
     async fn flush(&self);
 }
 
-/// Admission, bounded by `redis_timeout_ms`. KEYS[1] the user's lease set;
-/// ARGV: member, ttl ms, max, 1 to evict the oldest at the cap, the
-/// eviction channel. Returns `{1, evicted members…}` or `{0}`.
+/// Admission, bounded by `redis_timeout_ms`. KEYS[1] the user's lease set,
+/// KEYS[2] its evicted set; ARGV: member, ttl ms, max, 1 to evict the
+/// oldest at the cap, the eviction channel. Returns `{1, evicted members…}`
+/// or `{0}`. A member already held is refreshed, not counted again.
 const CLAIM_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 local max = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  return {1}
+end
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 local n = #members
 local out = {1}
@@ -84,27 +107,38 @@ if n >= max then
   table.sort(members)
   for i = 1, n - max + 1 do
     redis.call('ZREM', KEYS[1], members[i])
+    redis.call('ZADD', KEYS[2], now + 3 * ttl, members[i])
     redis.call('PUBLISH', ARGV[5], members[i])
     out[#out + 1] = members[i]
   end
+  redis.call('PEXPIRE', KEYS[2], 3 * ttl)
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return out
 ";
 
-/// Renewal of many leases: KEYS the users' sets, ARGV[1] ttl ms, then one
-/// member per key. Re-adds a missing member (see the module notes). The
-/// set lives as long as its latest lease.
+/// Renewal of many leases: KEYS pairs of (lease set, evicted set),
+/// ARGV[1] ttl ms, then one member per pair. Re-adds a missing member
+/// unless an eviction removed it (see the module notes); returns the
+/// members found evicted. The set lives as long as its latest lease.
 const RENEW_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-for i, k in ipairs(KEYS) do
-  redis.call('ZADD', k, now + ttl, ARGV[i + 1])
-  if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
+local evicted = {}
+for i = 1, #KEYS, 2 do
+  local m = ARGV[(i + 1) / 2 + 1]
+  redis.call('ZREMRANGEBYSCORE', KEYS[i + 1], '-inf', now)
+  if redis.call('ZSCORE', KEYS[i + 1], m) then
+    redis.call('ZREM', KEYS[i], m)
+    evicted[#evicted + 1] = m
+  else
+    redis.call('ZADD', KEYS[i], now + ttl, m)
+    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
 end
-return #KEYS
+return evicted
 ";
 
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_LUA));
@@ -118,24 +152,12 @@ const RELEASE_QUEUE: usize = 8192;
 /// Releases removed per round trip.
 const RELEASE_BATCH: usize = 512;
 
-/// `<admitted ms>/<node>/<id>`: sorts by age, names its owner.
-fn lease_member(admitted_ms: u64, node: &str, id: u64) -> String {
-    format!("{admitted_ms:015}/{node}/{id}")
-}
-
-/// The local connection id an eviction names, if `node` owns it.
-pub fn owned_conn(member: &str, node: &str) -> Option<u64> {
-    let mut parts = member.splitn(3, '/');
-    let (_, owner, id) = (parts.next()?, parts.next()?, parts.next()?);
-    if owner == node {
-        id.parse().ok()
-    } else {
-        None
-    }
-}
-
 fn lease_key(sub: &str) -> String {
     format!("{LEASE_PREFIX}{sub}")
+}
+
+fn evicted_key(sub: &str) -> String {
+    format!("{EVICTED_PREFIX}{sub}")
 }
 
 fn unix_ms() -> u64 {
@@ -145,6 +167,7 @@ fn unix_ms() -> u64 {
 /// A lease this instance holds.
 struct Held {
     key: String,
+    evicted_key: String,
     member: String,
     /// Not renewed once kicked (an evicted connection must not win its
     /// lease back while it closes).
@@ -169,34 +192,49 @@ pub struct RedisLeases {
 
 impl RedisLeases {
     /// The leases and their keeper task (renewal and release).
-    pub(crate) fn start(link: Arc<RedisLink>, ttl_ms: u64) -> (RedisLeases, JoinHandle<()>) {
+    pub fn start(link: Arc<RedisLink>, ttl_ms: u64) -> (RedisLeases, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(RELEASE_QUEUE);
         let leases = RedisLeases { link, ttl_ms, held: Arc::new(DashMap::new()), keeper: tx };
         let task = tokio::spawn(keeper(leases.clone(), rx));
         (leases, task)
     }
 
-    fn hold(&self, conn: &Arc<ConnInfo>, member: String) {
-        self.held.insert(conn.id, Held { key: lease_key(&conn.sub), member, conn: conn.clone() });
+    /// The connection's member: the one it already has (a claim again, an
+    /// adoption after a claim timed out), else a new one, held from now on.
+    fn hold(&self, conn: &Arc<ConnInfo>) -> (String, String) {
+        let held = self.held.entry(conn.id).or_insert_with(|| Held {
+            key: lease_key(&conn.sub),
+            evicted_key: evicted_key(&conn.sub),
+            member: conn_member(unix_ms(), &self.link.node, conn.id),
+            conn: conn.clone(),
+        });
+        (held.key.clone(), held.member.clone())
     }
 
-    /// Renews (re-adds) every lease of a live, unkicked connection.
-    async fn renew_all(&self) {
+    /// Renews (re-adds) every lease of a live, unkicked connection, except
+    /// those an eviction removed: their connections are closed instead.
+    #[doc(hidden)]
+    pub async fn renew_all(&self) {
         let Some(mut conn) = self.link.conn() else { return };
-        let batch: Vec<(String, String)> = self
+        let batch: Vec<(String, String, String)> = self
             .held
             .iter()
             .filter(|h| h.conn.kicked_reason().is_none())
-            .map(|h| (h.key.clone(), h.member.clone()))
+            .map(|h| (h.key.clone(), h.evicted_key.clone(), h.member.clone()))
             .collect();
         for chunk in batch.chunks(RENEW_CHUNK) {
             let mut inv = RENEW.prepare_invoke();
             inv.arg(self.ttl_ms);
-            for (key, member) in chunk {
-                inv.key(key).arg(member);
+            for (key, evicted, member) in chunk {
+                inv.key(key).key(evicted).arg(member);
             }
-            match tokio::time::timeout(BACKGROUND_TIMEOUT, inv.invoke_async::<i64>(&mut conn)).await {
-                Ok(Ok(_)) => {}
+            match tokio::time::timeout(BACKGROUND_TIMEOUT, inv.invoke_async::<Vec<String>>(&mut conn)).await {
+                Ok(Ok(evicted)) => {
+                    self.link.succeeded();
+                    for m in evicted {
+                        self.link.on_evicted(&m);
+                    }
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "lease renewal failed");
                     self.link.failed("lease_renew");
@@ -224,7 +262,7 @@ impl RedisLeases {
             pipe.zrem(key, member).ignore();
         }
         match tokio::time::timeout(BACKGROUND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => self.link.succeeded(),
             _ => self.link.failed("lease_release"),
         }
     }
@@ -269,9 +307,10 @@ async fn keeper(leases: RedisLeases, mut rx: mpsc::Receiver<KeeperMsg>) {
 impl UserCaps for RedisLeases {
     async fn claim(&self, conn: &Arc<ConnInfo>, max: usize, policy: OnUserCap) -> Result<(), CapError> {
         let Some(mut c) = self.link.conn() else { return Err(CapError::Unavailable) };
-        let member = lease_member(unix_ms(), &self.link.node, conn.id);
+        let (key, member) = self.hold(conn);
         let mut inv = CLAIM.prepare_invoke();
-        inv.key(lease_key(&conn.sub))
+        inv.key(&key)
+            .key(evicted_key(&conn.sub))
             .arg(&member)
             .arg(self.ttl_ms)
             .arg(max)
@@ -280,34 +319,38 @@ impl UserCaps for RedisLeases {
         let call = inv.invoke_async::<Vec<::redis::Value>>(&mut c);
         let out = match tokio::time::timeout(self.link.timeout, call).await {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "lease claim failed");
+            failed => {
+                if let Ok(Err(e)) = failed {
+                    tracing::warn!(error = %e, "lease claim failed");
+                }
+                // Slow is not down (see `redis_link`). The claim may still
+                // run in Redis: remove its member after it, on the same
+                // connection. If the connection is admitted locally, it is
+                // adopted with this same member and renewal adds it back.
                 self.link.failed("lease_claim");
-                return Err(CapError::Unavailable);
-            }
-            Err(_) => {
-                self.link.failed("lease_claim");
+                if self.keeper.try_send(KeeperMsg::Release { key, member }).is_err() {
+                    self.link.metrics.store_error("lease_release");
+                }
                 return Err(CapError::Unavailable);
             }
         };
+        self.link.succeeded();
         if !matches!(out.first(), Some(::redis::Value::Int(1))) {
+            self.held.remove(&conn.id);
             return Err(CapError::Full);
         }
-        self.hold(conn, member);
         // Evicted connections of our own are closed now; others' owners
         // hear it on the channel (so do we, and a second kick is a no-op).
         for v in &out[1..] {
             if let Ok(m) = ::redis::from_redis_value_ref::<String>(v) {
-                if let Some(id) = owned_conn(&m, &self.link.node) {
-                    let _ = self.link.evicted.send(id);
-                }
+                self.link.on_evicted(&m);
             }
         }
         Ok(())
     }
 
     fn adopt(&self, conn: &Arc<ConnInfo>) {
-        self.hold(conn, lease_member(unix_ms(), &self.link.node, conn.id));
+        self.hold(conn);
     }
 
     fn release(&self, conn: &ConnInfo) {
@@ -340,14 +383,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn members_sort_by_age_and_name_their_owner() {
-        let node = "00000000000000ab";
-        let a = lease_member(999, node, 7);
-        let b = lease_member(1_000, "ffffffffffffffff", 3);
-        assert!(a < b, "{a} < {b}");
-        assert_eq!(owned_conn(&a, node), Some(7));
-        assert_eq!(owned_conn(&b, node), None);
-        assert_eq!(owned_conn("garbage", node), None);
-        assert_eq!(owned_conn(&format!("1/{node}/x"), node), None);
+    fn the_scripts_pair_keys_with_their_evicted_sets() {
+        assert_eq!(lease_key("u"), "portcullis:lease:u");
+        assert_eq!(evicted_key("u"), "portcullis:evicted:u");
+        // Renewal walks KEYS two by two and ARGV one by one after the TTL.
+        assert!(RENEW_LUA.contains("for i = 1, #KEYS, 2 do") && RENEW_LUA.contains("ARGV[(i + 1) / 2 + 1]"));
     }
 }

@@ -163,12 +163,21 @@ impl Registry {
             Ok(()) => Ok(self.insert(info, usize::MAX, policy)?),
             Err(CapError::Full) => Err(Reject::UserCap),
             Err(CapError::Unavailable) => match limits.on_cap_store_error {
-                OnCapStoreError::Reject => Err(Reject::UserCap),
-                OnCapStoreError::Local => {
-                    let slot = self.insert(info, max, policy)?;
-                    caps.adopt(&slot.info);
-                    Ok(slot)
+                OnCapStoreError::Reject => {
+                    // Never admitted: whatever the timed-out claim left goes.
+                    caps.release(&info);
+                    Err(Reject::UserCap)
                 }
+                OnCapStoreError::Local => match self.insert(info.clone(), max, policy) {
+                    Ok(slot) => {
+                        caps.adopt(&slot.info);
+                        Ok(slot)
+                    }
+                    Err(r) => {
+                        caps.release(&info);
+                        Err(r)
+                    }
+                },
             },
         }
     }
@@ -275,15 +284,52 @@ impl Registry {
 
     /// Kicks every live connection `r` covers; returns how many were kicked.
     pub fn kick_revoked(&self, r: &Revocation) -> usize {
+        self.kick_covered(r).len()
+    }
+
+    /// Kicks every live connection `r` covers; returns the ones this call
+    /// kicked (not those some earlier kick had already closed).
+    fn kick_covered(&self, r: &Revocation) -> Vec<Arc<ConnInfo>> {
+        self.covered(r).into_iter().filter(|c| c.kick(CloseReason::Revoked)).collect()
+    }
+
+    /// Live connections `r` covers. A subject revocation covers every
+    /// connection of `sub` admitted up to its cut-off, whatever its token's
+    /// `iat` (a token issued a little in the future, within the leeway,
+    /// still belongs to a connection that existed when the call was made),
+    /// and every one whose token it covers.
+    fn covered(&self, r: &Revocation) -> Vec<Arc<ConnInfo>> {
         let ids: Vec<u64> = match r {
             Revocation::Subject { sub, .. } => self.by_sub.get(sub).map(|v| v.clone()).unwrap_or_default(),
             Revocation::Jti { .. } => self.conns.iter().map(|e| *e.key()).collect(),
         };
         ids.iter()
             .filter_map(|id| self.conns.get(id).map(|c| c.clone()))
-            .filter(|c| r.matches(&c.sub, c.jti.as_deref(), c.iat))
-            .filter(|c| c.kick(CloseReason::Revoked))
-            .count()
+            .filter(|c| {
+                r.matches(&c.sub, c.jti.as_deref(), c.iat)
+                    || matches!(r, Revocation::Subject { sub, before } if *sub == c.sub && c.since <= *before)
+            })
+            .collect()
+    }
+
+    /// Records a revocation with `persist` (the store's `revoke`, which
+    /// also broadcasts it, so the kicker task may close connections before
+    /// this returns) and kicks what it covers. Returns how many live
+    /// connections of this instance it closed, wherever the kick came from:
+    /// those it covered before `persist` and that are now closed as
+    /// `revoked`, plus those this call kicked itself.
+    pub async fn revoke_counting<E>(
+        &self,
+        r: &Revocation,
+        persist: impl std::future::Future<Output = Result<(), E>>,
+    ) -> Result<usize, E> {
+        let open: Vec<Arc<ConnInfo>> =
+            self.covered(r).into_iter().filter(|c| c.kicked_reason().is_none()).collect();
+        persist.await?;
+        let mut closed: std::collections::HashSet<u64> =
+            open.iter().filter(|c| c.kicked_reason() == Some(CloseReason::Revoked)).map(|c| c.id).collect();
+        closed.extend(self.kick_covered(r).iter().map(|c| c.id));
+        Ok(closed.len())
     }
 
     /// Every live connection, optionally of one subject, oldest first.
@@ -377,5 +423,34 @@ mod tests {
         assert_eq!(r.kick_revoked(&Revocation::Jti { jti: "j2".into() }), 1);
         assert_eq!(b.info.kicked_reason(), Some(CloseReason::Revoked));
         assert_eq!(r.list(Some("u")).len(), 2);
+    }
+
+    #[test]
+    fn a_subject_revocation_now_covers_this_seconds_tokens_and_connections() {
+        let r = reg();
+        let now = unix_now();
+        // Minted this very second, and one "issued" a little in the future
+        // (within the leeway): both exist when the call is made.
+        let a = r.register("u", IP, None, Some(now), 8, OnUserCap::Reject).unwrap();
+        let b = r.register("u", IP, None, Some(now + 5), 8, OnUserCap::Reject).unwrap();
+        assert_eq!(r.kick_revoked(&Revocation::Subject { sub: "u".into(), before: now }), 2);
+        assert_eq!(a.info.kicked_reason(), Some(CloseReason::Revoked));
+        assert_eq!(b.info.kicked_reason(), Some(CloseReason::Revoked));
+    }
+
+    #[tokio::test]
+    async fn revoke_counting_counts_kicks_that_came_first() {
+        let r = reg();
+        let a = r.register("u", IP, None, Some(100), 8, OnUserCap::Reject).unwrap();
+        let _b = r.register("u", IP, None, Some(100), 8, OnUserCap::Reject).unwrap();
+        let rev = Revocation::Subject { sub: "u".into(), before: 200 };
+        // The store's broadcast kicks one before the handler counts.
+        let persist = async {
+            a.info.kick(CloseReason::Revoked);
+            Ok::<(), ()>(())
+        };
+        assert_eq!(r.revoke_counting(&rev, persist).await, Ok(2));
+        // Nothing left to close: a second call counts nothing.
+        assert_eq!(r.revoke_counting(&rev, async { Ok::<(), ()>(()) }).await, Ok(0));
     }
 }

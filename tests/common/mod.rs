@@ -110,10 +110,24 @@ pub fn upgrade_request(path: &str, extra: &[(&str, &str)]) -> String {
     r
 }
 
-/// The answer to a raw request: status (0 if none) and the whole text.
+/// The answer to a raw request: status (0 if none), the whole text, and
+/// how the read ended.
 pub struct Answer {
     pub status: u16,
     pub text: String,
+    pub ended: Ended,
+}
+
+/// How reading an answer ended: a refusal must answer and close, an
+/// upgrade ends at its 101; anything else hung until the test's bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The server closed (EOF or reset).
+    Closed,
+    /// A complete 101 head arrived (the connection stays open).
+    Upgraded,
+    /// Neither, within 5 s: the server kept the socket open silently.
+    Hung,
 }
 
 impl Answer {
@@ -127,32 +141,39 @@ impl Answer {
 }
 
 /// Sends raw bytes and reads until the server closes (or 101's head ends).
+/// A server that does neither within 5 s fails the test: a refusal that
+/// never closes would otherwise pass as "some status".
 pub async fn raw(addr: SocketAddr, req: &[u8]) -> Answer {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(req).await.unwrap();
-    read_answer(&mut s).await
+    let a = read_answer(&mut s).await;
+    assert_ne!(a.ended, Ended::Hung, "no close and no upgrade within 5 s after:\n{}", a.text);
+    a
 }
 
+/// Reads an answer: until the server closes, a 101 head is complete, or
+/// 5 s pass ([`Ended`] tells which).
 pub async fn read_answer(s: &mut TcpStream) -> Answer {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => return Ended::Closed,
                 Ok(n) => {
                     buf.extend_from_slice(&chunk[..n]);
                     if buf.starts_with(b"HTTP/1.1 101") && buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
+                        return Ended::Upgraded;
                     }
                 }
             }
         }
     })
-    .await;
+    .await
+    .unwrap_or(Ended::Hung);
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Answer { status, text }
+    Answer { status, text, ended }
 }
 
 /// Is the socket closed by the server without an answer (EOF or reset)?

@@ -1,0 +1,8 @@
+//! Fuzz JWT header parsing and the whole verification of a token: `cargo fuzz run jwt` (from the repository root; needs
+//! nightly or `RUSTC_BOOTSTRAP=1`). Seeds and past findings live in
+//! `fuzz/corpus/jwt/`, which `tests/fuzz_corpus.rs` replays on every test run.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| portcullis::fuzzing::jwt(data));
