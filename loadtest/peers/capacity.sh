@@ -16,7 +16,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PEERS=$ROOT/loadtest/peers
 OUT=${OUT:-$ROOT/target/capacity/$(date +%Y%m%d-%H%M%S)}
-MODES=${MODES:-"echo proxy"}
+MODES=${MODES-"echo proxy"}
 COUNT=${COUNT:-8000}
 STEP=${STEP:-2000}
 RATE=${RATE:-600}
@@ -42,7 +42,20 @@ openssl rand -hex 32 >keys/hs256.secret
 : >commands.txt
 
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+# SIGTERM (the gateway drains), then SIGKILL after 10 s; waits for the exit
+# so the next mode can bind the same ports.
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 1 100); do
+      kill -0 "$p" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+}
 trap cleanup EXIT
 
 wait_listen() {
