@@ -128,10 +128,11 @@ pub enum CloseReason {
     UpstreamLost,
     Drain,
     Error,
+    UpstreamStalled,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         CloseReason::ClientClose,
         CloseReason::UpstreamClose,
         CloseReason::PongTimeout,
@@ -146,6 +147,7 @@ impl CloseReason {
         CloseReason::UpstreamLost,
         CloseReason::Drain,
         CloseReason::Error,
+        CloseReason::UpstreamStalled,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -164,6 +166,7 @@ impl CloseReason {
             CloseReason::UpstreamLost => "upstream_lost",
             CloseReason::Drain => "drain",
             CloseReason::Error => "error",
+            CloseReason::UpstreamStalled => "upstream_stalled",
         }
     }
 
@@ -173,7 +176,7 @@ impl CloseReason {
     pub const fn close_code(self) -> u16 {
         match self {
             CloseReason::ClientClose | CloseReason::UpstreamClose | CloseReason::Idle => 1000,
-            CloseReason::PongTimeout | CloseReason::Error => 1011,
+            CloseReason::PongTimeout | CloseReason::Error | CloseReason::UpstreamStalled => 1011,
             CloseReason::TokenExpired
             | CloseReason::Revoked
             | CloseReason::Evicted
@@ -259,6 +262,7 @@ mod tests {
             (SlowReader, 1008),
             (MaxLifetime, 1001),
             (UpstreamLost, 1014),
+            (UpstreamStalled, 1011),
             (Drain, 1001),
         ];
         for (reason, code) in want {

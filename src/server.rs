@@ -14,8 +14,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::admit::{ConnPermit, HandshakePermit, IpKey, IpPermit};
 use crate::auth::{carrier, AuthRefusal};
@@ -250,7 +248,7 @@ impl Drop for OpenGuard {
 
 /// An upgraded connection, ready for its session.
 struct Upgraded<S> {
-    ws: WebSocketStream<S>,
+    ws: session::Client<S>,
     upstream: session::Upstream,
     params: session::Params,
     slot: session::registry::Slot,
@@ -374,8 +372,8 @@ where
     };
 
     // Stage 6: the upstream, before any 101.
-    let ws_config = session::ws_config(&live.limits);
     let mut protocol = None;
+    let mut extensions = None;
     let upstream = match &shared.upstream {
         None => None,
         Some(url) => {
@@ -402,10 +400,13 @@ where
             let target = url.target_for(&carrier::strip_access_token(&head.target));
             let protocols = carrier::other_subprotocols(&head);
             let timeout = Duration::from_millis(cfg.upstream.connect_timeout_ms);
-            match upstream::connect(url, &target, &headers, &protocols, timeout, ws_config).await {
-                Ok((ws, proto)) => {
-                    protocol = proto;
-                    Some(ws)
+            let offer = head.headers_named("sec-websocket-extensions").collect::<Vec<_>>().join(", ");
+            let offer = (!offer.trim().is_empty()).then_some(offer);
+            match upstream::connect(url, &target, &headers, &protocols, offer.as_deref(), timeout).await {
+                Ok(mut backend) => {
+                    protocol = backend.protocol.take();
+                    extensions = backend.extensions.clone();
+                    Some(backend)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, upstream = %url.authority, "upstream unavailable");
@@ -419,7 +420,7 @@ where
     }
 
     // Stage 7: the upgrade.
-    let answer = handshake::switching_protocols(&key, protocol.as_deref());
+    let answer = handshake::switching_protocols(&key, protocol.as_deref(), extensions.as_deref());
     let wrote = tokio::time::timeout(live.limits.write_timeout(), async {
         io.write_all(&answer).await?;
         io.flush().await
@@ -429,7 +430,7 @@ where
         // The client left between its request and our 101.
         return Err(Reject::HandshakeTimeout);
     }
-    let ws = WebSocketStream::from_partially_read(io, rest, Role::Server, Some(ws_config)).await;
+    let ws = session::Client { io, rest };
     let params = session::Params {
         info: slot.info.clone(),
         expires_at: identity.expires_at.map(instant_at_unix),
