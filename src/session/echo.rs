@@ -5,9 +5,11 @@
 //!
 //! Text is checked for UTF-8 as its bytes arrive, so an invalid sequence
 //! fails the connection (1007) in the fragment, even the read, that
-//! carries it. A frame is echoed once whole (a close may have to follow
-//! it, and a frame cannot be cut); its buffer is released as soon as it is
-//! handed to the writer, so memory returns after a large message.
+//! carries it. A text frame is echoed once whole (the 1007 close may have
+//! to follow it, and a frame cannot be cut); its buffer is released as soon
+//! as it is handed to the writer. A binary frame cannot fail half way, so
+//! it streams back as it arrives and is never held whole: memory returns
+//! after a large message either way.
 
 use crate::relay::frame::{
     self, Header, BINARY, CLOSE, CONTINUATION, MAX_CONTROL_PAYLOAD, MAX_HEADER_BYTES, PING, PONG, TEXT,
@@ -87,9 +89,13 @@ pub struct Echo {
     max_message: u64,
     /// A header or control frame split across reads.
     pending: Vec<u8>,
-    /// The data frame being received, and its payload so far (unmasked).
+    /// The data frame being received, its payload bytes so far, and (text
+    /// only) the payload itself, unmasked.
     frame: Option<Header>,
+    got: u64,
     payload: Vec<u8>,
+    /// The current frame streams back as it arrives (binary).
+    streaming: bool,
     /// Opcode of the open message (TEXT or BINARY), if one is open.
     message: Option<u8>,
     message_bytes: u64,
@@ -102,7 +108,9 @@ impl Echo {
             max_message,
             pending: Vec::new(),
             frame: None,
+            got: 0,
             payload: Vec::new(),
+            streaming: false,
             message: None,
             message_bytes: 0,
             utf8: Utf8::default(),
@@ -120,6 +128,26 @@ impl Echo {
             if let Some(h) = self.frame {
                 if input.is_empty() {
                     return Ok(true);
+                }
+                if self.streaming {
+                    let n = usize::try_from(h.len - self.got).unwrap_or(usize::MAX).min(input.len());
+                    let mut buf = [0u8; 4096];
+                    for piece in input[..n].chunks(buf.len()) {
+                        let b = &mut buf[..piece.len()];
+                        b.copy_from_slice(piece);
+                        if let Some(m) = h.mask {
+                            frame::apply_mask(b, m, self.got);
+                        }
+                        self.got += piece.len() as u64;
+                        if !on(Action::Send(b)) {
+                            return Ok(false);
+                        }
+                    }
+                    input = &input[n..];
+                    if self.got == h.len && !self.stream_done(h, on) {
+                        return Ok(false);
+                    }
+                    continue;
                 }
                 let got = self.payload.len() as u64;
                 let n = usize::try_from(h.len - got).unwrap_or(usize::MAX).min(input.len());
@@ -187,6 +215,19 @@ impl Echo {
             }
             self.message_bytes += h.len;
             self.frame = Some(h);
+            self.got = 0;
+            if self.message == Some(BINARY) {
+                self.streaming = true;
+                let mut head = [0u8; MAX_HEADER_BYTES];
+                let n = echo_header(&mut head, &h);
+                if !on(Action::Send(&head[..n])) {
+                    return Ok(false);
+                }
+                if h.len == 0 && !self.stream_done(h, on) {
+                    return Ok(false);
+                }
+                continue;
+            }
             // Grown as bytes arrive, not reserved at the declared length:
             // a client announcing 1 MiB and sending nothing costs nothing.
             self.payload = Vec::with_capacity(usize::try_from(h.len).unwrap_or(usize::MAX).min(16 * 1024));
@@ -194,6 +235,23 @@ impl Echo {
                 return Ok(false);
             }
         }
+    }
+
+    /// True between echoed frames: the session may put a frame of its own
+    /// into the stream toward the client.
+    pub fn at_boundary(&self) -> bool {
+        !self.streaming
+    }
+
+    /// A streamed frame has passed whole.
+    fn stream_done(&mut self, h: Header, on: &mut impl FnMut(Action<'_>) -> bool) -> bool {
+        self.frame = None;
+        self.streaming = false;
+        if h.fin {
+            self.message = None;
+            return on(Action::MessageEnd(std::mem::take(&mut self.message_bytes)));
+        }
+        true
     }
 
     /// Echoes a whole data frame and frees its buffer.
@@ -245,6 +303,14 @@ impl Echo {
         }
         Ok(())
     }
+}
+
+/// The echo's header for a client frame: same FIN, opcode and length, no mask.
+fn echo_header(out: &mut [u8; MAX_HEADER_BYTES], h: &Header) -> usize {
+    let mut v = Vec::new();
+    frame::put_header(&mut v, h.fin, h.opcode, usize::try_from(h.len).unwrap_or(usize::MAX), None);
+    out[..v.len()].copy_from_slice(&v);
+    v.len()
 }
 
 /// Answers a whole control frame.
@@ -343,6 +409,33 @@ mod tests {
         assert_eq!(run(&masked(true, CLOSE, &[0x03, 0xE8, 0xFF]), 9).2, Err(Refusal::InvalidUtf8));
         assert!(matches!(run(&masked(true, CLOSE, &[0x03]), 9).2, Err(Refusal::Protocol(_))));
         assert!(matches!(run(&masked(true, CLOSE, &1005u16.to_be_bytes()), 9).2, Err(Refusal::Protocol(_))));
+    }
+
+    #[test]
+    fn binary_frames_stream_back_without_being_held() {
+        let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let input = masked(true, BINARY, &payload);
+        let mut e = Echo::new(1 << 20);
+        let mut out = Vec::new();
+        let mut mid = false;
+        for piece in input.chunks(3000) {
+            assert_eq!(
+                e.feed(piece, &mut |a| {
+                    if let Action::Send(b) = a {
+                        out.extend_from_slice(b)
+                    }
+                    true
+                }),
+                Ok(true)
+            );
+            mid |= !e.at_boundary();
+            assert_eq!(e.payload.capacity(), 0, "nothing held");
+        }
+        assert!(mid && e.at_boundary());
+        let mut want = Vec::new();
+        frame::put_header(&mut want, true, BINARY, payload.len(), None);
+        want.extend_from_slice(&payload);
+        assert_eq!(out, want);
     }
 
     #[test]

@@ -517,8 +517,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     fn toward_client_at_boundary(&self) -> bool {
         match &self.mode {
             Mode::Proxy { from_up, .. } => from_up.at_boundary(),
-            // Echo writes whole frames only.
-            Mode::Echo(_) => true,
+            Mode::Echo(echo) => echo.at_boundary(),
         }
     }
 
