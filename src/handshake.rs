@@ -295,7 +295,9 @@ pub fn origin_allowed(head: &RequestHead, allowed: &[String]) -> bool {
 }
 
 /// The 101 answer. `protocol` is the one subprotocol named back, if any.
-pub fn switching_protocols(key: &str, protocol: Option<&str>) -> Vec<u8> {
+/// `extensions`: the backend's `Sec-WebSocket-Extensions` answer, passed
+/// through in proxy mode.
+pub fn switching_protocols(key: &str, protocol: Option<&str>, extensions: Option<&str>) -> Vec<u8> {
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut r = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"
@@ -303,6 +305,11 @@ pub fn switching_protocols(key: &str, protocol: Option<&str>) -> Vec<u8> {
     if let Some(p) = protocol {
         r.push_str("Sec-WebSocket-Protocol: ");
         r.push_str(p);
+        r.push_str("\r\n");
+    }
+    if let Some(e) = extensions {
+        r.push_str("Sec-WebSocket-Extensions: ");
+        r.push_str(e);
         r.push_str("\r\n");
     }
     r.push_str("\r\n");
@@ -548,7 +555,8 @@ mod tests {
 
     #[test]
     fn accept_key_matches_rfc_example() {
-        let r = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", Some("bearer"))).unwrap();
+        let r =
+            String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", Some("bearer"), None)).unwrap();
         assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(r.contains("Sec-WebSocket-Protocol: bearer\r\n"));
     }

@@ -18,7 +18,8 @@
 //! - [`session::registry`]: stage 5 per-user caps, and live connections to kick;
 //!   [`session::leases`]: the same caps fleet-wide (Redis leases).
 //! - [`upstream`]: stage 6, the backend connection.
-//! - [`session`]: stage 8, relay, heartbeat and every reaping rule.
+//! - [`session`]: stage 8, relay, heartbeat and every reaping rule;
+//!   [`relay`]: proxy mode's frame-level relay (headers checked, bytes verbatim).
 //!
 //! Around it: [`config`] (every key and default), [`reject`] (every reason),
 //! [`metrics`] (every metric name), [`events`] (metric + log line per
@@ -45,6 +46,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod redis_link;
 pub mod reject;
+pub mod relay;
 pub mod revocation;
 pub mod server;
 pub mod session;

@@ -31,8 +31,6 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::admit::slots::{Attempt, Verdict};
 use crate::admit::{ConnPermit, HandshakePermit, IpKey, IpPermit};
@@ -315,14 +313,16 @@ where
         Ok(s) => s,
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
-    let (upstream, mut protocol) = match upstream(shared, cfg, ctx, &head, &identity).await {
+    let mut upstream = match upstream(shared, cfg, ctx, &head, &identity).await {
         Ok(u) => u,
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
+    let mut protocol = upstream.as_mut().and_then(|b| b.protocol.take());
+    let extensions = upstream.as_ref().and_then(|b| b.extensions.clone());
     if identity.carrier == Some(Carrier::Subprotocol) {
         protocol = Some("bearer".into());
     }
-    let ws = upgrade(io, &key, protocol.as_deref(), rest, &live).await?;
+    let ws = upgrade(io, &key, protocol.as_deref(), extensions.as_deref(), rest, &live).await?;
     let params = session::Params {
         info: slot.info.clone(),
         expires_at: identity.expires_at.map(instant_at_unix),
@@ -409,23 +409,24 @@ async fn user_cap(
     Ok(slot)
 }
 
-/// Stage 6: the backend, connected before any 101. Returns it (none in
-/// echo mode) and the subprotocol it chose.
+/// Stage 6: the backend, connected before any 101, offered the client's
+/// extensions. Returns it (none in echo mode).
 async fn upstream(
     shared: &Shared,
     cfg: &Config,
     ctx: &Ctx,
     head: &RequestHead,
     identity: &Identity,
-) -> Result<(session::Upstream, Option<String>), Reject> {
-    let Some(url) = &shared.upstream else { return Ok((None, None)) };
+) -> Result<session::Upstream, Reject> {
+    let Some(url) = &shared.upstream else { return Ok(None) };
     let headers = upstream::request_headers(head, identity, cfg, ctx.peer, ctx.client);
     let target = url.target_for(&carrier::strip_access_token(&head.target));
     let protocols = carrier::other_subprotocols(head);
+    let offer = head.headers_named("sec-websocket-extensions").collect::<Vec<_>>().join(", ");
+    let offer = (!offer.trim().is_empty()).then_some(offer);
     let timeout = std::time::Duration::from_millis(cfg.upstream.connect_timeout_ms);
-    let ws_config = session::ws_config(&shared.config.load().limits);
-    match upstream::connect(url, &target, &headers, &protocols, timeout, ws_config).await {
-        Ok((ws, proto)) => Ok((Some(ws), proto)),
+    match upstream::connect(url, &target, &headers, &protocols, offer.as_deref(), timeout).await {
+        Ok(backend) => Ok(Some(backend)),
         Err(e) => {
             tracing::warn!(error = %e, upstream = %url.authority, "upstream unavailable");
             Err(Reject::UpstreamUnavailable)
@@ -433,18 +434,20 @@ async fn upstream(
     }
 }
 
-/// Stage 7: the 101, written within `limits.write_timeout_ms`.
+/// Stage 7: the 101 (naming the subprotocol and the backend's extensions),
+/// written within `limits.write_timeout_ms`.
 async fn upgrade<S>(
     mut io: S,
     key: &str,
     protocol: Option<&str>,
+    extensions: Option<&str>,
     rest: Vec<u8>,
     live: &Config,
-) -> Result<WebSocketStream<S>, Reject>
+) -> Result<session::Client<S>, Reject>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let answer = handshake::switching_protocols(key, protocol);
+    let answer = handshake::switching_protocols(key, protocol, extensions);
     let wrote = tokio::time::timeout(live.limits.write_timeout(), async {
         io.write_all(&answer).await?;
         io.flush().await
@@ -454,8 +457,7 @@ where
         // The client left between its request and our 101.
         return Err(Reject::HandshakeTimeout);
     }
-    let ws_config = session::ws_config(&live.limits);
-    Ok(WebSocketStream::from_partially_read(io, rest, Role::Server, Some(ws_config)).await)
+    Ok(session::Client { io, rest })
 }
 
 /// Counts an upgraded connection in `portcullis_connections{state="open"}`.
@@ -476,7 +478,7 @@ impl Drop for OpenGuard {
 
 /// An upgraded connection, ready for its session.
 struct Upgraded<S> {
-    ws: WebSocketStream<S>,
+    ws: session::Client<S>,
     upstream: session::Upstream,
     params: session::Params,
     slot: session::registry::Slot,

@@ -131,10 +131,11 @@ pub enum CloseReason {
     UpstreamLost,
     Drain,
     Error,
+    UpstreamStalled,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         CloseReason::ClientClose,
         CloseReason::UpstreamClose,
         CloseReason::PongTimeout,
@@ -149,6 +150,7 @@ impl CloseReason {
         CloseReason::UpstreamLost,
         CloseReason::Drain,
         CloseReason::Error,
+        CloseReason::UpstreamStalled,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -167,6 +169,7 @@ impl CloseReason {
             CloseReason::UpstreamLost => "upstream_lost",
             CloseReason::Drain => "drain",
             CloseReason::Error => "error",
+            CloseReason::UpstreamStalled => "upstream_stalled",
         }
     }
 
@@ -176,7 +179,7 @@ impl CloseReason {
     pub const fn close_code(self) -> u16 {
         match self {
             CloseReason::ClientClose | CloseReason::UpstreamClose | CloseReason::Idle => 1000,
-            CloseReason::PongTimeout | CloseReason::Error => 1011,
+            CloseReason::PongTimeout | CloseReason::Error | CloseReason::UpstreamStalled => 1011,
             CloseReason::TokenExpired
             | CloseReason::Revoked
             | CloseReason::Evicted
@@ -264,6 +267,7 @@ mod tests {
             (SlowReader, 1008),
             (MaxLifetime, 1001),
             (UpstreamLost, 1014),
+            (UpstreamStalled, 1011),
             (Drain, 1001),
         ];
         for (reason, code) in want {

@@ -13,8 +13,6 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::{Request, Uri};
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::auth::{carrier, Identity};
 use crate::client_addr::is_trusted;
@@ -173,16 +171,32 @@ pub fn request_headers(
     headers
 }
 
-/// Opens the backend WebSocket within `timeout`. Returns the stream and
-/// the subprotocol the backend chose, if any.
+/// An upgraded backend connection, as the session relays it.
+#[derive(Debug)]
+pub struct Backend {
+    pub tcp: TcpStream,
+    /// Bytes the backend sent right behind its 101 (frames already).
+    pub rest: Vec<u8>,
+    /// The subprotocol the backend chose, if any.
+    pub protocol: Option<String>,
+    /// The backend's `Sec-WebSocket-Extensions` answer, for the client's 101.
+    pub extensions: Option<String>,
+    /// `permessage-deflate` was agreed: RSV1 may be set on messages.
+    pub deflate: bool,
+}
+
+/// Opens the backend WebSocket within `timeout`, offering the client's
+/// subprotocols and extensions (`Sec-WebSocket-Extensions`, passed as the
+/// client wrote it: the frames pass through verbatim, so whatever the two
+/// ends agree on is theirs).
 pub async fn connect(
     url: &UpstreamUrl,
     target: &str,
     headers: &[(String, String)],
     subprotocols: &[String],
+    extensions: Option<&str>,
     timeout: Duration,
-    config: WebSocketConfig,
-) -> Result<(WebSocketStream<TcpStream>, Option<String>), String> {
+) -> Result<Backend, String> {
     let attempt = async {
         let mut tcp = TcpStream::connect(&url.authority).await.map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
@@ -200,15 +214,16 @@ pub async fn connect(
         if !subprotocols.is_empty() {
             req = req.header("Sec-WebSocket-Protocol", subprotocols.join(", "));
         }
+        if let Some(e) = extensions {
+            req = req.header("Sec-WebSocket-Extensions", e);
+        }
         for (k, v) in headers {
             req = req.header(k.as_str(), v.as_str());
         }
         let req = req.body(()).map_err(|e| format!("request: {e}"))?;
         // The handshake is done here rather than by tokio-tungstenite's
-        // client: that one's 4 KiB handshake buffer becomes the
-        // connection's read buffer for good (4 KB more per idle proxied
-        // connection; BENCHMARKS.md). Here the read buffer is the
-        // configured one, as on the client side of the gateway.
+        // client: the session relays raw frames and keeps no read buffer
+        // of its own per connection.
         let mut head = Vec::with_capacity(512);
         head.extend_from_slice(b"GET ");
         head.extend_from_slice(req.uri().to_string().as_bytes());
@@ -221,22 +236,28 @@ pub async fn connect(
         }
         head.extend_from_slice(b"\r\n");
         tcp.write_all(&head).await.map_err(|e| format!("handshake: {e}"))?;
-        let (proto, rest) = read_upgrade_answer(&mut tcp, &key, subprotocols).await?;
-        let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Client, Some(config)).await;
-        Ok((ws, proto))
+        let answer = read_upgrade_answer(&mut tcp, &key, subprotocols, extensions).await?;
+        Ok(Backend {
+            tcp,
+            rest: answer.rest,
+            protocol: answer.protocol,
+            deflate: answer.extensions.as_deref().is_some_and(agrees_deflate),
+            extensions: answer.extensions,
+        })
     };
     tokio::time::timeout(timeout, attempt).await.map_err(|_| "connect timeout".to_string())?
 }
 
 /// Reads the backend's answer to the upgrade and checks it (RFC 6455
 /// §4.1): 101, `Upgrade: websocket`, `Connection: upgrade`, the accept key,
-/// and a subprotocol only among those offered. Returns the chosen
-/// subprotocol and any bytes read past the head (frames already sent).
+/// a subprotocol only among those offered, extensions only among those
+/// offered.
 async fn read_upgrade_answer(
     tcp: &mut TcpStream,
     key: &str,
     offered: &[String],
-) -> Result<(Option<String>, Vec<u8>), String> {
+    offered_extensions: Option<&str>,
+) -> Result<Answer, String> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     let end = loop {
@@ -284,7 +305,45 @@ async fn read_upgrade_answer(
             return Err(format!("handshake: subprotocol {p:?} was not offered"));
         }
     }
-    Ok((proto, buf[end..].to_vec()))
+    let extensions = {
+        let all: Vec<&str> = resp
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        (!all.is_empty()).then(|| all.join(", "))
+    };
+    if let Some(e) = &extensions {
+        let names = |list: &str| -> Vec<String> {
+            list.split(',')
+                .filter_map(|x| x.split(';').next())
+                .map(|n| n.trim().to_ascii_lowercase())
+                .collect()
+        };
+        let offered = names(offered_extensions.unwrap_or(""));
+        if let Some(n) = names(e).into_iter().find(|n| !offered.contains(n)) {
+            return Err(format!("handshake: extension {n:?} was not offered"));
+        }
+    }
+    Ok(Answer { protocol: proto, extensions, rest: buf[end..].to_vec() })
+}
+
+/// What the backend's 101 said, and what it sent behind it.
+struct Answer {
+    protocol: Option<String>,
+    extensions: Option<String>,
+    rest: Vec<u8>,
+}
+
+/// Does an extensions answer agree on `permessage-deflate` (RFC 7692)?
+pub fn agrees_deflate(extensions: &str) -> bool {
+    extensions
+        .split(',')
+        .filter_map(|e| e.split(';').next())
+        .any(|n| n.trim().eq_ignore_ascii_case("permessage-deflate"))
 }
 
 #[cfg(test)]
@@ -333,6 +392,13 @@ mod tests {
         let u = UpstreamUrl::parse("ws://10.0.0.7:9000/a/b/").unwrap();
         assert_eq!((u.authority.as_str(), u.prefix.as_str()), ("10.0.0.7:9000", "/a/b"));
         assert_eq!(UpstreamUrl::parse("ws://[2001:db8::1]/").unwrap().authority, "[2001:db8::1]:80");
+    }
+
+    #[test]
+    fn deflate_agreement_is_read_from_the_answer() {
+        assert!(agrees_deflate("permessage-deflate; client_max_window_bits=15"));
+        assert!(agrees_deflate("x-other, Permessage-Deflate"));
+        assert!(!agrees_deflate("x-webkit-deflate-frame"));
     }
 
     #[test]

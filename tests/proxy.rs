@@ -354,3 +354,45 @@ async fn an_authenticators_identity_headers_cannot_be_spoofed_by_the_client() {
     let _ = tx.send(());
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn oversize_and_flood_close_both_sides_as_in_echo_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = backend(Behaviour::RecordClose).await;
+    let mut cfg = proxy_config(dir.path(), be.addr);
+    cfg.limits.max_message_bytes = 1024;
+    cfg.limits.max_outbound_bytes = 8192;
+    let gw = start(cfg).await;
+    // Summed over fragments: two 600-byte fragments are one 1200-byte message.
+    let mut s = raw_ws(gw.public, &token("big")).await;
+    use tokio::io::AsyncWriteExt;
+    let frag = |fin: bool, op: u8| {
+        let mut f = vec![if fin { 0x80 } else { 0 } | op, 0xFE, 0x02, 0x58, 0, 0, 0, 0];
+        f.extend(vec![b'a'; 600]);
+        f
+    };
+    s.write_all(&frag(false, 0x1)).await.unwrap();
+    s.write_all(&frag(true, 0x0)).await.unwrap();
+    assert_eq!(raw_close_code(&mut s, Duration::from_secs(3)).await, Some(1009));
+    gw.wait_metric("portcullis_disconnects_total{reason=\"message_too_big\"}", 1.0).await;
+    gw.stop().await;
+
+    let mut cfg = proxy_config(dir.path(), be.addr);
+    cfg.limits.per_conn_msgs_per_s = 5.0;
+    let gw = start(cfg).await;
+    let mut c = ws(gw.public, &token("flood")).await;
+    for i in 0..50 {
+        if c.send(Message::text(format!("{i}"))).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut c, Duration::from_secs(2)).await.0, Some(1008));
+    gw.wait_metric("portcullis_disconnects_total{reason=\"msg_rate\"}", 1.0).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while be.closes.lock().unwrap().len() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(be.closes.lock().unwrap().clone(), vec![Some(1009), Some(1008)], "the backend is told too");
+    gw.assert_gauges_zero().await;
+    gw.stop().await;
+}

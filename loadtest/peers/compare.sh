@@ -23,7 +23,10 @@
 # second of server CPU), latency (valid handshakes at a fixed rate), echo
 # (1 KiB echo throughput), mixed (legit clients under attack), heartbeat (CPU
 # of pings at 9,000 idle connections, 1 s vs 60 s interval), rss5k (RSS per
-# idle connection at 5,000, echo mode).
+# idle connection at 5,000, echo mode), bigmsg (RSS kept per connection after
+# 1,000 connections each carried one 1 MiB message and went idle, next to the
+# same 1,000 idle without it), echo64 (64 KiB echo throughput, MB per server
+# CPU-second).
 #
 # Output in $OUT (default target/compare/<date>): runs.tsv (one line per
 # measurement), summary.md (means over rounds, ratios against HAProxy),
@@ -44,11 +47,11 @@ SERVER_CPU=${SERVER_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 
 # Fixed loopback ports (checked free before each start).
-PE_PORT=18080     # Portcullis public (both modes)
-ADMIN_PORT=19090  # Portcullis admin
-BE_PORT=18081     # echo backend
-HAP_PORT=18082    # HAProxy
-FLOOR_PORT=18083  # fixed 401
+PE_PORT=${PE_PORT:-18080}       # Portcullis public (both modes)
+ADMIN_PORT=${ADMIN_PORT:-19090} # Portcullis admin
+BE_PORT=${BE_PORT:-18081}       # echo backend
+HAP_PORT=${HAP_PORT:-18082}     # HAProxy
+FLOOR_PORT=${FLOOR_PORT:-18083} # fixed 401
 ATTACK_IPS=127.0.0.2-127.0.0.41   # 40 source addresses
 LEGIT_IPS=127.0.0.42-127.0.0.49
 
@@ -215,7 +218,9 @@ start_server() {
       local src=$PEERS/portcullis-echo.toml
       [ "$kind" = pp ] && src=$PEERS/portcullis-proxy.toml
       rm -f portcullis-revocations.log
-      render_conf "$src" "conf/$RUN.toml" "$@"
+      local ports=("public=\"127.0.0.1:$PE_PORT\"" "admin=\"127.0.0.1:$ADMIN_PORT\"")
+      [ "$kind" = pp ] && ports+=("url=\"ws://127.0.0.1:$BE_PORT/\"")
+      render_conf "$src" "conf/$RUN.toml" "${ports[@]}" "$@"
       start_bg "$RUN.server" "$PORTCULLIS" serve --config "conf/$RUN.toml"
       PORT=$PE_PORT
       ;;
@@ -300,8 +305,9 @@ TOKEN_ARGS=(--secret-file keys/hs256.secret)
 # RSS per idle authenticated connection: open COUNT connections, wait until
 # the server holds them all, read VmRSS; (RSS - RSS before) / connections.
 # In proxy modes the echo backend's RSS is measured apart.
-rss_run() { # section server count
+rss_run() { # section server count [idle options...]
   local section=$1 s=$2 count=$3
+  shift 3
   RUN="$section-$s-r$ROUND"
   log "$RUN: $count idle connections"
   start_server "$s"
@@ -313,12 +319,13 @@ rss_run() { # section server count
   local base_s base_b=0
   base_s=$(rss_kib "$SERVER_PID")
   [ -n "$BACKEND_PID" ] && base_b=$(rss_kib "$BACKEND_PID")
-  local hold=$((count / 1500 + 25))
+  local hold=${HOLD:-$((count / 1500 + 25))}
   lt "$RUN" idle --url "ws://127.0.0.1:$PORT/" "${TOKEN_ARGS[@]}" --count "$count" --rate 1500 \
-    --duration "${hold}s" --source-ips "$ATTACK_IPS" &
+    --duration "${hold}s" --source-ips "$ATTACK_IPS" "$@" &
   local ltpid=$! n
-  wait_established "$PORT" "$count"
-  sleep 3
+  # 99 %: a handshake lost under load must not stall the measurement.
+  wait_established "$PORT" "$((count * 99 / 100))"
+  sleep "${SETTLE:-3}"
   n=$(established "$PORT")
   local rss_s rss_b=0 nb=0
   rss_s=$(rss_kib "$SERVER_PID")
@@ -351,6 +358,19 @@ section_rss() {
 section_rss5k() {
   for ROUND in $(seq 1 "$ROUNDS"); do
     rss_run rss5k pe "$(scaled 5000)"
+  done
+}
+
+# RSS kept after a large message: COUNT connections each send one 1 MiB
+# message, take it back, and idle; the same COUNT idle without it, same
+# round. (RSS - RSS before) / connections for both.
+section_bigmsg() {
+  local s
+  for ROUND in $(seq 1 "$ROUNDS"); do
+    for s in $(order "$ROUND" pe pp hap); do
+      rss_run bigidle "$s" "$(scaled 1000)"
+      HOLD=90 SETTLE=8 rss_run bigmsg "$s" "$(scaled 1000)" --first-message 1MiB
+    done
   done
 }
 
@@ -419,16 +439,20 @@ section_latency() {
 }
 
 # Echo throughput, 1 KiB binary messages, 50 connections.
-section_echo() {
-  local s
+section_echo() { echo_section echo 1KiB 1024; }
+# The same with 64 KiB messages: MB per server CPU-second.
+section_echo64() { echo_section echo64 64KiB 65536; }
+
+echo_section() { # section size bytes
+  local section=$1 size=$2 bytes=$3 s
   for ROUND in $(seq 1 "$ROUNDS"); do
     for s in $(order "$ROUND" pe pp hap); do
-      RUN="echo-$s-r$ROUND"
+      RUN="$section-$s-r$ROUND"
       start_server "$s"
       local t0 t1 b0=0 b1=0
       t0=$(cpu_ticks "$SERVER_PID")
       [ -n "$BACKEND_PID" ] && b0=$(cpu_ticks "$BACKEND_PID")
-      lt "$RUN" echo --url "ws://127.0.0.1:$PORT/" "${TOKEN_ARGS[@]}" --concurrency 50 --size 1KiB \
+      lt "$RUN" echo --url "ws://127.0.0.1:$PORT/" "${TOKEN_ARGS[@]}" --concurrency 50 --size "$size" \
         --duration 15s --source-ips "$ATTACK_IPS"
       t1=$(cpu_ticks "$SERVER_PID")
       [ -n "$BACKEND_PID" ] && b1=$(cpu_ticks "$BACKEND_PID")
@@ -437,13 +461,14 @@ section_echo() {
       msgs=$(jqv "$RUN" ".groups[\"$g\"].counters.messages_received")
       mps=$(jqv "$RUN" ".groups[\"$g\"].messages_per_s")
       cpu_s=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t }')
-      rec echo "$s" msgs_per_s "$(printf '%.0f' "${mps:-0}")"
-      rec echo "$s" server_cpu_s "$cpu_s"
-      rec echo "$s" msgs_per_server_cpu_s "$(awk -v m="${msgs:-0}" -v c="$cpu_s" 'BEGIN { printf "%.0f", (c > 0 ? m / c : 0) }')"
-      rec echo "$s" backend_cpu_s "$(awk -v a="$b0" -v b="$b1" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t }')"
-      rec echo "$s" rtt_p50_ms "$(jqv "$RUN" ".groups[\"$g\"].rtt_ms.p50")"
-      rec echo "$s" rtt_p99_ms "$(jqv "$RUN" ".groups[\"$g\"].rtt_ms.p99")"
-      rec echo "$s" mismatches "$(jqv "$RUN" ".groups[\"$g\"].counters.echo_mismatch")"
+      rec "$section" "$s" msgs_per_s "$(printf '%.0f' "${mps:-0}")"
+      rec "$section" "$s" server_cpu_s "$cpu_s"
+      rec "$section" "$s" msgs_per_server_cpu_s "$(awk -v m="${msgs:-0}" -v c="$cpu_s" 'BEGIN { printf "%.0f", (c > 0 ? m / c : 0) }')"
+      rec "$section" "$s" mb_per_server_cpu_s "$(awk -v m="${msgs:-0}" -v c="$cpu_s" -v b="$bytes" 'BEGIN { printf "%.1f", (c > 0 ? m * b / c / 1e6 : 0) }')"
+      rec "$section" "$s" backend_cpu_s "$(awk -v a="$b0" -v b="$b1" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t }')"
+      rec "$section" "$s" rtt_p50_ms "$(jqv "$RUN" ".groups[\"$g\"].rtt_ms.p50")"
+      rec "$section" "$s" rtt_p99_ms "$(jqv "$RUN" ".groups[\"$g\"].rtt_ms.p99")"
+      rec "$section" "$s" mismatches "$(jqv "$RUN" ".groups[\"$g\"].counters.echo_mismatch")"
       stop_servers
     done
   done
@@ -514,7 +539,7 @@ section_heartbeat() {
 
 for section in $SECTIONS; do
   case $section in
-    rss | rss5k | refusals | latency | echo | mixed | heartbeat) "section_$section" ;;
+    rss | rss5k | refusals | latency | echo | echo64 | bigmsg | mixed | heartbeat) "section_$section" ;;
     *) die "unknown section $section" ;;
   esac
 done

@@ -199,6 +199,49 @@ class Summary:
         self.out()
         self.command("latency-pe", "latency-hap")
 
+    def bigmsg(self):
+        if not self.has("bigmsg"):
+            return
+        self.out("### RSS kept per connection after one 1 MiB message, 1,000 connections")
+        self.out()
+        self.out("| server | idle (B / conn) | after 1 MiB each (B / conn) | kept above idle (B / conn) | backend after (B / conn) |")
+        self.out("|---|---:|---:|---:|---:|")
+        for s in ["pe", "pp", "hap"]:
+            if not self.values("bigmsg", s, "server_bytes_per_conn"):
+                continue
+            idle = self.mean("bigidle", s, "server_bytes_per_conn")
+            after = self.mean("bigmsg", s, "server_bytes_per_conn")
+            kept = "–" if idle is None or after is None else f"{after - idle:.0f}"
+            backend = (
+                self.cell("bigmsg", s, "backend_bytes_per_conn")
+                if self.values("bigmsg", s, "backend_bytes_per_conn")
+                else "none (built-in echo)"
+            )
+            self.out(
+                f"| {NAMES[s]} | {self.cell('bigidle', s, 'server_bytes_per_conn')} "
+                f"| {self.cell('bigmsg', s, 'server_bytes_per_conn')} | {kept} | {backend} |"
+            )
+        self.out()
+        self.command("bigmsg-pe", "bigmsg-hap")
+
+    def echo64(self):
+        if not self.has("echo64"):
+            return
+        self.out("### Echo throughput, 64 KiB binary messages, 50 connections")
+        self.out()
+        self.out("| server | messages/s | server CPU (s) | MB per server-CPU-s | backend CPU (s) | per CPU-s vs HAProxy |")
+        self.out("|---|---:|---:|---:|---:|---:|")
+        for s in ["pe", "pp", "hap"]:
+            if not self.values("echo64", s, "msgs_per_s"):
+                continue
+            self.out(
+                f"| {NAMES[s]} | {self.cell('echo64', s, 'msgs_per_s')} | {self.cell('echo64', s, 'server_cpu_s', '{:.2f}')} "
+                f"| {self.cell('echo64', s, 'mb_per_server_cpu_s', '{:.1f}')} | {self.cell('echo64', s, 'backend_cpu_s', '{:.2f}')} "
+                f"| {self.ratio(self.mean('echo64', s, 'mb_per_server_cpu_s'), self.mean('echo64', 'hap', 'mb_per_server_cpu_s'))} |"
+            )
+        self.out()
+        self.command("echo64-pe", "echo64-hap")
+
     def echo(self):
         if not self.has("echo"):
             return
@@ -311,6 +354,8 @@ class Summary:
         self.refusals()
         self.latency()
         self.echo()
+        self.echo64()
+        self.bigmsg()
         self.mixed()
         self.heartbeat()
         self.rss("rss5k", "RSS per idle authenticated connection at 5,000 connections (echo mode)", ["pe"])

@@ -282,6 +282,11 @@ pub struct IdleArgs {
     /// New connections per second (all workers together).
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
+    /// Before idling, each connection sends one binary message of this
+    /// size and waits for it back (`1MiB`; 0 = none): what a gateway keeps
+    /// after a large message has passed.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub first_message: usize,
 }
 
 /// `echo` options.

@@ -1,70 +1,79 @@
-//! Stage 8, the session: relay messages whole and in order between the
-//! client and the upstream (or the built-in echo), and end the connection
-//! with the first rule that fires (the session table of docs/reference.md).
+//! Stage 8, the session: relay frames between the client and the upstream
+//! (or answer them, in echo mode), and end the connection with the first
+//! rule that fires (the session table of docs/reference.md).
 //!
-//! One task per connection runs one `select!` loop over: a kick (revoke,
-//! evict, drain), one timer, writes pending each way, and reads each way.
-//! All deadlines (heartbeat, idle, token expiry, lifetime, write stall)
-//! share that single timer, re-armed to the earliest: tokio's timer wheel
-//! holds one entry per connection, not five.
+//! One task per connection owns both sockets (no `split()`, no lock) and
+//! runs one loop over: a kick (revoke, evict, drain), one timer, and the
+//! sockets' reads and writes. All deadlines (heartbeat, idle, token expiry,
+//! lifetime, write stalls) share that single timer, re-armed to the
+//! earliest: tokio's timer wheel holds one entry per connection.
 //!
-//! Backpressure: each direction has an outbox bounded by
+//! Proxy mode relays frames verbatim through a [`relay::Filter`] each way;
+//! echo mode answers through an [`echo::Echo`]. The gateway's own frames
+//! (its pings, its closes) enter a direction only between frames.
+//!
+//! Memory: every read lands in a per-thread scratch buffer; a connection
+//! keeps only what could not be written yet (its outbox, freed once
+//! empty) and a split header or control frame. An idle connection holds no
+//! buffer at all, and one that carried a large message returns to that.
+//!
+//! Backpressure: each direction's outbox is bounded by
 //! `limits.max_outbound_bytes`; while it is full the loop stops reading the
 //! side that feeds it, so a slow reader slows its writer instead of growing
-//! memory.
+//! memory. While the gateway is not reading the client, the client is
+//! never counted silent: a stalled backend is `upstream_stalled`, not the
+//! client's `pong_timeout`.
 
+pub mod echo;
 pub mod leases;
 pub mod registry;
 
-use std::collections::VecDeque;
+use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::config::{Heartbeat, Limits};
 use crate::metrics::{Direction, Metrics};
 use crate::reject::CloseReason;
+use crate::relay::frame::{self, CLOSE, PING, PONG};
+use crate::relay::{Event, Filter, Refusal, Rules};
+use crate::upstream::Backend;
+use echo::{Action, Echo};
 use registry::{unix_now, ConnInfo};
 
-/// How long the gateway waits for the peer's reply to its close frame.
+/// How long the gateway waits for the peer's reply to a close.
 const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
-/// Best-effort close for peers we no longer trust to read (pong timeout,
-/// slow reader).
+/// Best-effort close for clients we no longer trust to read (pong
+/// timeout, slow reader).
 const BEST_EFFORT_TIMEOUT: Duration = Duration::from_millis(100);
+/// After refusing a peer's stream, how long its bytes are still read (and
+/// dropped) so its close reply is taken and the socket closes with a FIN,
+/// not a reset that could destroy the close frame in flight.
+const DRAIN_GRACE: Duration = Duration::from_millis(100);
+/// The per-thread read buffer. 64 KiB: a 64 KiB message in one read.
+const SCRATCH_BYTES: usize = 64 * 1024;
 
-/// The `WebSocketConfig` for both hops, every limit explicit: small read
-/// buffer, eager writes, bounded write buffer and message size.
-///
-/// tungstenite allocates the read buffer up front for every connection and
-/// touches all of it at the first read (128 KiB by default), so an idle
-/// connection holds it whole. 512 B is one small message or a few control
-/// frames per read; a larger message grows the buffer to its size while it
-/// arrives. Measured (BENCHMARKS.md): 4 KiB → 512 B took 3.5 KB off every
-/// idle connection, for about 8 % more server CPU per 1 KiB message echoed
-/// (three reads instead of one).
-const READ_BUFFER_BYTES: usize = 512;
-
-pub fn ws_config(limits: &Limits) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
-        .max_write_buffer_size(limits.max_message_bytes.saturating_add(64 * 1024))
-        .max_message_size(Some(limits.max_message_bytes))
-        .max_frame_size(Some(limits.max_message_bytes))
-        .accept_unmasked_frames(false)
+thread_local! {
+    /// Every read lands here: one buffer per worker thread, not one per
+    /// connection. Only bytes that must wait are copied out of it.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice());
 }
+
+/// The client's transport after the 101, and any bytes read past the head.
+pub struct Client<S> {
+    pub io: S,
+    pub rest: Vec<u8>,
+}
+
+/// The upstream of a session: a backend socket, or nothing for `echo`.
+pub type Upstream = Option<Backend>;
 
 /// What a session needs to know, fixed at the upgrade.
 pub struct Params {
@@ -82,93 +91,146 @@ pub fn instant_at_unix(unix_s: u64) -> Instant {
     Instant::now() + Duration::from_secs(unix_s.saturating_sub(now))
 }
 
-/// Messages waiting to be written one way, and their payload bytes.
+/// Bytes waiting to be written one way. Empty, it holds no allocation.
+#[derive(Default)]
 struct Outbox {
-    msgs: VecDeque<Message>,
-    bytes: usize,
-    /// Fed to the sink but not yet flushed.
+    buf: Vec<u8>,
+    /// How much of `buf` is written.
+    head: usize,
+    /// Written but not yet flushed (TLS).
     unflushed: bool,
 }
 
 impl Outbox {
-    fn new() -> Outbox {
-        Outbox { msgs: VecDeque::new(), bytes: 0, unflushed: false }
-    }
-    fn push(&mut self, m: Message) {
-        self.bytes += m.len();
-        self.msgs.push_back(m);
+    fn len(&self) -> usize {
+        self.buf.len() - self.head
     }
     fn pending(&self) -> bool {
-        !self.msgs.is_empty() || self.unflushed
+        self.len() > 0 || self.unflushed
     }
-    /// Frees the queue's storage once it is empty, so an idle connection
-    /// holds none (one allocation per burst instead of one per connection).
-    fn release(&mut self) {
-        if self.msgs.is_empty() && self.msgs.capacity() > 0 {
-            self.msgs = VecDeque::new();
+    fn push(&mut self, b: &[u8]) {
+        // Reclaim the written front once it is most of the buffer.
+        if self.head >= SCRATCH_BYTES && self.head * 2 >= self.buf.len() {
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+        self.buf.extend_from_slice(b);
+    }
+}
+
+/// What the gateway sends a side when it ends the session.
+#[derive(Clone, Copy)]
+enum Goodbye {
+    /// Leave it be: the relay carries the closing handshake (a peer's
+    /// close frame is on its way through).
+    Keep,
+    /// Nothing: it is gone, or not worth a frame (a stalled backend).
+    Nothing,
+    /// A close frame with this code (none for `None`) and reason text.
+    Close(Option<u16>, &'static str),
+}
+
+/// One socket of the session and where its closing handshake stands.
+struct Side<S> {
+    io: S,
+    out: Outbox,
+    /// Last write progress, or when bytes became pending.
+    progress: Instant,
+    /// Nothing more will be read from it (EOF or error).
+    eof: bool,
+    /// A write failed, or it was abandoned mid-frame: no more I/O to it.
+    broken: bool,
+    got_close: bool,
+    sent_close: bool,
+    /// Its stream was refused: reads are dropped unparsed until this time.
+    drain_until: Option<Instant>,
+    /// Whether its close reply is worth waiting for.
+    wait_reply: bool,
+}
+
+impl<S> Side<S> {
+    fn new(io: S, now: Instant) -> Side<S> {
+        Side {
+            io,
+            out: Outbox::default(),
+            progress: now,
+            eof: false,
+            broken: false,
+            got_close: false,
+            sent_close: false,
+            drain_until: None,
+            wait_reply: true,
         }
     }
-}
 
-/// Writes an outbox out, then flushes. Cancel-safe: a message leaves the
-/// outbox only once the sink took it, and a flush resumes where it was.
-/// `progress` is set at each message taken and at the final flush.
-///
-/// A poll function rather than an `async fn`: the future the session loop
-/// keeps for it is three references, not a state machine holding a message.
-fn pump<'a, S>(
-    tx: &'a mut SplitSink<WebSocketStream<S>, Message>,
-    out: &'a mut Outbox,
-    progress: &'a mut Instant,
-) -> impl Future<Output = Result<(), WsError>> + 'a
-where
-    S: AsyncRead + AsyncWrite + Unpin + 'a,
-{
-    std::future::poll_fn(move |cx| poll_pump(tx, out, progress, cx))
-}
-
-fn poll_pump<S>(
-    tx: &mut SplitSink<WebSocketStream<S>, Message>,
-    out: &mut Outbox,
-    progress: &mut Instant,
-    cx: &mut Context<'_>,
-) -> Poll<Result<(), WsError>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    while !out.msgs.is_empty() {
-        ready!(tx.poll_ready_unpin(cx))?;
-        if let Some(m) = out.msgs.pop_front() {
-            out.bytes -= m.len();
-            tx.start_send_unpin(m)?;
+    /// Queues bytes; the write-stall clock starts when the outbox does.
+    fn push(&mut self, b: &[u8], now: Instant) {
+        if self.broken {
+            return;
         }
-        out.unflushed = true;
-        *progress = Instant::now();
+        if !self.out.pending() {
+            self.progress = now;
+        }
+        self.out.push(b);
     }
-    ready!(tx.poll_flush_unpin(cx))?;
-    out.unflushed = false;
-    out.release();
-    *progress = Instant::now();
-    Poll::Ready(Ok(()))
+
+    fn readable(&self) -> bool {
+        !(self.eof || self.broken || self.got_close)
+    }
+
+    /// Closing: nothing left to write, and its reply is in (or not awaited).
+    fn done(&self, now: Instant) -> bool {
+        if self.broken {
+            return true;
+        }
+        let written = self.sent_close && !self.out.pending();
+        let replied =
+            self.eof || self.got_close || !self.wait_reply || self.drain_until.is_some_and(|t| now >= t);
+        written && replied
+    }
 }
 
-/// The upstream of a session: a backend socket, or nothing for `echo`.
-pub type Upstream = Option<WebSocketStream<TcpStream>>;
-
-/// How the loop ended: the reason, and a close frame to carry across.
-struct Ending {
-    reason: CloseReason,
-    frame: Option<CloseFrame>,
-}
-
-fn close_frame(code: u16, reason: &'static str) -> CloseFrame {
-    CloseFrame { code: CloseCode::from(code), reason: reason.into() }
-}
-
-/// A peer's close frame as it may be sent on: codes that must never be on
-/// the wire (1005, 1006, 1015) become "no code".
-fn carried(frame: Option<CloseFrame>) -> Option<CloseFrame> {
-    frame.filter(|f| !matches!(u16::from(f.code), 1005 | 1006 | 1015))
+impl<S: AsyncWrite + Unpin> Side<S> {
+    /// Writes what it can; true if any byte went. Frees the outbox once
+    /// empty. A write error marks the side broken.
+    fn poll_out(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        if self.broken {
+            self.out = Outbox::default();
+            return false;
+        }
+        let mut wrote = false;
+        while self.out.len() > 0 {
+            match Pin::new(&mut self.io).poll_write(cx, &self.out.buf[self.out.head..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.out.head += n;
+                    self.out.unflushed = true;
+                    self.progress = now;
+                    wrote = true;
+                }
+                Poll::Ready(_) => {
+                    self.broken = true;
+                    self.out = Outbox::default();
+                    return wrote;
+                }
+                Poll::Pending => return wrote,
+            }
+        }
+        if self.out.buf.capacity() > 0 {
+            self.out.buf = Vec::new();
+            self.out.head = 0;
+        }
+        if self.out.unflushed {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.out.unflushed = false,
+                Poll::Ready(Err(_)) => {
+                    self.broken = true;
+                    self.out = Outbox::default();
+                }
+                Poll::Pending => {}
+            }
+        }
+        wrote
+    }
 }
 
 /// Per-connection message rate: a token bucket of one second's burst.
@@ -195,301 +257,642 @@ impl MsgRate {
     }
 }
 
+/// What the one timer is armed for.
+#[derive(Clone, Copy, Debug)]
+enum Fire {
+    End(CloseReason),
+    Ping,
+    /// Closing: the handshake's time is up (or a drain grace ended).
+    Closing,
+}
+
+/// How the client's side is handled: relayed to a backend, or answered.
+enum Mode {
+    Proxy { up: Side<TcpStream>, from_client: Filter, from_up: Filter },
+    Echo(Echo),
+}
+
+/// One upgraded connection.
+struct Session<C> {
+    client: Side<C>,
+    mode: Mode,
+    p: Params,
+    start: Instant,
+    /// Set once the first rule fired; the session is then closing.
+    reason: Option<CloseReason>,
+    closing_until: Option<Instant>,
+    /// Heartbeat: `ping_sent` is set while the gateway's ping awaits any
+    /// frame back; `ping_due` while it waits for a frame boundary.
+    next_ping: Instant,
+    ping_sent: Option<Instant>,
+    ping_due: bool,
+    /// Our ping payload, so the pong answering it is recognised (and
+    /// consumed) among the client's pongs to the backend's pings.
+    ping_payload: [u8; 8],
+    /// The gateway had stopped reading the client at the last look.
+    client_paused: bool,
+    last_data: Instant,
+    rate: MsgRate,
+}
+
 /// Runs the session to its end and returns why it ended. The caller
 /// counts it (exactly once) and releases the connection's permits.
 ///
 /// This future is most of an idle connection's memory, so it is kept
-/// small: the streams are split before it exists and moved into an
-/// `async move` block (an `async fn` keeps a second copy of every argument
-/// for its whole life), the loop's branch futures hold references only,
-/// and the close sequence, which runs once, is boxed.
-pub fn run<C>(client: WebSocketStream<C>, upstream: Upstream, p: Params) -> impl Future<Output = CloseReason>
+/// small: the session is built before it exists and moved in whole (an
+/// `async fn` would keep a second copy of every argument for its whole
+/// life), and its branch futures hold references only.
+pub fn run<C>(client: Client<C>, upstream: Upstream, p: Params) -> impl Future<Output = CloseReason>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut ctx, mut crx) = client.split();
-    let (mut utx, mut urx) = match upstream {
-        Some(u) => {
-            let (t, r) = u.split();
-            (Some(t), Some(r))
-        }
-        None => (None, None),
-    };
+    let info = p.info.clone();
+    let mut s = Session::new(client, upstream, p);
     async move {
-        let echo = utx.is_none();
-        let info = p.info.clone();
-        let m = &p.metrics;
-        let lim = &p.limits;
-        let max_out = lim.max_outbound_bytes;
-        let start = Instant::now();
-
-        let mut to_client = Outbox::new();
-        let mut to_up = Outbox::new();
-        let mut client_progress = start;
-        let mut up_progress = start;
-
-        let ping_every = Duration::from_millis(p.heartbeat.ping_interval_ms);
-        let pong_wait = Duration::from_millis(p.heartbeat.pong_timeout_ms);
-        let idle =
-            (p.heartbeat.idle_timeout_ms > 0).then(|| Duration::from_millis(p.heartbeat.idle_timeout_ms));
-        let lifetime_end = (lim.max_lifetime_s > 0).then(|| start + Duration::from_secs(lim.max_lifetime_s));
-        let write_timeout = lim.write_timeout();
-
-        // Heartbeat: `ping_sent` is Some while a ping awaits any frame back.
-        let mut next_ping = start + ping_every;
-        let mut ping_sent: Option<Instant> = None;
-        let mut last_data = start;
-        let mut rate =
-            MsgRate { per_s: lim.per_conn_msgs_per_s, tokens: lim.per_conn_msgs_per_s.max(1.0), at: start };
-
-        let timer = tokio::time::sleep_until(start);
+        let timer = tokio::time::sleep_until(s.start);
         tokio::pin!(timer);
-
-        let ending: Ending = 'session: loop {
-            // The earliest deadline, and what fires there, in table order so a
-            // tie goes to the rule listed first. (A block, so the table is
-            // not kept in the task across the wait below.)
-            let (at, fires) = {
-                let deadlines = [
-                    (ping_sent.map(|s| s + pong_wait), Some(CloseReason::PongTimeout)),
-                    (idle.map(|i| last_data + i), Some(CloseReason::Idle)),
-                    (p.expires_at, Some(CloseReason::TokenExpired)),
-                    (
-                        to_client.pending().then(|| client_progress + write_timeout),
-                        Some(CloseReason::SlowReader),
-                    ),
-                    (lifetime_end, Some(CloseReason::MaxLifetime)),
-                    (ping_sent.is_none().then_some(next_ping), None),
-                ];
-                deadlines
-                    .iter()
-                    .filter_map(|(d, r)| d.map(|d| (d, *r)))
-                    .min_by_key(|(d, _)| *d)
-                    .unwrap_or((start + Duration::from_secs(86_400 * 365), None))
-            };
+        loop {
+            let now = Instant::now();
+            if s.finished(now) {
+                break;
+            }
+            let (at, fire) = s.next_deadline(now);
             if timer.deadline() != at {
                 timer.as_mut().reset(at);
             }
-            let read_client = if echo { to_client.bytes < max_out } else { to_up.bytes < max_out };
-            let read_up = to_client.bytes < max_out;
-
+            let open = s.reason.is_none();
             tokio::select! {
                 biased;
-                reason = info.kicked() => {
-                    let code = reason.close_code();
-                    break 'session Ending { reason, frame: Some(close_frame(code, reason.label())) };
+                reason = info.kicked(), if open => {
+                    let g = Goodbye::Close(Some(reason.close_code()), reason.label());
+                    s.begin_close(reason, g, g, Instant::now());
                 }
-                _ = &mut timer => {
-                    match fires {
-                        Some(reason) => {
-                            break 'session Ending { reason, frame: Some(close_frame(reason.close_code(), reason.label())) };
-                        }
-                        None => {
-                            // Ping time. Queued behind pending data: a client
-                            // that cannot take data cannot take a ping either.
-                            to_client.push(Message::Ping(Default::default()));
-                            if to_client.msgs.len() == 1 && !to_client.unflushed {
-                                client_progress = Instant::now();
-                            }
-                            ping_sent = Some(Instant::now());
-                        }
-                    }
-                }
-                r = pump(&mut ctx, &mut to_client, &mut client_progress), if to_client.pending() => {
-                    if let Err(e) = r {
-                        break 'session error_ending(e);
-                    }
-                }
-                r = async { match utx.as_mut() { Some(t) => pump(t, &mut to_up, &mut up_progress).await, None => Ok(()) } },
-                    if !echo && to_up.pending() => {
-                    if r.is_err() {
-                        break 'session Ending { reason: CloseReason::UpstreamLost, frame: Some(close_frame(1014, "upstream_lost")) };
-                    }
-                }
-                msg = crx.next(), if read_client => {
-                    let now = Instant::now();
-                    ping_sent = None;
-                    if next_ping <= now {
-                        next_ping = now + ping_every;
-                    }
-                    info.touch(unix_now());
-                    match msg {
-                        None => break 'session Ending { reason: CloseReason::ClientClose, frame: None },
-                        Some(Err(e)) => break 'session error_ending(e),
-                        Some(Ok(Message::Close(frame))) => {
-                            break 'session Ending { reason: CloseReason::ClientClose, frame: carried(frame) };
-                        }
-                        Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                            if !rate.allow(now) {
-                                break 'session Ending { reason: CloseReason::MsgRate, frame: Some(close_frame(1008, "msg_rate")) };
-                            }
-                            last_data = now;
-                            let len = msg.len();
-                            m.relayed(Direction::ClientToUpstream, len);
-                            if echo {
-                                if !to_client.pending() {
-                                    client_progress = now;
-                                }
-                                m.relayed(Direction::UpstreamToClient, len);
-                                to_client.push(msg);
-                            } else {
-                                if !to_up.pending() {
-                                    up_progress = now;
-                                }
-                                to_up.push(msg);
-                            }
-                        }
-                        // Pings are answered by tungstenite, pongs only prove life.
-                        Some(Ok(_)) => {}
-                    }
-                }
-                msg = async { match urx.as_mut() { Some(r) => r.next().await, None => std::future::pending().await } },
-                    if !echo && read_up => {
-                    match msg {
-                        None | Some(Err(_)) => {
-                            break 'session Ending { reason: CloseReason::UpstreamLost, frame: Some(close_frame(1014, "upstream_lost")) };
-                        }
-                        Some(Ok(Message::Close(frame))) => {
-                            break 'session Ending { reason: CloseReason::UpstreamClose, frame: carried(frame) };
-                        }
-                        Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                            let now = Instant::now();
-                            last_data = now;
-                            m.relayed(Direction::UpstreamToClient, msg.len());
-                            if !to_client.pending() {
-                                client_progress = now;
-                            }
-                            to_client.push(msg);
-                        }
-                        Some(Ok(_)) => {}
-                    }
-                }
+                _ = &mut timer => s.on_timer(fire, Instant::now()),
+                _ = std::future::poll_fn(|cx| s.poll_io(cx)) => {}
             }
+        }
+        s.reason.unwrap_or(CloseReason::Error)
+    }
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
+    fn new(client: Client<C>, upstream: Upstream, p: Params) -> Session<C> {
+        let start = Instant::now();
+        let Client { io, rest } = client;
+        let max_message = p.limits.max_message_bytes as u64;
+        let (mode, up_rest) = match upstream {
+            Some(b) => {
+                let from_client = Filter::new(Rules { from_client: true, deflate: b.deflate, max_message });
+                let from_up = Filter::new(Rules { from_client: false, deflate: b.deflate, max_message });
+                (Mode::Proxy { up: Side::new(b.tcp, start), from_client, from_up }, b.rest)
+            }
+            None => (Mode::Echo(Echo::new(max_message)), Vec::new()),
         };
-
-        // Boxed: the close sequence runs once, and inline its state would
-        // widen every idle session's future.
-        Box::pin(finish(
-            ending.reason,
-            ending.frame,
-            &mut ctx,
-            &mut crx,
-            utx.as_mut(),
-            urx.as_mut(),
-            &mut to_client,
-            &mut to_up,
-        ))
-        .await;
-        ending.reason
+        let mut s = Session {
+            client: Side::new(io, start),
+            mode,
+            next_ping: start + Duration::from_millis(p.heartbeat.ping_interval_ms),
+            ping_sent: None,
+            ping_due: false,
+            ping_payload: p.info.id.to_be_bytes(),
+            client_paused: false,
+            last_data: start,
+            rate: MsgRate {
+                per_s: p.limits.per_conn_msgs_per_s,
+                tokens: p.limits.per_conn_msgs_per_s.max(1.0),
+                at: start,
+            },
+            p,
+            start,
+            reason: None,
+            closing_until: None,
+        };
+        // Frames that arrived along with the handshakes.
+        if !rest.is_empty() {
+            s.client_bytes(&rest, start);
+        }
+        if !up_rest.is_empty() {
+            s.up_bytes(&up_rest, start);
+        }
+        s
     }
-}
 
-/// Maps a client-side read/write error to its reason and close frame.
-fn error_ending(e: WsError) -> Ending {
-    match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            Ending { reason: CloseReason::MessageTooBig, frame: Some(close_frame(1009, "message_too_big")) }
-        }
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) | WsError::ConnectionClosed => {
-            Ending { reason: CloseReason::ClientClose, frame: None }
-        }
-        WsError::Protocol(_) | WsError::Utf8(_) => {
-            Ending { reason: CloseReason::Error, frame: Some(close_frame(1002, "protocol_error")) }
-        }
-        _ => Ending { reason: CloseReason::Error, frame: Some(close_frame(1011, "error")) },
+    fn max_out(&self) -> usize {
+        self.p.limits.max_outbound_bytes
     }
-}
 
-/// Closes both hops according to how the session ended, each step bounded.
-#[allow(clippy::too_many_arguments)]
-async fn finish<C>(
-    reason: CloseReason,
-    frame: Option<CloseFrame>,
-    ctx: &mut SplitSink<WebSocketStream<C>, Message>,
-    crx: &mut SplitStream<WebSocketStream<C>>,
-    utx: Option<&mut SplitSink<WebSocketStream<TcpStream>, Message>>,
-    urx: Option<&mut SplitStream<WebSocketStream<TcpStream>>>,
-    to_client: &mut Outbox,
-    to_up: &mut Outbox,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut progress = Instant::now();
-    match reason {
-        CloseReason::ClientClose => {
-            // tungstenite queued the reply to the client's close: flush it.
-            let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, ctx.flush()).await;
-            if let (Some(tx), Some(rx)) = (utx, urx) {
-                to_up.push(Message::Close(frame));
-                let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
-                    let _ = pump(tx, to_up, &mut progress).await;
-                    while let Some(Ok(_)) = rx.next().await {}
-                })
-                .await;
+    fn can_read_client(&self) -> bool {
+        if !self.client.readable() {
+            return false;
+        }
+        if self.client.drain_until.is_some() {
+            return true;
+        }
+        match &self.mode {
+            Mode::Proxy { up, .. } => up.out.len() < self.max_out() || up.broken,
+            Mode::Echo(_) => self.client.out.len() < self.max_out(),
+        }
+    }
+
+    fn can_read_up(&self) -> bool {
+        match &self.mode {
+            Mode::Proxy { up, .. } => {
+                up.readable()
+                    && (up.drain_until.is_some()
+                        || self.client.out.len() < self.max_out()
+                        || self.client.broken)
             }
+            Mode::Echo(_) => false,
         }
-        CloseReason::UpstreamClose => {
-            // Deliver what the upstream sent before its close, then the close.
-            let _ =
-                tokio::time::timeout(CLOSE_REPLY_TIMEOUT, ctx_flush_all(ctx, crx, to_client, frame)).await;
-            if let Some(tx) = utx {
-                let _ = tokio::time::timeout(BEST_EFFORT_TIMEOUT, tx.flush()).await;
-            }
-        }
-        CloseReason::PongTimeout | CloseReason::SlowReader => {
-            // The client is not reading: one try, no waiting for a reply.
-            let _ = tokio::time::timeout(BEST_EFFORT_TIMEOUT, async {
-                let _ = ctx.send(Message::Close(frame.clone())).await;
-            })
-            .await;
-            close_upstream(utx, urx, frame).await;
-        }
-        _ => {
-            to_client.msgs.clear();
-            to_client.bytes = 0;
-            let up_frame = if reason == CloseReason::UpstreamLost { None } else { Some(frame.clone()) };
-            let client = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, ctx_flush_all(ctx, crx, to_client, frame));
-            match up_frame {
-                Some(f) => {
-                    let _ = tokio::join!(client, close_upstream(utx, urx, f));
-                }
-                None => {
-                    let _ = client.await;
+    }
+
+    /// The earliest deadline and what fires there, in table order so a
+    /// tie goes to the rule listed first.
+    fn next_deadline(&mut self, now: Instant) -> (Instant, Fire) {
+        if let Some(until) = self.closing_until {
+            let mut at = until;
+            for d in [self.client.drain_until, self.up().and_then(|u| u.drain_until)].into_iter().flatten() {
+                if d > now {
+                    at = at.min(d);
                 }
             }
+            return (at, Fire::Closing);
         }
+        // The client is never counted silent while the gateway is not
+        // reading it: its pong may be queued behind data we refused to take.
+        let reading = self.can_read_client();
+        if !reading {
+            self.client_paused = true;
+        } else if self.client_paused {
+            self.client_paused = false;
+            if self.ping_sent.is_some() {
+                self.ping_sent = Some(now);
+            }
+        }
+        let hb = &self.p.heartbeat;
+        let lim = &self.p.limits;
+        let wt = lim.write_timeout();
+        let deadlines = [
+            (
+                self.ping_sent.filter(|_| reading).map(|s| s + Duration::from_millis(hb.pong_timeout_ms)),
+                Fire::End(CloseReason::PongTimeout),
+            ),
+            (
+                (hb.idle_timeout_ms > 0).then(|| self.last_data + Duration::from_millis(hb.idle_timeout_ms)),
+                Fire::End(CloseReason::Idle),
+            ),
+            (self.p.expires_at, Fire::End(CloseReason::TokenExpired)),
+            (
+                self.client.out.pending().then(|| self.client.progress + wt),
+                Fire::End(CloseReason::SlowReader),
+            ),
+            (
+                self.up().filter(|u| u.out.pending()).map(|u| u.progress + wt),
+                Fire::End(CloseReason::UpstreamStalled),
+            ),
+            (
+                (lim.max_lifetime_s > 0).then(|| self.start + Duration::from_secs(lim.max_lifetime_s)),
+                Fire::End(CloseReason::MaxLifetime),
+            ),
+            ((self.ping_sent.is_none() && !self.ping_due).then_some(self.next_ping), Fire::Ping),
+        ];
+        deadlines
+            .iter()
+            .filter_map(|(d, f)| d.map(|d| (d, *f)))
+            .min_by_key(|(d, _)| *d)
+            .unwrap_or((self.start + Duration::from_secs(86_400 * 365), Fire::Ping))
+    }
+
+    fn up(&self) -> Option<&Side<TcpStream>> {
+        match &self.mode {
+            Mode::Proxy { up, .. } => Some(up),
+            Mode::Echo(_) => None,
+        }
+    }
+
+    fn on_timer(&mut self, fire: Fire, now: Instant) {
+        match fire {
+            Fire::End(reason) => {
+                let g = Goodbye::Close(Some(reason.close_code()), reason.label());
+                let to_up = if reason == CloseReason::UpstreamStalled { Goodbye::Nothing } else { g };
+                self.begin_close(reason, g, to_up, now);
+            }
+            Fire::Ping => {
+                self.ping_due = true;
+                self.maybe_ping(now);
+            }
+            Fire::Closing => {
+                let Some(until) = self.closing_until else { return };
+                if now < until {
+                    return;
+                }
+                // The backend never answered the client's close: answer it
+                // ourselves, once, briefly.
+                if self.client.got_close && !self.client.sent_close && self.toward_client_at_boundary() {
+                    self.client.push(&frame::close(None, "", None), now);
+                    self.client.sent_close = true;
+                    self.client.wait_reply = false;
+                    if let Mode::Proxy { up, .. } = &mut self.mode {
+                        up.broken = true;
+                    }
+                    self.closing_until = Some(now + BEST_EFFORT_TIMEOUT);
+                    return;
+                }
+                self.closing_until = Some(now);
+                self.client.broken = true;
+                if let Mode::Proxy { up, .. } = &mut self.mode {
+                    up.broken = true;
+                }
+            }
+        }
+    }
+
+    fn finished(&self, now: Instant) -> bool {
+        if self.reason.is_none() {
+            return false;
+        }
+        self.client.done(now) && self.up().is_none_or(|u| u.done(now))
+    }
+
+    fn toward_client_at_boundary(&self) -> bool {
+        match &self.mode {
+            Mode::Proxy { from_up, .. } => from_up.at_boundary(),
+            Mode::Echo(echo) => echo.at_boundary(),
+        }
+    }
+
+    /// Sends the gateway's ping when the stream toward the client is
+    /// between frames.
+    fn maybe_ping(&mut self, now: Instant) {
+        if !self.ping_due || self.reason.is_some() || !self.toward_client_at_boundary() {
+            return;
+        }
+        let f = frame::control(PING, &self.ping_payload, None);
+        self.client.push(&f, now);
+        self.ping_due = false;
+        self.ping_sent = Some(now);
+    }
+
+    /// The first rule fired: say goodbye to each side as `reason` wants and
+    /// start closing. Later rules are ignored.
+    fn begin_close(&mut self, reason: CloseReason, to_client: Goodbye, to_up: Goodbye, now: Instant) {
+        if self.reason.is_some() {
+            return;
+        }
+        self.reason = Some(reason);
+        let wait = match reason {
+            CloseReason::PongTimeout | CloseReason::SlowReader => {
+                // The client is not reading: one try, no waiting for a reply.
+                self.client.wait_reply = false;
+                BEST_EFFORT_TIMEOUT
+            }
+            _ => CLOSE_REPLY_TIMEOUT,
+        };
+        self.closing_until = Some(now + wait);
+        let client_boundary = self.toward_client_at_boundary();
+        goodbye(&mut self.client, to_client, client_boundary, None, now);
+        if let Mode::Proxy { up, from_client, .. } = &mut self.mode {
+            if reason == CloseReason::UpstreamLost {
+                up.eof = true;
+                up.broken = true;
+            }
+            let mask = rand::random::<[u8; 4]>();
+            goodbye(up, to_up, from_client.at_boundary(), Some(mask), now);
+        }
+    }
+
+    /// Reads and writes whatever is ready. `Ready` after any progress (the
+    /// caller re-evaluates its deadlines), `Pending` once nothing moves.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let now = Instant::now();
+        let mut moved = self.poll_writes(cx, now);
+        let read = SCRATCH.with(|cell| {
+            // Not re-entered: nothing below reads a socket through it.
+            let Ok(mut buf) = cell.try_borrow_mut() else { return false };
+            let mut read = false;
+            if self.can_read_client() {
+                match poll_read(&mut self.client.io, cx, &mut buf) {
+                    Poll::Ready(Some(n)) => {
+                        self.client_bytes(&buf[..n], now);
+                        read = true;
+                    }
+                    Poll::Ready(None) => {
+                        self.client.eof = true;
+                        self.client_gone(now);
+                        read = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if self.can_read_up() {
+                let Mode::Proxy { up, .. } = &mut self.mode else { return read };
+                match poll_read(&mut up.io, cx, &mut buf) {
+                    Poll::Ready(Some(n)) => {
+                        self.up_bytes(&buf[..n], now);
+                        read = true;
+                    }
+                    Poll::Ready(None) => {
+                        up.eof = true;
+                        self.up_gone(now);
+                        read = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            read
+        });
+        if read {
+            self.poll_writes(cx, now);
+            moved = true;
+        }
+        if moved {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Writes both outboxes; true if any byte went or a side broke.
+    fn poll_writes(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        let mut moved = false;
+        if self.client.out.pending() && !self.client.broken {
+            moved |= self.client.poll_out(cx, now);
+            if self.client.broken {
+                moved = true;
+                self.client_gone(now);
+            }
+        }
+        if let Mode::Proxy { up, .. } = &mut self.mode {
+            if up.out.pending() && !up.broken {
+                moved |= up.poll_out(cx, now);
+                if up.broken {
+                    moved = true;
+                    self.up_gone(now);
+                }
+            }
+        }
+        moved
+    }
+
+    /// The client's socket ended (EOF, read or write error).
+    fn client_gone(&mut self, now: Instant) {
+        self.client.eof = true;
+        self.client.sent_close = true;
+        if self.reason.is_none() {
+            // Tell the backend, with no code: the client gave none.
+            self.begin_close(CloseReason::ClientClose, Goodbye::Nothing, Goodbye::Close(None, ""), now);
+        } else if let Mode::Proxy { up, .. } = &mut self.mode {
+            // Closing and the client left: nobody to relay the backend's reply to.
+            if !up.sent_close {
+                up.wait_reply = false;
+                up.sent_close = true;
+            }
+        }
+    }
+
+    /// The backend's socket ended.
+    fn up_gone(&mut self, now: Instant) {
+        if let Mode::Proxy { up, .. } = &mut self.mode {
+            up.eof = true;
+            up.sent_close = true;
+        }
+        if self.reason.is_none() {
+            let g = Goodbye::Close(
+                Some(CloseReason::UpstreamLost.close_code()),
+                CloseReason::UpstreamLost.label(),
+            );
+            self.begin_close(CloseReason::UpstreamLost, g, Goodbye::Nothing, now);
+        } else if self.client.got_close && !self.client.sent_close && self.toward_client_at_boundary() {
+            // The client's close will get no reply from the backend: give ours.
+            self.client.push(&frame::close(None, "", None), now);
+            self.client.sent_close = true;
+        }
+    }
+
+    /// Bytes from the client: parsed, checked, and relayed or answered.
+    fn client_bytes(&mut self, data: &[u8], now: Instant) {
+        // Any byte proves the client alive.
+        self.ping_sent = None;
+        if self.next_ping <= now {
+            self.next_ping = now + Duration::from_millis(self.p.heartbeat.ping_interval_ms);
+        }
+        self.p.info.touch(unix_now());
+        if self.client.drain_until.is_some() {
+            return;
+        }
+        let open = self.reason.is_none();
+        let mut ended: Option<(CloseReason, Goodbye, Goodbye)> = None;
+        let client = &mut self.client;
+        let rate = &mut self.rate;
+        let metrics = &self.p.metrics;
+        let last_data = &mut self.last_data;
+        match &mut self.mode {
+            Mode::Proxy { up, from_client, .. } => {
+                let ours = &self.ping_payload;
+                let r = from_client.feed(data, &mut |e| match e {
+                    Event::MessageStart => {
+                        if open && !rate.allow(now) {
+                            ended = Some(gateway_close(CloseReason::MsgRate));
+                            return false;
+                        }
+                        true
+                    }
+                    Event::Forward(b) => {
+                        if !up.sent_close {
+                            up.push(b, now);
+                        }
+                        true
+                    }
+                    Event::Control { opcode: PONG, payload, .. } if payload == ours => true,
+                    Event::Control { opcode: CLOSE, raw, .. } => {
+                        client.got_close = true;
+                        if !up.sent_close {
+                            up.push(raw, now);
+                            up.sent_close = true;
+                        }
+                        if open {
+                            ended = Some((CloseReason::ClientClose, Goodbye::Keep, Goodbye::Keep));
+                        }
+                        false
+                    }
+                    Event::Control { raw, .. } => {
+                        if !up.sent_close {
+                            up.push(raw, now);
+                        }
+                        true
+                    }
+                    Event::MessageEnd(n) => {
+                        metrics.relayed(Direction::ClientToUpstream, n as usize);
+                        *last_data = now;
+                        true
+                    }
+                });
+                if let Err(refusal) = r {
+                    client.drain_until = Some(now + DRAIN_GRACE);
+                    ended = Some(match refusal {
+                        Refusal::TooBig => gateway_close(CloseReason::MessageTooBig),
+                        Refusal::Protocol(why) => {
+                            tracing::debug!(why, "client protocol error");
+                            let g = Goodbye::Close(Some(1002), "protocol_error");
+                            (CloseReason::Error, g, g)
+                        }
+                    });
+                }
+            }
+            Mode::Echo(echo) => {
+                let r = echo.feed(data, &mut |a| match a {
+                    Action::MessageStart => {
+                        if open && !rate.allow(now) {
+                            ended = Some(gateway_close(CloseReason::MsgRate));
+                            return false;
+                        }
+                        true
+                    }
+                    Action::Send(b) => {
+                        if !client.sent_close {
+                            client.push(b, now);
+                        }
+                        true
+                    }
+                    Action::MessageEnd(n) => {
+                        metrics.relayed(Direction::ClientToUpstream, n as usize);
+                        metrics.relayed(Direction::UpstreamToClient, n as usize);
+                        *last_data = now;
+                        true
+                    }
+                    Action::Pong => true,
+                    Action::Close(code) => {
+                        client.got_close = true;
+                        if !client.sent_close {
+                            client.push(&frame::close(code, "", None), now);
+                            client.sent_close = true;
+                        }
+                        if open {
+                            ended = Some((CloseReason::ClientClose, Goodbye::Keep, Goodbye::Keep));
+                        }
+                        false
+                    }
+                });
+                if let Err(refusal) = r {
+                    client.drain_until = Some(now + DRAIN_GRACE);
+                    let g = |code, text| Goodbye::Close(Some(code), text);
+                    ended = Some(match refusal {
+                        echo::Refusal::TooBig => gateway_close(CloseReason::MessageTooBig),
+                        echo::Refusal::InvalidUtf8 => {
+                            (CloseReason::Error, g(1007, "invalid_utf8"), Goodbye::Nothing)
+                        }
+                        echo::Refusal::Protocol(why) => {
+                            tracing::debug!(why, "client protocol error");
+                            (CloseReason::Error, g(1002, "protocol_error"), Goodbye::Nothing)
+                        }
+                    });
+                }
+            }
+        }
+        if let Some((reason, to_client, to_up)) = ended {
+            self.begin_close(reason, to_client, to_up, now);
+        }
+    }
+
+    /// Bytes from the backend: parsed, checked, relayed to the client.
+    fn up_bytes(&mut self, data: &[u8], now: Instant) {
+        let open = self.reason.is_none();
+        let mut ended: Option<(CloseReason, Goodbye, Goodbye)> = None;
+        let client = &mut self.client;
+        let metrics = &self.p.metrics;
+        let last_data = &mut self.last_data;
+        let Mode::Proxy { up, from_up, .. } = &mut self.mode else { return };
+        if up.drain_until.is_some() {
+            return;
+        }
+        let r = from_up.feed(data, &mut |e| match e {
+            Event::MessageStart => true,
+            Event::Forward(b) => {
+                if !client.sent_close {
+                    client.push(b, now);
+                }
+                true
+            }
+            Event::Control { opcode: CLOSE, raw, .. } => {
+                up.got_close = true;
+                if !client.sent_close {
+                    client.push(raw, now);
+                    client.sent_close = true;
+                }
+                if open {
+                    ended = Some((CloseReason::UpstreamClose, Goodbye::Keep, Goodbye::Keep));
+                }
+                false
+            }
+            // The backend's pings reach the client, whose pongs go back.
+            Event::Control { raw, .. } => {
+                if !client.sent_close {
+                    client.push(raw, now);
+                }
+                true
+            }
+            Event::MessageEnd(n) => {
+                metrics.relayed(Direction::UpstreamToClient, n as usize);
+                *last_data = now;
+                true
+            }
+        });
+        if let Err(refusal) = r {
+            up.drain_until = Some(now + DRAIN_GRACE);
+            ended = Some(match refusal {
+                Refusal::TooBig => gateway_close(CloseReason::MessageTooBig),
+                Refusal::Protocol(why) => {
+                    // The backend broke the protocol, not the client: the
+                    // client is told 1011, the backend 1002.
+                    tracing::debug!(why, "backend protocol error");
+                    (
+                        CloseReason::Error,
+                        Goodbye::Close(Some(1011), "error"),
+                        Goodbye::Close(Some(1002), "protocol_error"),
+                    )
+                }
+            });
+        }
+        if let Some((reason, to_client, to_up)) = ended {
+            self.begin_close(reason, to_client, to_up, now);
+        }
+        self.maybe_ping(now);
     }
 }
 
-/// Writes the outbox and a close frame to the client, then waits for the
-/// client's close reply (the caller bounds the time).
-async fn ctx_flush_all<C>(
-    ctx: &mut SplitSink<WebSocketStream<C>, Message>,
-    crx: &mut SplitStream<WebSocketStream<C>>,
-    out: &mut Outbox,
-    frame: Option<CloseFrame>,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut progress = Instant::now();
-    out.push(Message::Close(frame));
-    if pump(ctx, out, &mut progress).await.is_err() {
+/// A close the gateway decides, with the reason's own code both ways.
+fn gateway_close(reason: CloseReason) -> (CloseReason, Goodbye, Goodbye) {
+    let g = Goodbye::Close(Some(reason.close_code()), reason.label());
+    (reason, g, g)
+}
+
+/// Queues the gateway's close toward a side, if it still needs one. A
+/// side whose stream is mid-frame cannot take a frame of ours: it is
+/// abandoned instead (its TCP connection simply closes).
+fn goodbye<S>(side: &mut Side<S>, g: Goodbye, at_boundary: bool, mask: Option<[u8; 4]>, now: Instant) {
+    if side.sent_close || side.broken {
         return;
     }
-    while let Some(Ok(_)) = crx.next().await {}
+    match g {
+        Goodbye::Keep => return,
+        Goodbye::Nothing => side.broken = true,
+        Goodbye::Close(code, text) => {
+            if at_boundary {
+                side.push(&frame::close(code, text, mask), now);
+            } else {
+                side.broken = true;
+            }
+        }
+    }
+    side.sent_close = true;
 }
 
-async fn close_upstream(
-    utx: Option<&mut SplitSink<WebSocketStream<TcpStream>, Message>>,
-    urx: Option<&mut SplitStream<WebSocketStream<TcpStream>>>,
-    frame: Option<CloseFrame>,
-) {
-    if let (Some(tx), Some(rx)) = (utx, urx) {
-        let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
-            if tx.send(Message::Close(frame)).await.is_ok() {
-                while let Some(Ok(_)) = rx.next().await {}
-            }
-        })
-        .await;
+/// Reads into `buf`. `Ready(None)`: EOF or a read error.
+fn poll_read<S: AsyncRead + Unpin>(io: &mut S, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<Option<usize>> {
+    let mut rb = ReadBuf::new(buf);
+    match Pin::new(io).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) if !rb.filled().is_empty() => Poll::Ready(Some(rb.filled().len())),
+        Poll::Ready(_) => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
     }
 }

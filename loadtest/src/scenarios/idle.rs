@@ -33,16 +33,34 @@ pub async fn run(ctx: Arc<Ctx>, a: &IdleArgs, g: Arc<Group>) {
             _ = pacer.wait(i) => {}
         }
         let gi = ctx.share.global(i);
-        set.spawn(one(ctx.clone(), g.clone(), gi));
+        set.spawn(one(ctx.clone(), g.clone(), gi, a.first_message));
     }
     while set.join_next().await.is_some() {}
 }
 
-async fn one(ctx: Arc<Ctx>, g: Arc<Group>, gi: u64) {
+async fn one(ctx: Arc<Ctx>, g: Arc<Group>, gi: u64, first_message: usize) {
     let source = ctx.sources.pick(gi);
-    let Some(conn) = connect(&ctx, &g, TokenKind::Valid, gi, source).await else {
+    let Some(mut conn) = connect(&ctx, &g, TokenKind::Valid, gi, source).await else {
         return;
     };
+    if first_message > 0 {
+        let payload = vec![(gi % 251) as u8; first_message];
+        if conn.send(crate::frame::opcode::BINARY, &payload).await.is_err() {
+            g.record_end("first_message_failed", None);
+            return;
+        }
+        g.add(names::MSGS_SENT, 1);
+        match conn.recv().await {
+            Ok(Message::Binary(m)) if m == payload => {
+                g.add(names::MSGS_RECV, 1);
+                g.add(names::BYTES_RECV, m.len() as u64);
+            }
+            r => {
+                g.record_end(&end_label(&r), None);
+                return;
+            }
+        }
+    }
     hold(&ctx, &g, conn).await;
 }
 
