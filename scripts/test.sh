@@ -20,6 +20,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   if [ $had_policy = 1 ]; then mv /tmp/policy-rc.d.bak /usr/sbin/policy-rc.d; else rm -f /usr/sbin/policy-rc.d; fi
 fi
 
+# Python's `websockets`: the deflate-capable peer of the relay tests.
+python3 -c "import websockets" 2>/dev/null || python3 -m pip install -q websockets
+# Autobahn|Testsuite for the echo-mode conformance run below (Python 2.7).
+PY2=$(PYENV_VERSION=2.7.18 pyenv which python2.7 2>/dev/null || command -v python2.7 || true)
+if [ ! -x "$HOME/.local/bin/wstest" ] && [ -n "$PY2" ]; then
+  "$PY2" -m pip install -q --user autobahntestsuite
+fi
+
 shift_args=()
 if [ "${1:-}" = "--" ]; then shift; shift_args=("$@"); fi
 
@@ -27,3 +35,5 @@ cargo build --locked --bin portcullis
 # The load tester's tests also run against the real gateway binary.
 PORTCULLIS_BIN="$PWD/target/debug/portcullis" cargo test --workspace --locked "${shift_args[@]}"
 bash scripts/check-dashboard.sh target/debug/portcullis
+# WebSocket conformance of echo mode: every case OK or informational.
+PORTCULLIS_BIN="$PWD/target/debug/portcullis" bash scripts/autobahn.sh
