@@ -7,6 +7,7 @@
 #
 #   scripts/stalled-rss.sh            # 5,000 sockets
 #   N=2000 scripts/stalled-rss.sh
+#   BUILD=0 scripts/stalled-rss.sh    # use target/release/portcullis as it is
 #
 # Tuned keys for this run (the shipped defaults would not let 40 addresses
 # hold 5,000 heads at all, which is the point of them): per_ip_max_handshakes
@@ -19,7 +20,7 @@ OUT=$(mktemp -d /tmp/stalled-rss.XXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 
 command -v haproxy >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
-cargo build --release --locked --bin portcullis -q
+[ "${BUILD:-1}" = 1 ] && cargo build --release --locked --bin portcullis -q
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
@@ -81,7 +82,7 @@ kill $GW; wait $GW 2>/dev/null || true
 cat > "$OUT/hap.cfg" <<EOF
 global
     nbthread 1
-    maxconn 20000
+    maxconn 9000
 defaults
     mode http
     timeout connect 3s
