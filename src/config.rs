@@ -672,7 +672,7 @@ impl Config {
             if !self.upstream.url.starts_with("ws://") {
                 return Err(invalid("upstream.url", "must be \"echo\" or a ws://host:port/path URL"));
             }
-            if crate::upstream::UpstreamUrl::parse(&self.upstream.url).is_none() {
+            if UpstreamUrl::parse(&self.upstream.url).is_none() {
                 return Err(invalid("upstream.url", format!("cannot parse {:?}", self.upstream.url)));
             }
         }
@@ -685,7 +685,7 @@ impl Config {
                     format!("{claim:?} -> {header:?} is not a valid header name"),
                 ));
             }
-            if crate::upstream::reserved_header(header) {
+            if crate::header::reserved_header(header) {
                 return Err(invalid(
                     "upstream.claim_headers",
                     format!("{claim:?} -> {header:?}: the gateway sets or checks {header:?} itself"),
@@ -791,6 +791,52 @@ fn found(got: &str) -> String {
         "sequence" => "a list".into(),
         "map" => "a table".into(),
         other => other.to_string(),
+    }
+}
+
+/// A parsed `ws://host:port/path`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `host:port` as dialled and sent in `Host`.
+    pub authority: String,
+    /// The path prefix, without a trailing `/`.
+    pub prefix: String,
+}
+
+impl UpstreamUrl {
+    /// Parses `ws://host[:port][/path]` (port 80 when absent) with the
+    /// `http` crate's URI parser. Refused: another scheme, user info, a
+    /// query or fragment (the client's own query follows the prefix), an
+    /// empty host, a port out of range.
+    pub fn parse(url: &str) -> Option<UpstreamUrl> {
+        // `Uri` keeps a fragment silently; it has no place in a request-target.
+        if url.contains('#') {
+            return None;
+        }
+        let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse().ok()?;
+        if uri.scheme_str() != Some("ws") || uri.query().is_some() {
+            return None;
+        }
+        let authority = uri.authority()?;
+        if authority.as_str().contains('@') || authority.host().is_empty() {
+            return None;
+        }
+        // `Authority::port` is `None` for a non-numeric port too, so the
+        // text after the host is checked: nothing, or `:` and a u16.
+        let port = match authority.as_str().strip_prefix(authority.host())? {
+            "" => 80,
+            rest => rest.strip_prefix(':')?.parse::<u16>().ok()?,
+        };
+        Some(UpstreamUrl {
+            authority: format!("{}:{port}", authority.host()),
+            prefix: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The request-target upstream for a client target (already stripped of
+    /// `access_token`).
+    pub fn target_for(&self, client_target: &str) -> String {
+        format!("{}{}", self.prefix, client_target)
     }
 }
 

@@ -20,6 +20,41 @@ pub fn bearer(value: &str) -> Option<&str> {
         .then_some(token)
 }
 
+/// Client request headers never copied upstream: hop-by-hop, the
+/// handshake's own, the credential, and what the gateway sets itself or a
+/// backend may trust as set by a proxy (`Forwarded` and its `X-` cousins,
+/// which a client could otherwise forge).
+pub const NOT_FORWARDED: [&str; 17] = [
+    "host",
+    "connection",
+    "upgrade",
+    "content-length",
+    "transfer-encoding",
+    "keep-alive",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-connection",
+    "authorization",
+    "x-forwarded-for",
+    "x-real-ip",
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+];
+
+/// Does the gateway set or check a header of this name itself? Such a name
+/// cannot carry a claim (`upstream.claim_headers`): the claim would
+/// collide with, or be stripped as, the gateway's own.
+pub fn reserved_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    NOT_FORWARDED.contains(&lower.as_str())
+        || lower.starts_with("sec-websocket-")
+        || lower.starts_with("x-portcullis-")
+        || ["cookie", "origin", "expect", "x-forwarded-port"].contains(&lower.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

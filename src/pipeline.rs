@@ -405,7 +405,7 @@ async fn user_cap(
         .registry
         .admit(&identity.sub, ctx.client.ip(), identity.jti.clone(), identity.issued_at, &live.limits)
         .await?;
-    crate::revocation::recheck(shared.store.as_ref(), &slot.info)?;
+    session::registry::recheck(shared.store.as_ref(), &slot.info)?;
     Ok(slot)
 }
 

@@ -12,85 +12,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::http::{Request, Uri};
+use tokio_tungstenite::tungstenite::http::Request;
 
 use crate::auth::{carrier, Identity};
 use crate::client_addr::is_trusted;
+pub use crate::config::UpstreamUrl;
 use crate::config::{Carrier, Config};
 use crate::handshake::RequestHead;
+pub use crate::header::reserved_header;
+use crate::header::NOT_FORWARDED;
 
 /// Largest response head accepted from the backend.
 const MAX_RESPONSE_HEAD_BYTES: usize = 8192;
-
-/// A parsed `ws://host:port/path`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    /// `host:port` as dialled and sent in `Host`.
-    pub authority: String,
-    /// The path prefix, without a trailing `/`.
-    pub prefix: String,
-}
-
-impl UpstreamUrl {
-    /// Parses `ws://host[:port][/path]` (port 80 when absent) with the
-    /// `http` crate's URI parser. Refused: another scheme, user info, a
-    /// query or fragment (the client's own query follows the prefix), an
-    /// empty host, a port out of range.
-    pub fn parse(url: &str) -> Option<UpstreamUrl> {
-        // `Uri` keeps a fragment silently; it has no place in a request-target.
-        if url.contains('#') {
-            return None;
-        }
-        let uri: Uri = url.parse().ok()?;
-        if uri.scheme_str() != Some("ws") || uri.query().is_some() {
-            return None;
-        }
-        let authority = uri.authority()?;
-        if authority.as_str().contains('@') || authority.host().is_empty() {
-            return None;
-        }
-        // `Authority::port` is `None` for a non-numeric port too, so the
-        // text after the host is checked: nothing, or `:` and a u16.
-        let port = match authority.as_str().strip_prefix(authority.host())? {
-            "" => 80,
-            rest => rest.strip_prefix(':')?.parse::<u16>().ok()?,
-        };
-        Some(UpstreamUrl {
-            authority: format!("{}:{port}", authority.host()),
-            prefix: uri.path().trim_end_matches('/').to_string(),
-        })
-    }
-
-    /// The request-target upstream for a client target (already stripped of
-    /// `access_token`).
-    pub fn target_for(&self, client_target: &str) -> String {
-        format!("{}{}", self.prefix, client_target)
-    }
-}
-
-/// Client request headers never copied upstream: hop-by-hop, the
-/// handshake's own, the credential, and what the gateway sets itself or a
-/// backend may trust as set by a proxy (`Forwarded` and its `X-` cousins,
-/// which a client could otherwise forge).
-const NOT_FORWARDED: [&str; 17] = [
-    "host",
-    "connection",
-    "upgrade",
-    "content-length",
-    "transfer-encoding",
-    "keep-alive",
-    "te",
-    "trailer",
-    "proxy-authorization",
-    "proxy-connection",
-    "authorization",
-    "x-forwarded-for",
-    "x-real-ip",
-    "forwarded",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-];
 
 /// May a client-sent header go upstream? `reserved` are header names only
 /// the gateway may set (claim headers, the authenticator's identity
@@ -102,17 +35,6 @@ pub fn forwardable(name: &str, reserved: &[&str]) -> bool {
         || lower.starts_with("sec-websocket-")
         || lower.starts_with("x-portcullis-")
         || reserved.iter().any(|c| c.eq_ignore_ascii_case(name)))
-}
-
-/// Does the gateway set or check a header of this name itself? Such a name
-/// cannot carry a claim (`upstream.claim_headers`): the claim would
-/// collide with, or be stripped as, the gateway's own.
-pub fn reserved_header(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    NOT_FORWARDED.contains(&lower.as_str())
-        || lower.starts_with("sec-websocket-")
-        || lower.starts_with("x-portcullis-")
-        || ["cookie", "origin", "expect", "x-forwarded-port"].contains(&lower.as_str())
 }
 
 /// Header names the client lists in its `Connection` header: hop-by-hop by

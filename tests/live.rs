@@ -72,7 +72,7 @@ async fn sighup_changes_limits_and_heartbeat_under_live_traffic() {
         std::fs::write(
             &path,
             format!(
-                "[listen]\npublic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[auth]\nhmac_secret = \"{SECRET}\"\n\
+                "[listen]\npublic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndefer_accept_s = 0\n[auth]\nhmac_secret = \"{SECRET}\"\n\
                  [revocation]\npath = \"{}\"\n[limits]\n{limits}[heartbeat]\n{heartbeat}",
                 dir.path().join("r.log").display()
             ),
@@ -113,7 +113,9 @@ async fn sighup_changes_limits_and_heartbeat_under_live_traffic() {
     echo(&mut live, "untouched by the reload").await;
 
     // A new connection gets the new heartbeat (a ping within a few
-    // intervals) and the new message limit (1009 above 1024 bytes).
+    // intervals) and the new message limit (1009 above 1024 bytes). The
+    // pump's connection must be gone first: the cap is now 2.
+    wait_series(admin, "portcullis_connections{state=\"open\"}", 1.0).await;
     let mut fresh = ws(public, &t).await;
     let pinged = tokio::time::timeout(Duration::from_secs(3), async {
         loop {

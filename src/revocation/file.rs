@@ -82,7 +82,7 @@ impl Line {
 }
 
 fn now() -> u64 {
-    crate::auth::cache::unix_now()
+    crate::clock::unix_now()
 }
 
 /// The open log and how many lines it holds.

@@ -24,8 +24,6 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::reject::Reject;
-
 /// One revocation, as the admin API receives it and the log stores it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -157,26 +155,6 @@ pub trait RevocationStore: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn RevocationStore>;
-
-/// The second revocation check, after stage 5 registered the connection
-/// and before the 101 (SPEC §1, stage 4).
-///
-/// Stage 4 looks revocations up before the connection is registered, and
-/// only a registered connection can be kicked: a revocation landing in
-/// between (a Redis lease claim widens that window) would otherwise miss
-/// it and leave a live session until the token expires. Checked once
-/// registered, every revocation is caught by one side or the other: it is
-/// in the store by now, or its kick (which runs after the store has it)
-/// will find the registered connection. A kick that already landed counts
-/// too. Custom authenticators, which need not consult the store
-/// themselves, are covered by this check as well.
-pub fn recheck(store: &dyn RevocationStore, conn: &crate::session::registry::ConnInfo) -> Result<(), Reject> {
-    let kicked = conn.kicked_reason() == Some(crate::reject::CloseReason::Revoked);
-    if kicked || store.is_revoked(&conn.sub, conn.jti.as_deref(), conn.iat) {
-        return Err(Reject::RevokedToken);
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {

@@ -116,7 +116,7 @@ static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(PUSH_LUA));
 static PULL: LazyLock<Script> = LazyLock::new(|| Script::new(PULL_LUA));
 
 fn now() -> u64 {
-    crate::auth::cache::unix_now()
+    crate::clock::unix_now()
 }
 
 /// A revocation as a set member and channel message.

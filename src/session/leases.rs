@@ -160,10 +160,6 @@ fn evicted_key(sub: &str) -> String {
     format!("{EVICTED_PREFIX}{sub}")
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A lease this instance holds.
 struct Held {
     key: String,
@@ -205,7 +201,7 @@ impl RedisLeases {
         let held = self.held.entry(conn.id).or_insert_with(|| Held {
             key: lease_key(&conn.sub),
             evicted_key: evicted_key(&conn.sub),
-            member: conn_member(unix_ms(), &self.link.node, conn.id),
+            member: conn_member(crate::clock::unix_ms(), &self.link.node, conn.id),
             conn: conn.clone(),
         });
         (held.key.clone(), held.member.clone())

@@ -20,10 +20,9 @@ use super::leases::{CapError, UserCaps};
 use crate::config::{Limits, OnCapStoreError, OnUserCap};
 use crate::metrics::Metrics;
 use crate::reject::{CloseReason, Reject};
-use crate::revocation::Revocation;
+use crate::revocation::{Revocation, RevocationStore};
 
-/// The one wall clock in whole seconds (defined beside the token cache).
-pub use crate::auth::cache::unix_now;
+pub use crate::clock::unix_now;
 
 /// One live connection, shared by its session task and the registry.
 #[derive(Debug)]
@@ -380,6 +379,26 @@ impl Registry {
     pub fn instance(&self) -> &str {
         &self.instance
     }
+}
+
+/// The second revocation check, after stage 5 registered the connection
+/// and before the 101.
+///
+/// Stage 4 looks revocations up before the connection is registered, and
+/// only a registered connection can be kicked: a revocation landing in
+/// between (a Redis lease claim widens that window) would otherwise miss
+/// it and leave a live session until the token expires. Checked once
+/// registered, every revocation is caught by one side or the other: it is
+/// in the store by now, or its kick (which runs after the store has it)
+/// will find the registered connection. A kick that already landed counts
+/// too. Custom authenticators, which need not consult the store
+/// themselves, are covered by this check as well.
+pub fn recheck(store: &dyn RevocationStore, conn: &ConnInfo) -> Result<(), Reject> {
+    let kicked = conn.kicked_reason() == Some(crate::reject::CloseReason::Revoked);
+    if kicked || store.is_revoked(&conn.sub, conn.jti.as_deref(), conn.iat) {
+        return Err(Reject::RevokedToken);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
