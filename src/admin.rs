@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::carrier::percent_decode;
+use crate::auth::carrier::query_param;
 use crate::clock::unix_now;
 use crate::revocation::Revocation;
 use crate::shared::Shared;
@@ -120,12 +120,8 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
             match (req.method(), p) {
                 (&Method::POST, "/admin/revoke") => revoke(shared, req).await,
                 (&Method::GET, "/admin/connections") => {
-                    let sub = req.uri().query().and_then(|q| {
-                        // A bad escape matches no subject rather than listing everyone.
-                        q.split('&')
-                            .find_map(|kv| kv.strip_prefix("sub="))
-                            .map(|v| percent_decode(v).unwrap_or_default())
-                    });
+                    // A bad escape matches no subject rather than listing everyone.
+                    let sub = req.uri().query().and_then(|q| query_param(q, "sub"));
                     let list = shared.registry.list(sub.as_deref());
                     json(StatusCode::OK, &serde_json::to_value(list).unwrap_or_default())
                 }

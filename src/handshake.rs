@@ -216,8 +216,9 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// The index just past the first blank line at or after `from`.
-fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+/// The index just past the first blank line at or after `from`: the end
+/// of an HTTP head (requests here, the backend's answer in `upstream`).
+pub fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     buf.get(from..)?.windows(4).position(|w| w == b"\r\n\r\n").map(|i| from + i + 4)
 }
 

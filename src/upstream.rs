@@ -189,8 +189,8 @@ async fn read_upgrade_answer(
         }
         let from = buf.len().saturating_sub(3);
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
-            break from + i + 4;
+        if let Some(end) = crate::handshake::find_head_end(&buf, from) {
+            break end;
         }
         if buf.len() > MAX_RESPONSE_HEAD_BYTES {
             return Err("handshake: response head too large".into());

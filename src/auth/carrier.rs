@@ -127,10 +127,18 @@ pub fn without_cookie(line: &str, name: &str) -> Option<String> {
 /// `?access_token=T` (percent-decoded). The first occurrence wins; bad
 /// percent-encoding is malformed.
 fn from_query(head: &RequestHead) -> Option<String> {
-    let query = head.query()?;
+    query_param(head.query()?, QUERY_PARAM)
+}
+
+/// The first value of parameter `name` in a query string, percent-decoded
+/// (a bad escape gives an empty value, which matches nothing). Names are
+/// compared decoded: `access%5Ftoken` is the same parameter to any backend
+/// that decodes, so it must be the same to the gateway. The one query
+/// parser of the crate (the token carrier, the admin `?sub=`).
+pub fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if !is_access_token(name) {
+        let (n, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(n).as_deref() != Some(name) {
             return None;
         }
         Some(percent_decode(value).unwrap_or_default())
@@ -138,8 +146,6 @@ fn from_query(head: &RequestHead) -> Option<String> {
 }
 
 fn is_access_token(raw_name: &str) -> bool {
-    // Compare the decoded name: `access%5Ftoken` is the same parameter to
-    // any backend that decodes, so it must be the same to the gateway.
     percent_decode(raw_name).is_some_and(|n| n == QUERY_PARAM)
 }
 
