@@ -31,6 +31,7 @@ fi
 shift_args=()
 if [ "${1:-}" = "--" ]; then shift; shift_args=("$@"); fi
 
+bash scripts/check-module-cycles.sh
 cargo build --locked --bin portcullis
 # The load tester's tests also run against the real gateway binary.
 PORTCULLIS_BIN="$PWD/target/debug/portcullis" cargo test --workspace --locked "${shift_args[@]}"
