@@ -152,7 +152,7 @@ stop_all() {
 fuzz() { # mode url exclude-json
   local mode=$1 url=$2 exclude=$3
   mkdir -p "$mode"
-  cat >"$mode/spec.json" <<SPEC
+  cat >"$mode/spec.json" <<JSON
 {
   "outdir": "$OUT/$mode/reports",
   "servers": [{"agent": "$mode", "url": "$url"}],
@@ -160,7 +160,7 @@ fuzz() { # mode url exclude-json
   "exclude-cases": $exclude,
   "exclude-agent-cases": {}
 }
-SPEC
+JSON
   log "$mode: wstest against ${url%%\?*}"
   local t0=$SECONDS
   (cd "$mode" && timeout 3600 "$PY2" "$WSTEST" -m fuzzingclient -s spec.json >wstest.log 2>&1) ||
