@@ -89,10 +89,6 @@ impl Attempt {
         now >= self.accepted + deadline.min(own)
     }
 
-    pub fn accepted(&self) -> Instant {
-        self.accepted
-    }
-
     pub fn verdict(&self) -> Verdict {
         match self.state.load(Ordering::Acquire) {
             SHED => Verdict::Shed,
