@@ -335,6 +335,7 @@ async fn housekeeping(shared: Arc<Shared>) {
         tick.tick().await;
         shared.rate.housekeep();
         shared.log_limiter.flush();
+        shared.metrics.upkeep();
         if let Some(l) = &shared.login {
             l.housekeep();
         }

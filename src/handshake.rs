@@ -6,6 +6,8 @@
 //! tungstenite, so that the deadline is total (slowloris), the 431 is ours,
 //! authentication can be async, and the per-connection buffers stay small.
 
+use std::fmt::Display;
+use std::io::Write;
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,6 +21,41 @@ const MAX_HEADERS: usize = 64;
 /// How long a refusal may take to write before the socket is just dropped.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// What every check of a request head reads. Two heads implement it: the
+/// owned [`RequestHead`] the pipeline carries (authenticators, upstream)
+/// and the borrowed [`HeadView`] of the refusal fast path, which must not
+/// allocate; each check is written once, against this trait.
+pub trait Request {
+    fn method(&self) -> &str;
+    /// The request-target as sent: `/path?query`.
+    fn target(&self) -> &str;
+    /// Every header line in order: name as sent, value trimmed.
+    fn headers(&self) -> impl Iterator<Item = (&str, &str)>;
+
+    fn path(&self) -> &str {
+        let t = self.target();
+        t.split_once('?').map_or(t, |(p, _)| p)
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.target().split_once('?').map(|(_, q)| q)
+    }
+
+    /// The first header of that name (case-insensitive).
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+    }
+
+    fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+    }
+
+    /// Does any header of that name hold `token` in its comma list?
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.headers_named(name).any(|v| crate::header::list_has_token(v, token))
+    }
+}
+
 /// A parsed request head, as authenticators and the upstream see it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestHead {
@@ -29,27 +66,51 @@ pub struct RequestHead {
     pub headers: Vec<(String, String)>,
 }
 
-impl RequestHead {
-    pub fn path(&self) -> &str {
-        self.target.split_once('?').map_or(self.target.as_str(), |(p, _)| p)
+impl Request for RequestHead {
+    fn method(&self) -> &str {
+        &self.method
     }
 
-    pub fn query(&self) -> Option<&str> {
-        self.target.split_once('?').map(|(_, q)| q)
+    fn target(&self) -> &str {
+        &self.target
     }
 
-    /// The first header of that name (case-insensitive).
-    pub fn header<'a>(&'a self, name: &str) -> Option<&'a str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+}
+
+/// A request head borrowed from the bytes it was parsed from, on the
+/// stack: what the refusal fast path judges without allocating.
+pub struct HeadView<'a> {
+    method: &'a str,
+    target: &'a str,
+    headers: [(&'a str, &'a str); MAX_HEADERS],
+    len: usize,
+}
+
+impl Request for HeadView<'_> {
+    fn method(&self) -> &str {
+        self.method
     }
 
-    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    fn target(&self) -> &str {
+        self.target
     }
 
-    /// Does any header of that name hold `token` in its comma list?
-    pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers_named(name).any(|v| crate::header::list_has_token(v, token))
+    fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers[..self.len].iter().copied()
+    }
+}
+
+impl HeadView<'_> {
+    /// The owned head, for the stages after a fast-path verdict.
+    pub fn to_owned(&self) -> RequestHead {
+        RequestHead {
+            method: self.method.to_string(),
+            target: self.target.to_string(),
+            headers: self.headers().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+        }
     }
 }
 
@@ -93,7 +154,8 @@ pub struct Head {
 const READ_CHUNK: usize = 2048;
 
 /// Reads a request head until the slot table ends `attempt` (deadline or
-/// shed) and at most `max_bytes`.
+/// shed) and at most `max_bytes`, after the bytes already read into `buf`
+/// (the accept loop's speculative read).
 ///
 /// Parsing runs only when the blank line has arrived, so a byte-at-a-time
 /// client costs a scan of the new bytes, not a re-parse per byte; the
@@ -103,9 +165,12 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     io: &mut S,
     attempt: &Attempt,
     max_bytes: usize,
+    mut buf: Vec<u8>,
 ) -> Result<Head, ReadError> {
-    let mut buf = Vec::new();
     let mut line = LineCheck::default();
+    if !line.feed(&buf) {
+        return Err(ReadError::Malformed);
+    }
     let mut scanned = 0;
     loop {
         if let Some(end) = find_head_end(&buf, scanned) {
@@ -224,8 +289,14 @@ pub fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
 
 /// Parses a complete head. Exposed for the parser bench and fuzzing.
 pub fn parse(bytes: &[u8]) -> Result<RequestHead, ReadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
+    parse_view(bytes).map(|v| v.to_owned())
+}
+
+/// Parses a complete head without allocating: the one parser, under both
+/// [`parse`] and the refusal fast path.
+pub fn parse_view(bytes: &[u8]) -> Result<HeadView<'_>, ReadError> {
+    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut raw);
     match req.parse(bytes) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(ReadError::Malformed),
@@ -238,23 +309,20 @@ pub fn parse(bytes: &[u8]) -> Result<RequestHead, ReadError> {
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return Err(ReadError::Malformed);
     };
-    let headers = req
-        .headers
-        .iter()
-        .map(|h| {
-            std::str::from_utf8(h.value)
-                .map(|v| (h.name.to_string(), v.trim().to_string()))
-                .map_err(|_| ReadError::Malformed)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(RequestHead { method: method.to_string(), target: target.to_string(), headers })
+    let mut view = HeadView { method, target, headers: [("", ""); MAX_HEADERS], len: 0 };
+    for (slot, h) in view.headers.iter_mut().zip(req.headers.iter()) {
+        let value = std::str::from_utf8(h.value).map_err(|_| ReadError::Malformed)?;
+        *slot = (h.name, value.trim());
+        view.len += 1;
+    }
+    Ok(view)
 }
 
 /// Checks a head as an RFC 6455 upgrade (the path was checked before).
 /// Returns the `Sec-WebSocket-Key` on success.
-pub fn validate_upgrade(head: &RequestHead) -> Result<&str, Reject> {
+pub fn validate_upgrade<R: Request>(head: &R) -> Result<&str, Reject> {
     refuse_duplicates(head)?;
-    if head.method != "GET" || head.header("host").is_none() {
+    if head.method() != "GET" || head.header("host").is_none() {
         return Err(Reject::BadRequest);
     }
     if !head.has_token("upgrade", "websocket") || !head.has_token("connection", "upgrade") {
@@ -265,8 +333,11 @@ pub fn validate_upgrade(head: &RequestHead) -> Result<&str, Reject> {
         _ => return Err(Reject::BadVersion),
     }
     let key = head.header("sec-websocket-key").ok_or(Reject::BadRequest)?;
-    match base64::engine::general_purpose::STANDARD.decode(key) {
-        Ok(raw) if raw.len() == 16 => Ok(key),
+    // A 16-byte nonce is 24 base64 characters, at most 18 bytes decoded:
+    // a stack buffer, no allocation.
+    let mut raw = [0u8; 18];
+    match base64::engine::general_purpose::STANDARD.decode_slice(key, &mut raw) {
+        Ok(16) => Ok(key),
         _ => Err(Reject::BadRequest),
     }
 }
@@ -278,7 +349,7 @@ pub const SINGLE_HEADERS: [&str; 5] =
     ["host", "origin", "sec-websocket-key", "sec-websocket-version", "authorization"];
 
 /// Refuses (400) a head repeating any of [`SINGLE_HEADERS`].
-fn refuse_duplicates(head: &RequestHead) -> Result<(), Reject> {
+fn refuse_duplicates<R: Request>(head: &R) -> Result<(), Reject> {
     if SINGLE_HEADERS.iter().any(|name| head.headers_named(name).nth(1).is_some()) {
         return Err(Reject::BadRequest);
     }
@@ -287,7 +358,7 @@ fn refuse_duplicates(head: &RequestHead) -> Result<(), Reject> {
 
 /// Is the request's `Origin` acceptable? An absent `Origin` is a
 /// non-browser client and passes; an empty allow-list allows any.
-pub fn origin_allowed(head: &RequestHead, allowed: &[String]) -> bool {
+pub fn origin_allowed<R: Request>(head: &R, allowed: &[String]) -> bool {
     match head.header("origin") {
         None => true,
         Some(_) if allowed.is_empty() => true,
@@ -340,20 +411,36 @@ fn reason_phrase(status: u16) -> &'static str {
 
 /// A complete `Connection: close` response.
 pub fn response(status: u16, extra_headers: &[(&str, String)], content_type: &str, body: &str) -> Vec<u8> {
-    let mut r = format!(
-        "HTTP/1.1 {status} {}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
+    let extra: Vec<(&str, &dyn Display)> = extra_headers.iter().map(|(k, v)| (*k, v as &dyn Display)).collect();
+    let mut out = Vec::with_capacity(256 + body.len());
+    // Writing into a Vec cannot fail.
+    let _ = write_response(&mut out, status, &extra, content_type, &[body]);
+    out
+}
+
+/// [`response`] into any writer, the body given in parts: the refusal
+/// fast path writes it into a stack buffer.
+fn write_response(
+    out: &mut impl Write,
+    status: u16,
+    extra_headers: &[(&str, &dyn Display)],
+    content_type: &str,
+    body: &[&str],
+) -> std::io::Result<()> {
+    let len: usize = body.iter().map(|b| b.len()).sum();
+    write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nCache-Control: no-store\r\n",
         reason_phrase(status),
-        body.len()
-    );
+    )?;
     for (k, v) in extra_headers {
-        r.push_str(k);
-        r.push_str(": ");
-        r.push_str(v);
-        r.push_str("\r\n");
+        write!(out, "{k}: {v}\r\n")?;
     }
-    r.push_str("\r\n");
-    r.push_str(body);
-    r.into_bytes()
+    out.write_all(b"\r\n")?;
+    for b in body {
+        out.write_all(b.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// The answer to a refusal: status, the headers tied to it, and the
@@ -370,26 +457,55 @@ pub fn refusal_described(
     retry_after_s: Option<u64>,
     description: Option<&str>,
 ) -> Vec<u8> {
-    let mut extra: Vec<(&str, String)> = Vec::new();
+    let mut out = Vec::with_capacity(384);
+    // Writing into a Vec cannot fail.
+    let _ = write_refusal(&mut out, reason, status, retry_after_s, description);
+    out
+}
+
+/// A refusal answer written in place, without allocating.
+pub fn write_refusal(
+    out: &mut impl Write,
+    reason: Reject,
+    status: u16,
+    retry_after_s: Option<u64>,
+    description: Option<&str>,
+) -> std::io::Result<()> {
+    /// The `WWW-Authenticate` challenge of a token refusal.
+    struct Challenge<'a>(&'a str);
+    impl Display for Challenge<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"", self.0)
+        }
+    }
+    const REALM: &str = "Bearer realm=\"portcullis\"";
+    const VERSION_13: &str = "13";
+    let challenge;
+    let mut extra: [(&str, &dyn Display); 2] = [("", &""), ("", &"")];
+    let mut n = 0;
     match reason {
         Reject::MissingToken => {
-            extra.push(("WWW-Authenticate", "Bearer realm=\"portcullis\"".into()));
+            extra[n] = ("WWW-Authenticate", &REALM);
+            n += 1;
         }
         Reject::InvalidToken | Reject::ExpiredToken | Reject::RevokedToken => {
-            let desc = description.or(reason.token_error()).unwrap_or("the token is invalid");
-            extra.push((
-                "WWW-Authenticate",
-                format!("Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{desc}\""),
-            ));
+            challenge = Challenge(description.or(reason.token_error()).unwrap_or("the token is invalid"));
+            extra[n] = ("WWW-Authenticate", &challenge);
+            n += 1;
         }
-        Reject::BadVersion => extra.push(("Sec-WebSocket-Version", "13".into())),
+        Reject::BadVersion => {
+            extra[n] = ("Sec-WebSocket-Version", &VERSION_13);
+            n += 1;
+        }
         _ => {}
     }
+    let retry;
     if let Some(s) = retry_after_s {
-        extra.push(("Retry-After", s.to_string()));
+        retry = s;
+        extra[n] = ("Retry-After", &retry);
+        n += 1;
     }
-    let body = format!("{}\n", reason.label());
-    response(status, &extra, "text/plain; charset=utf-8", &body)
+    write_response(out, status, &extra[..n], "text/plain; charset=utf-8", &[reason.label(), "\n"])
 }
 
 /// Writes a final answer and closes our side, bounded in time: a peer that
@@ -467,7 +583,7 @@ mod tests {
             b.write_all(b"extra").await.unwrap();
             b
         });
-        let got = read_head(&mut a, &attempt(), 8192).await.unwrap();
+        let got = read_head(&mut a, &attempt(), 8192, Vec::new()).await.unwrap();
         assert_eq!(got.head.path(), "/chat");
         let _b = w.await.unwrap();
         assert!(b"extra".starts_with(&got.rest));
@@ -478,7 +594,7 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         b.write_all(b"GET /").await.unwrap();
         b.write_all(&[b'a'; 600]).await.unwrap();
-        assert_eq!(read_head(&mut a, &attempt(), 512).await.unwrap_err(), ReadError::TooLarge);
+        assert_eq!(read_head(&mut a, &attempt(), 512, Vec::new()).await.unwrap_err(), ReadError::TooLarge);
     }
 
     #[tokio::test]
@@ -489,7 +605,7 @@ mod tests {
             let (mut a, mut b) = tokio::io::duplex(1 << 16);
             b.write_all(garbage).await.unwrap();
             // The writer stays open: only the bytes can end the read.
-            let got = tokio::time::timeout(Duration::from_secs(2), read_head(&mut a, &attempt(), 8192)).await;
+            let got = tokio::time::timeout(Duration::from_secs(2), read_head(&mut a, &attempt(), 8192, Vec::new())).await;
             assert_eq!(
                 got.expect("answered without waiting").unwrap_err(),
                 ReadError::Malformed,
@@ -535,7 +651,7 @@ mod tests {
                 sweeper.sweep(tokio::time::Instant::now(), limits);
             }
         });
-        let err = read_head(&mut a, permit.attempt(), 8192).await.unwrap_err();
+        let err = read_head(&mut a, permit.attempt(), 8192, Vec::new()).await.unwrap_err();
         assert_eq!(err, ReadError::Timeout { started: true });
         let took = start.elapsed();
         assert!(

@@ -7,7 +7,9 @@
 //!
 //! The pipeline (docs/reference.md, section 1), in the order a connection meets it:
 //!
-//! - [`server`]: the accept loop and one connection's walk through the stages.
+//! - [`server`]: the accept loop (stage 1) and its speculative read;
+//!   [`early`]: refusals judged on a head that came with the accept;
+//!   [`pipeline`]: one connection's walk through the stages.
 //! - [`admit`]: stage 1–2, caps as RAII permits and the per-IP GCRA rate.
 //! - [`client_addr`]: who the client is (PROXY protocol, trusted `X-Forwarded-For`).
 //! - [`tls`]: `wss://` termination.
@@ -34,6 +36,7 @@ pub mod auth;
 pub mod client_addr;
 pub mod clock;
 pub mod config;
+pub mod early;
 pub mod events;
 pub mod fdlimit;
 #[doc(hidden)]

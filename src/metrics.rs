@@ -6,6 +6,8 @@
 //! exports every label value at 0 from start (dashboards see it before it
 //! first happens) and leaves the hot path an atomic add on a held handle.
 
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
@@ -101,8 +103,9 @@ pub struct Metrics {
     open: Gauge,
     accepted: Counter,
     rejected: Vec<Counter>,
-    handshake_ok: Histogram,
-    handshake_rejected: Histogram,
+    /// Accepted, rejected: rendered by [`FixedHistogram`], not the
+    /// recorder (see there why).
+    handshake_duration: [FixedHistogram; 2],
     disconnects: Vec<Counter>,
     connection_duration: Histogram,
     cache_hit: Counter,
@@ -131,10 +134,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(HANDSHAKE_DURATION.into()), &HANDSHAKE_BUCKETS)
-            .and_then(|b| {
-                b.set_buckets_for_metric(Matcher::Full(TOKEN_VERIFY_DURATION.into()), &VERIFY_BUCKETS)
-            })
+            .set_buckets_for_metric(Matcher::Full(TOKEN_VERIFY_DURATION.into()), &VERIFY_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), &CONNECTION_BUCKETS)
             })
@@ -150,7 +150,6 @@ impl Metrics {
         };
         describe(CONNECTIONS, None, "Sockets held, by state: handshaking (before the 101) or open.");
         describe(HANDSHAKES_TOTAL, None, "Handshakes by outcome and reason (ok when accepted).");
-        describe(HANDSHAKE_DURATION, None, "Seconds from accept to the handshake's verdict.");
         describe(DISCONNECTS_TOTAL, None, "Upgraded connections ended, by reason.");
         describe(CONNECTION_DURATION, None, "Seconds an upgraded connection lived.");
         describe(AUTH_CACHE_TOTAL, None, "Verified-claims cache lookups by result.");
@@ -204,8 +203,7 @@ impl Metrics {
                 .iter()
                 .map(|r| counter(HANDSHAKES_TOTAL, &[("outcome", "rejected"), ("reason", r.label())]))
                 .collect(),
-            handshake_ok: histogram(HANDSHAKE_DURATION, &[("outcome", "accepted")]),
-            handshake_rejected: histogram(HANDSHAKE_DURATION, &[("outcome", "rejected")]),
+            handshake_duration: [FixedHistogram::new("accepted"), FixedHistogram::new("rejected")],
             disconnects: CloseReason::ALL
                 .iter()
                 .map(|c| counter(DISCONNECTS_TOTAL, &[("reason", c.label())]))
@@ -246,7 +244,20 @@ impl Metrics {
     /// The Prometheus text exposition, process metrics refreshed first.
     pub fn render(&self) -> String {
         metrics::with_local_recorder(&self.recorder, || self.process.collect());
-        self.handle.render()
+        let mut text = self.handle.render();
+        let _ = writeln!(text, "# HELP {HANDSHAKE_DURATION} {HANDSHAKE_DURATION_HELP}");
+        let _ = writeln!(text, "# TYPE {HANDSHAKE_DURATION} histogram");
+        for h in &self.handshake_duration {
+            h.render(&mut text);
+        }
+        text
+    }
+
+    /// Moves the recorder's queued histogram samples into their buckets.
+    /// A scrape does it too; without one (no Prometheus attached) the
+    /// queues would grow with every sample, so housekeeping calls this.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
     }
 
     /// Handshake-slot occupancy and the deadline it implies, set together.
@@ -268,12 +279,13 @@ impl Metrics {
 
     pub fn handshake_accepted(&self, took: Duration) {
         self.accepted.increment(1);
-        self.handshake_ok.record(took.as_secs_f64());
+        self.handshake_duration[0].record(took);
     }
 
+    /// Allocation-free: the refusal fast path records here.
     pub fn handshake_rejected(&self, reason: Reject, took: Duration) {
         self.rejected[reason as usize].increment(1);
-        self.handshake_rejected.record(took.as_secs_f64());
+        self.handshake_duration[1].record(took);
     }
 
     pub fn disconnect(&self, reason: CloseReason, lived: Duration) {
@@ -320,6 +332,51 @@ impl Metrics {
     pub fn store_error(&self, op: &str) {
         let i = STORE_OPS.iter().position(|o| *o == op).unwrap_or(0);
         self.store_errors[i].increment(1);
+    }
+}
+
+const HANDSHAKE_DURATION_HELP: &str = "Seconds from accept to the handshake's verdict.";
+
+/// A histogram of [`HANDSHAKE_BUCKETS`] kept in atomics and rendered here.
+///
+/// The recorder's histograms queue every sample in blocks they allocate
+/// and free at the next scrape; a handshake verdict is recorded on the
+/// refusal fast path, which must not allocate, so this one counts in place.
+/// Both outcomes are exported from start, at 0.
+struct FixedHistogram {
+    outcome: &'static str,
+    /// One per bucket, not cumulative; the last is above every bound.
+    counts: [AtomicU64; HANDSHAKE_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl FixedHistogram {
+    fn new(outcome: &'static str) -> FixedHistogram {
+        FixedHistogram { outcome, counts: std::array::from_fn(|_| AtomicU64::new(0)), sum_ns: AtomicU64::new(0) }
+    }
+
+    fn record(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = HANDSHAKE_BUCKETS.iter().position(|&b| s <= b).unwrap_or(HANDSHAKE_BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// The exporter's own format: cumulative buckets, `+Inf`, sum, count.
+    fn render(&self, out: &mut String) {
+        let (name, outcome) = (HANDSHAKE_DURATION, self.outcome);
+        let mut total = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            total += c.load(Ordering::Relaxed);
+            match HANDSHAKE_BUCKETS.get(i) {
+                Some(le) => writeln!(out, "{name}_bucket{{outcome=\"{outcome}\",le=\"{le}\"}} {total}"),
+                None => writeln!(out, "{name}_bucket{{outcome=\"{outcome}\",le=\"+Inf\"}} {total}"),
+            }
+            .unwrap_or(());
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{outcome=\"{outcome}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{outcome=\"{outcome}\"}} {total}");
     }
 }
 

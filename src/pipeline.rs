@@ -38,12 +38,21 @@ use crate::auth::{carrier, AuthRefusal, Identity};
 use crate::client_addr::{from_forwarded_for, is_trusted, read_proxy_header};
 use crate::config::{Carrier, Config};
 use crate::events;
-use crate::handshake::{self, answer_and_close, read_head, Head, ReadError, RequestHead};
+use crate::handshake::{self, answer_and_close, read_head, Head, ReadError, Request, RequestHead};
 use crate::reject::Reject;
 use crate::session::{self, instant_at_unix};
 use crate::shared::Shared;
 use crate::sockopt::reset_on_close;
 use crate::upstream;
+
+/// What the accept loop's speculative read left for the pipeline.
+#[derive(Default)]
+pub struct Early {
+    /// Bytes already read: the start of the head (or all of it).
+    pub bytes: Vec<u8>,
+    /// The fast path already checked the rate (stage 2) on this head.
+    pub rate_checked: bool,
+}
 
 /// The permits stage 1 took, carried to the end of the connection.
 pub struct Admitted {
@@ -85,14 +94,15 @@ pub async fn connection(
     peer: SocketAddr,
     admitted: Admitted,
     accepted: Instant,
+    early: Early,
 ) {
     let cfg = shared.config.load_full();
     let mut ctx =
         Ctx { client: peer, peer, sub: None, accepted, deadline: accepted + cfg.limits.handshake_timeout() };
     let Admitted { conn, mut handshake, ip } = admitted;
     match Box::pin(front(&shared, &cfg, tcp, ip, &mut handshake, &mut ctx)).await {
-        Ok(Front::Plain(tcp, ip)) => serve(&shared, &cfg, tcp, &mut ctx, conn, handshake, ip).await,
-        Ok(Front::Tls(tls, ip)) => serve(&shared, &cfg, tls, &mut ctx, conn, handshake, ip).await,
+        Ok(Front::Plain(tcp, ip)) => serve(&shared, &cfg, tcp, &mut ctx, conn, handshake, ip, early).await,
+        Ok(Front::Tls(tls, ip)) => serve(&shared, &cfg, tls, &mut ctx, conn, handshake, ip, early).await,
         Err(reason) => ctx.reject(&shared, reason),
     }
 }
@@ -163,6 +173,7 @@ fn ended(v: Verdict) -> Reject {
 }
 
 /// Stages 2–8 on an established transport.
+#[allow(clippy::too_many_arguments)]
 async fn serve<S>(
     shared: &Arc<Shared>,
     cfg: &Config,
@@ -171,11 +182,16 @@ async fn serve<S>(
     conn: ConnPermit,
     handshake: HandshakePermit,
     mut ip: Option<IpPermit>,
+    early: Early,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Transport,
 {
-    let head = match rate(shared, cfg, &mut io, ctx, handshake.attempt()).await {
-        Ok(()) => head(&mut io, cfg, handshake.attempt()).await,
+    let rated = match early.rate_checked {
+        true => Ok(()),
+        false => rate(shared, cfg, &mut io, ctx, handshake.attempt(), &early.bytes).await,
+    };
+    let head = match rated {
+        Ok(()) => head(&mut io, cfg, handshake.attempt(), early.bytes).await,
         Err(r) => Err(r),
     };
     let upgraded = match head {
@@ -222,6 +238,7 @@ async fn rate<S>(
     io: &mut S,
     ctx: &Ctx,
     attempt: &Attempt,
+    early: &[u8],
 ) -> Result<(), Reject>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -235,7 +252,7 @@ where
             attempt.limit_patience(cfg.limits.handshake_timeout_min());
             // Whatever the head turns out to be (or not to be), the answer
             // is the 429: the rate is the verdict.
-            let _ = read_head(io, attempt, cfg.limits.max_header_bytes).await;
+            let _ = read_head(io, attempt, cfg.limits.max_header_bytes, early.to_vec()).await;
             Err(refuse(io, Reject::IpRate, Some(retry)).await)
         }
     }
@@ -243,11 +260,11 @@ where
 
 /// Stage 3, first half: the request head, complete within the deadline in
 /// force and within `limits.max_header_bytes`.
-async fn head<S>(io: &mut S, cfg: &Config, attempt: &Attempt) -> Result<Head, Reject>
+async fn head<S>(io: &mut S, cfg: &Config, attempt: &Attempt, early: Vec<u8>) -> Result<Head, Reject>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match read_head(io, attempt, cfg.limits.max_header_bytes).await {
+    match read_head(io, attempt, cfg.limits.max_header_bytes, early).await {
         Ok(h) => Ok(h),
         Err(e) => Err(read_failed(io, e).await),
     }
@@ -274,7 +291,7 @@ async fn after_head<S>(
     head: Head,
 ) -> Result<Option<Upgraded<S>>, Reject>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Transport,
 {
     let Head { head, rest } = head;
     if let Err(r) = client(shared, cfg, ctx, ip, &head) {
@@ -359,12 +376,12 @@ fn client(
 }
 
 /// Stage 3, second half: path, RFC 6455 upgrade, `Origin`. Returns the
-/// `Sec-WebSocket-Key`.
-fn validate(cfg: &Config, head: &RequestHead) -> Result<String, Reject> {
+/// `Sec-WebSocket-Key`. (The refusal fast path runs it too.)
+pub(crate) fn validate<'a, R: Request>(cfg: &Config, head: &'a R) -> Result<&'a str, Reject> {
     if !cfg.listen.paths.iter().any(|p| p == head.path()) {
         return Err(Reject::BadPath);
     }
-    let key = handshake::validate_upgrade(head)?.to_string();
+    let key = handshake::validate_upgrade(head)?;
     if !handshake::origin_allowed(head, &cfg.auth.allowed_origins) {
         return Err(Reject::Origin);
     }
@@ -445,8 +462,11 @@ async fn upgrade<S>(
     live: &Config,
 ) -> Result<session::Client<S>, Reject>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Transport,
 {
+    // Upgraded frames are small and latency-bound; a refused socket never
+    // pays for this system call.
+    io.set_nodelay();
     let answer = handshake::switching_protocols(key, protocol, extensions);
     let wrote = tokio::time::timeout(live.limits.write_timeout(), async {
         io.write_all(&answer).await?;
@@ -458,6 +478,23 @@ where
         return Err(Reject::HandshakeTimeout);
     }
     Ok(session::Client { io, rest })
+}
+
+/// A client transport: TCP, or TLS over it.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn set_nodelay(&self);
+}
+
+impl Transport for TcpStream {
+    fn set_nodelay(&self) {
+        let _ = TcpStream::set_nodelay(self, true);
+    }
+}
+
+impl Transport for Box<tokio_rustls::server::TlsStream<TcpStream>> {
+    fn set_nodelay(&self) {
+        let _ = self.get_ref().0.set_nodelay(true);
+    }
 }
 
 /// Counts an upgraded connection in `portcullis_connections{state="open"}`.

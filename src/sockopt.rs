@@ -1,7 +1,9 @@
-//! Socket options the gateway sets. One of them no safe wrapper offers
-//! yet: `TCP_DEFER_ACCEPT` (Linux); std has it only behind an unstable
-//! feature and `socket2` not at all, so it is set here, the crate's only
-//! `unsafe` code.
+//! Socket options the gateway sets, and the listener's registration with
+//! the reactor: the crate's only `unsafe` code, two calls no safe wrapper
+//! offers. `TCP_DEFER_ACCEPT` (Linux): std has it only behind an unstable
+//! feature and `socket2` not at all. Registering a raw listener with tokio
+//! (`AsyncFd`): its safe constructors are deprecated as unsound for types
+//! whose descriptor could change, which an owned `socket2::Socket` cannot.
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -45,4 +47,16 @@ pub fn set_defer_accept(_socket: &impl AsRawFd, _period: Duration) -> std::io::R
 /// entry behind on our side, which a flood would otherwise pile up.
 pub fn reset_on_close(tcp: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+/// The listener as a readiness source for the accept loop, which accepts
+/// through it directly so that new sockets stay out of the reactor until
+/// they need it.
+#[allow(unsafe_code)]
+pub fn listener_readiness(socket: socket2::Socket) -> std::io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+    // SAFETY: `Socket` owns its descriptor: it stays open, and
+    // `as_raw_fd` returns that same descriptor, until the `AsyncFd` drops
+    // the socket.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
 }

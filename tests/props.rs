@@ -46,7 +46,7 @@ fn read_chunked(
         // Every case here completes or fails on its bytes; the bound only
         // turns a hang into a failure.
         let attempt = Attempt::new(tokio::time::Instant::now());
-        tokio::time::timeout(Duration::from_secs(2), read_head(&mut a, &attempt, max))
+        tokio::time::timeout(Duration::from_secs(2), read_head(&mut a, &attempt, max, Vec::new()))
             .await
             .unwrap_or(Err(ReadError::Timeout { started: true }))
             .map(|h| (h.head, h.rest))

@@ -10,8 +10,10 @@
 //! credential is wrong, not that it sent none, and an attacker cannot steer
 //! the gateway to a weaker carrier by breaking the stronger one.
 
+use std::borrow::Cow;
+
 use crate::config::Carrier;
-use crate::handshake::RequestHead;
+use crate::handshake::Request;
 
 /// The query parameter of the `query` carrier.
 pub const QUERY_PARAM: &str = "access_token";
@@ -24,8 +26,13 @@ pub const REDACTED: &str = "REDACTED";
 ///
 /// `Some((carrier, ""))` means the carrier is present but malformed (see the
 /// module doc); `None` means no configured carrier is present at all
-/// (`missing_token`).
-pub fn extract(head: &RequestHead, carriers: &[Carrier], cookie_name: &str) -> Option<(Carrier, String)> {
+/// (`missing_token`). Borrowed from the head unless percent-decoding
+/// changed it: the refusal fast path extracts without allocating.
+pub fn extract<'a, R: Request>(
+    head: &'a R,
+    carriers: &[Carrier],
+    cookie_name: &str,
+) -> Option<(Carrier, Cow<'a, str>)> {
     carriers.iter().find_map(|&c| {
         let token = match c {
             Carrier::Header => from_header(head),
@@ -40,24 +47,24 @@ pub fn extract(head: &RequestHead, carriers: &[Carrier], cookie_name: &str) -> O
 /// `Authorization: Bearer T`. Any `Authorization` header counts as present;
 /// another scheme, an empty token, a token with inner whitespace or a repeated
 /// header (ambiguous: which one would a backend believe?) is malformed.
-fn from_header(head: &RequestHead) -> Option<String> {
+fn from_header<R: Request>(head: &R) -> Option<Cow<'_, str>> {
     let mut values = head.headers_named("authorization");
     let value = values.next()?;
     if values.next().is_some() {
-        return Some(String::new());
+        return Some(Cow::Borrowed(""));
     }
     let value = value.trim();
     let (scheme, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
     let token = rest.trim();
     if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.contains(char::is_whitespace) {
-        return Some(String::new());
+        return Some(Cow::Borrowed(""));
     }
-    Some(token.to_owned())
+    Some(Cow::Borrowed(token))
 }
 
 /// Every offered subprotocol, across repeated `Sec-WebSocket-Protocol` lines,
 /// trimmed, empty elements skipped.
-fn offered_subprotocols(head: &RequestHead) -> impl Iterator<Item = &str> {
+fn offered_subprotocols<R: Request>(head: &R) -> impl Iterator<Item = &str> {
     head.headers_named("sec-websocket-protocol")
         .flat_map(|v| v.split(','))
         .map(str::trim)
@@ -68,16 +75,16 @@ fn offered_subprotocols(head: &RequestHead) -> impl Iterator<Item = &str> {
 /// the token is the element right after it (missing → malformed).
 /// Subprotocol names are case-sensitive (RFC 6455 §4.1), and the 101 echoes
 /// `bearer` exactly, so only `bearer` itself announces a token.
-fn from_subprotocol(head: &RequestHead) -> Option<String> {
+fn from_subprotocol<R: Request>(head: &R) -> Option<Cow<'_, str>> {
     let mut it = offered_subprotocols(head);
     it.find(|p| *p == BEARER_SUBPROTOCOL)?;
-    Some(it.next().unwrap_or_default().to_owned())
+    Some(Cow::Borrowed(it.next().unwrap_or_default()))
 }
 
 /// The offered subprotocols minus every `bearer` and the token after it:
 /// what is forwarded upstream, so the credential never leaves the gateway in
 /// a header the backend might log.
-pub fn other_subprotocols(head: &RequestHead) -> Vec<String> {
+pub fn other_subprotocols<R: Request>(head: &R) -> Vec<String> {
     let mut out = Vec::new();
     let mut it = offered_subprotocols(head);
     while let Some(p) = it.next() {
@@ -102,13 +109,13 @@ fn cookie_pairs(line: &str) -> impl Iterator<Item = (&str, &str)> {
 /// `Cookie: name=value` across every `Cookie` line; the first cookie of that
 /// name wins. Double quotes around the value (RFC 6265 allows them) are
 /// removed; an empty value is malformed.
-fn from_cookie(head: &RequestHead, name: &str) -> Option<String> {
+fn from_cookie<'a, R: Request>(head: &'a R, name: &str) -> Option<Cow<'a, str>> {
     head.headers_named("cookie").flat_map(cookie_pairs).find_map(|(n, v)| {
         if n != name {
             return None;
         }
         let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
-        Some(v.to_owned())
+        Some(Cow::Borrowed(v))
     })
 }
 
@@ -126,7 +133,7 @@ pub fn without_cookie(line: &str, name: &str) -> Option<String> {
 
 /// `?access_token=T` (percent-decoded). The first occurrence wins; bad
 /// percent-encoding is malformed.
-fn from_query(head: &RequestHead) -> Option<String> {
+fn from_query<R: Request>(head: &R) -> Option<Cow<'_, str>> {
     query_param(head.query()?, QUERY_PARAM)
 }
 
@@ -135,7 +142,7 @@ fn from_query(head: &RequestHead) -> Option<String> {
 /// compared decoded: `access%5Ftoken` is the same parameter to any backend
 /// that decodes, so it must be the same to the gateway. The one query
 /// parser of the crate (the token carrier, the admin `?sub=`).
-pub fn query_param(query: &str, name: &str) -> Option<String> {
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
     query.split('&').find_map(|pair| {
         let (n, value) = pair.split_once('=').unwrap_or((pair, ""));
         if percent_decode(n).as_deref() != Some(name) {
@@ -153,7 +160,7 @@ fn is_access_token(raw_name: &str) -> bool {
 /// followed by two hex digits) or a non-UTF-8 result. A `+` stays a `+`:
 /// the form rule (`+` for a space) belongs to HTML form bodies, and would
 /// turn an admin's `?sub=a+b` into another subject.
-pub fn percent_decode(s: &str) -> Option<String> {
+pub fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
     // `percent_decode_str` passes a malformed escape through untouched;
     // a credential with one is refused instead.
     let b = s.as_bytes();
@@ -165,7 +172,7 @@ pub fn percent_decode(s: &str) -> Option<String> {
     if bad_escape {
         return None;
     }
-    percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned())
+    percent_encoding::percent_decode_str(s).decode_utf8().ok()
 }
 
 /// Rewrites the query of `target` ("/path?query"), keeping or replacing each

@@ -33,7 +33,7 @@ use super::keys::{allowed_algorithms, KeySet};
 use super::{carrier, AuthRefusal, Authenticator, Identity};
 use crate::clock::unix_now;
 use crate::config::{self, Carrier, ConfigError};
-use crate::handshake::RequestHead;
+use crate::handshake::{HeadView, RequestHead};
 use crate::metrics::Metrics;
 use crate::reject::Reject;
 use crate::revocation::SharedStore;
@@ -266,6 +266,11 @@ impl JwtAuthenticator {
         Ok(v)
     }
 
+    /// PLACEHOLDER until the allocation-free precheck lands.
+    pub fn precheck(&self, _token: &str) -> Option<AuthRefusal> {
+        None
+    }
+
     /// Verifies `token` without the cache or revocation: the cost of a
     /// cache miss (exposed for the benchmarks).
     pub fn verify_uncached(&self, token: &str) -> Result<Verified, Reject> {
@@ -367,6 +372,14 @@ impl Authenticator for JwtAuthenticator {
         let mut id = self.identity(&st, &token).await.map_err(AuthRefusal::from)?;
         id.carrier = Some(carrier);
         Ok(id)
+    }
+
+    fn refuse_early(&self, head: &HeadView<'_>) -> Option<AuthRefusal> {
+        let st = self.state.load();
+        match carrier::extract(head, &st.carriers, &st.cookie_name) {
+            None => Some(Reject::MissingToken.into()),
+            Some((_, token)) => self.precheck(&token),
+        }
     }
 }
 

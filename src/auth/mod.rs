@@ -15,7 +15,7 @@ pub mod sign;
 use std::net::SocketAddr;
 
 use crate::config::Carrier;
-use crate::handshake::RequestHead;
+use crate::handshake::{HeadView, RequestHead};
 use crate::reject::Reject;
 
 /// Who a connection belongs to, as an authenticator established it.
@@ -108,4 +108,13 @@ impl From<Reject> for AuthRefusal {
 #[async_trait::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
     async fn authenticate(&self, head: &RequestHead, client: SocketAddr) -> Result<Identity, AuthRefusal>;
+
+    /// A refusal decided at once, without allocating and without I/O, on
+    /// a head that arrived whole with its connection: the accept loop
+    /// answers it without spawning a task. `None` (the default): not
+    /// decided here, `authenticate` runs. Whatever this returns must be
+    /// exactly what `authenticate` would answer.
+    fn refuse_early(&self, _head: &HeadView<'_>) -> Option<AuthRefusal> {
+        None
+    }
 }
