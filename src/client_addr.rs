@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
-use crate::handshake::{Request, RequestHead};
+use crate::handshake::RequestHead;
 
 /// A PROXY v2 header with TLVs is at most this long in practice; a longer
 /// one is refused rather than buffered.

@@ -9,7 +9,7 @@ use std::sync::{Arc, LazyLock};
 use crate::auth::jwt::JwtAuthenticator;
 use crate::auth::{carrier, check_identity, Identity};
 use crate::config::{Carrier, Config};
-use crate::handshake::{self, Request, RequestHead};
+use crate::handshake::{self, RequestHead};
 use crate::revocation::{Revocation, RevocationSet, RevocationStore, StoreError};
 
 const ALL_CARRIERS: [Carrier; 4] = [Carrier::Header, Carrier::Subprotocol, Carrier::Cookie, Carrier::Query];

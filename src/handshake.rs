@@ -66,6 +66,30 @@ pub struct RequestHead {
     pub headers: Vec<(String, String)>,
 }
 
+/// The [`Request`] accessors without importing the trait: authenticators
+/// (an extension point) read the head this way.
+impl RequestHead {
+    pub fn path(&self) -> &str {
+        Request::path(self)
+    }
+
+    pub fn query(&self) -> Option<&str> {
+        Request::query(self)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        Request::header(self, name)
+    }
+
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        Request::headers_named(self, name)
+    }
+
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        Request::has_token(self, name, token)
+    }
+}
+
 impl Request for RequestHead {
     fn method(&self) -> &str {
         &self.method
@@ -295,6 +319,12 @@ pub fn parse(bytes: &[u8]) -> Result<RequestHead, ReadError> {
 /// Parses a complete head without allocating: the one parser, under both
 /// [`parse`] and the refusal fast path.
 pub fn parse_view(bytes: &[u8]) -> Result<HeadView<'_>, ReadError> {
+    // The request line's own rule, which `read_head` applies as bytes
+    // arrive (stricter than `httparse`: CRLF, HTTP/1.1 only), so that a head
+    // judged whole on arrival meets exactly the same rule.
+    if !LineCheck::default().feed(bytes) {
+        return Err(ReadError::Malformed);
+    }
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut raw);
     match req.parse(bytes) {
@@ -411,7 +441,8 @@ fn reason_phrase(status: u16) -> &'static str {
 
 /// A complete `Connection: close` response.
 pub fn response(status: u16, extra_headers: &[(&str, String)], content_type: &str, body: &str) -> Vec<u8> {
-    let extra: Vec<(&str, &dyn Display)> = extra_headers.iter().map(|(k, v)| (*k, v as &dyn Display)).collect();
+    let extra: Vec<(&str, &dyn Display)> =
+        extra_headers.iter().map(|(k, v)| (*k, v as &dyn Display)).collect();
     let mut out = Vec::with_capacity(256 + body.len());
     // Writing into a Vec cannot fail.
     let _ = write_response(&mut out, status, &extra, content_type, &[body]);
@@ -475,7 +506,11 @@ pub fn write_refusal(
     struct Challenge<'a>(&'a str);
     impl Display for Challenge<'_> {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"", self.0)
+            write!(
+                f,
+                "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"",
+                self.0
+            )
         }
     }
     const REALM: &str = "Bearer realm=\"portcullis\"";
@@ -605,7 +640,9 @@ mod tests {
             let (mut a, mut b) = tokio::io::duplex(1 << 16);
             b.write_all(garbage).await.unwrap();
             // The writer stays open: only the bytes can end the read.
-            let got = tokio::time::timeout(Duration::from_secs(2), read_head(&mut a, &attempt(), 8192, Vec::new())).await;
+            let got =
+                tokio::time::timeout(Duration::from_secs(2), read_head(&mut a, &attempt(), 8192, Vec::new()))
+                    .await;
             assert_eq!(
                 got.expect("answered without waiting").unwrap_err(),
                 ReadError::Malformed,

@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use crate::admit::{IpKey, RateLimiter};
 use crate::auth::sign::Signer;
 use crate::config::{self, ConfigError};
-use crate::handshake::{answer_and_close, response, Request, RequestHead};
+use crate::handshake::{answer_and_close, response, RequestHead};
 use crate::metrics::{LoginOutcome, Metrics};
 
 /// Largest accepted login body.

@@ -352,7 +352,11 @@ struct FixedHistogram {
 
 impl FixedHistogram {
     fn new(outcome: &'static str) -> FixedHistogram {
-        FixedHistogram { outcome, counts: std::array::from_fn(|_| AtomicU64::new(0)), sum_ns: AtomicU64::new(0) }
+        FixedHistogram {
+            outcome,
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
     }
 
     fn record(&self, d: Duration) {

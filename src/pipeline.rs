@@ -1,5 +1,7 @@
 //! One connection's walk through the pipeline after stage 1 (which runs
-//! in the accept loop, `server`): one function per stage, in order.
+//! in the accept loop, `server`, with the refusals it can judge on
+//! arrival, `early`): one function per stage, in order. A connection
+//! arrives here with whatever the accept loop already read.
 //!
 //! ```text
 //! front      PROXY header (stage 1, when configured), TLS

@@ -108,8 +108,7 @@ async fn accept(shared: Arc<Shared>, listener: Arc<AsyncFd<Socket>>, mut stop: w
         for _ in 0..ACCEPT_BATCH {
             // SOCK_NONBLOCK: the socket can be read speculatively now and
             // handed to the reactor later without another system call.
-            let accepted =
-                ready.try_io(|l| l.get_ref().accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC));
+            let accepted = ready.try_io(|l| l.get_ref().accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC));
             match accepted {
                 // Would block: readiness cleared, wait for the next wake-up.
                 Err(_would_block) => break,

@@ -53,7 +53,9 @@ pub fn reset_on_close(tcp: &tokio::net::TcpStream) {
 /// through it directly so that new sockets stay out of the reactor until
 /// they need it.
 #[allow(unsafe_code)]
-pub fn listener_readiness(socket: socket2::Socket) -> std::io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+pub fn listener_readiness(
+    socket: socket2::Socket,
+) -> std::io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
     // SAFETY: `Socket` owns its descriptor: it stays open, and
     // `as_raw_fd` returns that same descriptor, until the `AsyncFd` drops
     // the socket.

@@ -18,7 +18,7 @@ use crate::auth::{carrier, Identity};
 use crate::client_addr::is_trusted;
 pub use crate::config::UpstreamUrl;
 use crate::config::{Carrier, Config};
-use crate::handshake::{Request as _, RequestHead};
+use crate::handshake::RequestHead;
 pub use crate::header::reserved_header;
 use crate::header::NOT_FORWARDED;
 

@@ -214,6 +214,7 @@ pub fn strip_access_token(target: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handshake::RequestHead;
     use Carrier::*;
 
     fn head(target: &str, headers: &[(&str, &str)]) -> RequestHead {
@@ -227,7 +228,7 @@ mod tests {
     const ALL: [Carrier; 4] = [Header, Subprotocol, Cookie, Query];
 
     fn ext(h: &RequestHead, carriers: &[Carrier]) -> Option<(Carrier, String)> {
-        extract(h, carriers, "portcullis_token")
+        extract(h, carriers, "portcullis_token").map(|(c, t)| (c, t.into_owned()))
     }
 
     #[test]
