@@ -341,7 +341,7 @@ where
     if identity.carrier == Some(Carrier::Subprotocol) {
         protocol = Some("bearer".into());
     }
-    let ws = upgrade(io, &key, protocol.as_deref(), extensions.as_deref(), rest, &live).await?;
+    let ws = upgrade(io, key, protocol.as_deref(), extensions.as_deref(), rest, &live).await?;
     let params = session::Params {
         info: slot.info.clone(),
         expires_at: identity.expires_at.map(instant_at_unix),
