@@ -15,6 +15,12 @@
 //!    safe as header values;
 //! 7. revocation, on every handshake, cache hit or not.
 //!
+//! Before all of it, the accept path may call [`JwtAuthenticator::precheck`]:
+//! synchronous and allocation-free, it runs 2 and 4 itself, then for the
+//! HMAC algorithms the signature and the `exp` part of 5, and refuses
+//! what is surely refused (the same reason the steps above would give);
+//! everything else, valid tokens first, goes the whole way.
+//!
 //! Keys, validation rules and the cache live together in one [`ArcSwap`]ed
 //! state, so a SIGHUP reload swaps them atomically: no handshake ever sees
 //! new keys with an old cache (an entry verified under a removed key).
@@ -30,6 +36,7 @@ use serde_json::{Map, Value};
 
 use super::cache::{TokenCache, Verified};
 use super::keys::{allowed_algorithms, KeySet};
+use super::precheck::{self, Decoded, Header};
 use super::{carrier, AuthRefusal, Authenticator, Identity};
 use crate::clock::unix_now;
 use crate::config::{self, Carrier, ConfigError};
@@ -41,6 +48,13 @@ use crate::revocation::SharedStore;
 /// Tokens longer than this are refused before any parsing: no legitimate
 /// JWT is near it, and it bounds the work (base64, JSON) an attacker buys.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Room for any segment of a token within [`MAX_TOKEN_BYTES`], decoded: the
+/// precheck decodes on the stack.
+const SEGMENT_BYTES: usize = MAX_TOKEN_BYTES / 4 * 3 + 3;
+/// Room for an HMAC tag (at most 64 bytes); a signature segment that does not
+/// fit decodes to something longer than any tag, so it cannot match.
+const TAG_BYTES: usize = 96;
 
 /// A leeway above this is a misconfiguration (and would overflow
 /// `now - leeway` arithmetic inside `jsonwebtoken`).
@@ -118,6 +132,61 @@ impl State {
 
     fn validation(&self, family: AlgorithmFamily) -> Option<&Validation> {
         self.validations.iter().find(|(f, _)| *f == family).map(|(_, v)| v)
+    }
+
+    /// The precheck past the size check: a refusal [`JwtAuthenticator::verify_with`]
+    /// would surely give at clock `now`, and why (for the debug log), or
+    /// `None` when it cannot tell. Its steps follow that function's.
+    fn precheck(&self, token: &str, now: u64) -> Option<(Reject, &'static str)> {
+        let invalid = |why| Some((Reject::InvalidToken, why));
+        let Some(parts) = precheck::split(token) else {
+            return invalid("not three segments");
+        };
+        let mut buf = [0u8; SEGMENT_BYTES];
+        let header = match precheck::decode(parts.header, &mut buf) {
+            Decoded::Bytes(b) => precheck::scan_header(b),
+            Decoded::Invalid => return invalid("undecodable header"),
+            Decoded::TooLong => return None,
+        };
+        // From here on `alg` and `kid` are what `decode_header` would read,
+        // if it reads the header at all; when it does not, the refusal is
+        // `invalid_token` all the same.
+        let (alg, kid, simple) = match header {
+            Header::Fields { alg, kid, simple } => (alg, kid, simple),
+            Header::Invalid => return invalid("undecodable header"),
+            Header::Unknown => return None,
+        };
+        let Some(alg) = precheck::algorithm(alg).filter(|a| self.allowed.contains(a)) else {
+            return invalid("algorithm not allowed");
+        };
+        let Some(key) = self.keys.select(alg, kid) else {
+            return invalid("no key for alg/kid");
+        };
+        let validation = self.validation(alg.family()).filter(|v| v.algorithms.contains(&alg))?;
+        if alg.family() != AlgorithmFamily::Hmac {
+            // Asymmetric signatures cost what the full path pays anyway.
+            return None;
+        }
+        let secret = key.try_get_as_bytes().ok()?;
+        let mut tag = [0u8; TAG_BYTES];
+        let signed = match precheck::decode(parts.signature, &mut tag) {
+            Decoded::Bytes(t) => precheck::hmac_matches(alg, secret, parts.message, t)?,
+            Decoded::Invalid | Decoded::TooLong => false,
+        };
+        if !signed {
+            return invalid("bad signature");
+        }
+        // A good signature on a header `jsonwebtoken` might still refuse:
+        // its verdict is not ours to guess.
+        if !simple {
+            return None;
+        }
+        let claims = match precheck::decode(parts.payload, &mut buf) {
+            Decoded::Bytes(c) => c,
+            Decoded::Invalid => return invalid("undecodable claims"),
+            Decoded::TooLong => return None,
+        };
+        precheck::surely_expired(claims, validation, now).then_some((Reject::ExpiredToken, "expired"))
     }
 }
 
@@ -264,6 +333,44 @@ impl JwtAuthenticator {
         let v = Arc::new(self.verify_with(st, token)?);
         st.cache.insert(key, v.clone()).await;
         Ok(v)
+    }
+
+    /// Judges `token` synchronously and without a heap allocation, for the
+    /// accept path: `Some(refusal)` when the full path ([`verify_token`],
+    /// [`Authenticator::authenticate`]) would surely refuse it with exactly
+    /// that refusal at this clock second; `None` when this check cannot
+    /// tell, which is not a verdict: run the full path.
+    ///
+    /// Decided here, as `invalid_token`: empty or over [`MAX_TOKEN_BYTES`];
+    /// not three base64url segments; a header that is not a JSON object
+    /// with an `alg`; an `alg` not in `auth.algorithms`; no key for the
+    /// `alg` / `kid`; for HS256/384/512, a wrong signature. As
+    /// `expired_token`: an HMAC-signed token past `exp` + leeway whose
+    /// other checks before the expiry one pass. Left to the full path:
+    /// valid tokens, asymmetric algorithms once `alg` and key are known
+    /// (their signature is the full path's cost anyway), and whatever this
+    /// check does not read exactly as `jsonwebtoken` does (escapes, repeated
+    /// claims, headers beyond `alg`/`typ`/`kid`/`cty` on a well-signed
+    /// token, segments too large for its stack buffers).
+    ///
+    /// A refusal counts what the full path would have counted: an
+    /// `auth_cache` miss (none for the size refusal, which comes before the
+    /// cache there too). Not the `token_verify` duration: a Prometheus
+    /// histogram sample is pushed into blocks of 64 that the recorder
+    /// allocates as they fill and again after each scrape, and this path
+    /// must not allocate.
+    ///
+    /// [`verify_token`]: Self::verify_token
+    pub fn precheck(&self, token: &str) -> Option<AuthRefusal> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return Some(Reject::InvalidToken.into());
+        }
+        let (reason, why) = self.state.load().precheck(token, unix_now())?;
+        // A refused token is never in the cache (an expired entry is
+        // dropped on lookup): the full path would have missed.
+        self.metrics.auth_cache(false);
+        tracing::debug!(why, "token refused");
+        Some(reason.into())
     }
 
     /// Verifies `token` without the cache or revocation: the cost of a
