@@ -3,23 +3,23 @@
 //! Order of work, cheapest first, so a bad token costs as little as possible:
 //! 1. carrier: the first configured carrier present gives the token;
 //! 2. size: over [`MAX_TOKEN_BYTES`] is refused before any parsing;
-//! 3. cache: a hit skips 4–6 (the SHA-256 of the token is the key);
-//! 4. header: `alg` must be allowed and a key must serve it (with `kid`),
+//! 3. precheck, on the accept path when the head arrived whole
+//!    ([`JwtAuthenticator::precheck`]): 5, and for HS256/384/512 the
+//!    signature and the `exp` check of 6, synchronously and without
+//!    allocating; it refuses only what 4–6 would surely refuse, with the
+//!    same reason (no cache lookup: a refused token is never cached), and
+//!    leaves everything else, valid tokens first, to them;
+//! 4. cache: a hit skips 5–7 (the SHA-256 of the token is the key);
+//! 5. header: `alg` must be allowed and a key must serve it (with `kid`),
 //!    else refused without verifying any signature;
-//! 5. signature and registered claims, by `jsonwebtoken` with one
+//! 6. signature and registered claims, by `jsonwebtoken` with one
 //!    [`Validation`] per algorithm family (`exp` and `nbf` always, leeway
 //!    from config, `iss` / `aud` only when configured — `validate_aud` is
 //!    off otherwise, so a token's `aud` is ignored);
-//! 6. our own claim rules: `sub` a non-empty string, `iat` numeric and not in
+//! 7. our own claim rules: `sub` a non-empty string, `iat` numeric and not in
 //!    the future, lifetime within `auth.max_token_ttl_s`, forwarded claims
 //!    safe as header values;
-//! 7. revocation, on every handshake, cache hit or not.
-//!
-//! Before all of it, the accept path may call [`JwtAuthenticator::precheck`]:
-//! synchronous and allocation-free, it runs 2 and 4 itself, then for the
-//! HMAC algorithms the signature and the `exp` part of 5, and refuses
-//! what is surely refused (the same reason the steps above would give);
-//! everything else, valid tokens first, goes the whole way.
+//! 8. revocation, on every handshake, cache hit or not.
 //!
 //! Keys, validation rules and the cache live together in one [`ArcSwap`]ed
 //! state, so a SIGHUP reload swaps them atomically: no handshake ever sees
@@ -344,14 +344,16 @@ impl JwtAuthenticator {
     /// Decided here, as `invalid_token`: empty or over [`MAX_TOKEN_BYTES`];
     /// not three base64url segments; a header that is not a JSON object
     /// with an `alg`; an `alg` not in `auth.algorithms`; no key for the
-    /// `alg` / `kid`; for HS256/384/512, a wrong signature. As
+    /// `alg` / `kid`; for HS256/384/512, a wrong signature (then, signature
+    /// good, claims that are not base64url). As
     /// `expired_token`: an HMAC-signed token past `exp` + leeway whose
     /// other checks before the expiry one pass. Left to the full path:
     /// valid tokens, asymmetric algorithms once `alg` and key are known
     /// (their signature is the full path's cost anyway), and whatever this
     /// check does not read exactly as `jsonwebtoken` does (escapes, repeated
     /// claims, headers beyond `alg`/`typ`/`kid`/`cty` on a well-signed
-    /// token, segments too large for its stack buffers).
+    /// token, segments too large for its stack buffers). Never a described
+    /// refusal: those come after a successful decode.
     ///
     /// A refusal counts what the full path would have counted: an
     /// `auth_cache` miss (none for the size refusal, which comes before the

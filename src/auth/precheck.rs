@@ -29,8 +29,7 @@ use jwt_base64::{DecodeSliceError, Engine};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use sha2::{Sha256, Sha384, Sha512};
 
-/// The segments of a compact JWS.
-#[derive(Debug)]
+/// The segments of a compact JWS. (No `Debug`: it is the credential.)
 pub(super) struct Parts<'a> {
     pub header: &'a str,
     pub payload: &'a str,
@@ -53,7 +52,7 @@ pub(super) fn split(token: &str) -> Option<Parts<'_>> {
 }
 
 /// A segment's bytes, or why there are none.
-#[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Debug, PartialEq, Eq))]
 pub(super) enum Decoded<'b> {
     Bytes(&'b [u8]),
     /// Not base64url without padding: `jsonwebtoken` refuses it too (same
@@ -63,6 +62,7 @@ pub(super) enum Decoded<'b> {
     TooLong,
 }
 
+/// Decodes `segment` into `buf`, as `jsonwebtoken` would into a `Vec`.
 pub(super) fn decode<'b>(segment: &str, buf: &'b mut [u8]) -> Decoded<'b> {
     match URL_SAFE_NO_PAD.decode_slice(segment, buf) {
         Ok(n) => buf.get(..n).map_or(Decoded::TooLong, Decoded::Bytes),
