@@ -9,6 +9,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use portcullis::auth::jwt::{JwtAuthenticator, MAX_TOKEN_BYTES};
 use portcullis::auth::sign;
@@ -102,6 +104,15 @@ fn hs256(claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &key).unwrap()
 }
 
+/// Signed under `header` as given (any JSON).
+fn hs256_with(header: serde_json::Value, claims: &serde_json::Value) -> String {
+    let b64 = |v: &serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let message = format!("{}.{}", b64(&header), b64(claims));
+    let key = EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+    let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).unwrap();
+    format!("{message}.{sig}")
+}
+
 #[test]
 fn precheck_refuses_without_allocating() {
     let (auth, cfg) = authenticator();
@@ -113,10 +124,13 @@ fn precheck_refuses_without_allocating() {
     let payload = body.split_once('.').unwrap().1;
     let alg_none = format!("eyJhbGciOiJub25lIn0.{payload}.");
     let oversized = "a".repeat(MAX_TOKEN_BYTES + 1);
+    let big_header = hs256_with(json!({"alg": "HS256", "x": "x".repeat(2000)}), &json!({"sub": "alice"}));
+    let big_header = format!("{}.{sig}", big_header.rsplit_once('.').unwrap().0);
     let invalid = Some(AuthRefusal::Reason(Reject::InvalidToken));
     let cases = [
         (forged.as_str(), &invalid),
         (&expired, &Some(AuthRefusal::Reason(Reject::ExpiredToken))),
+        (&big_header, &invalid),
         (&alg_none, &invalid),
         ("garbage", &invalid),
         ("abcd.efgh.ijkl", &invalid),

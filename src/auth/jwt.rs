@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, AlgorithmFamily, Validation};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use super::cache::{TokenCache, Verified};
@@ -49,9 +49,6 @@ use crate::revocation::SharedStore;
 /// JWT is near it, and it bounds the work (base64, JSON) an attacker buys.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
-/// Room for any segment of a token within [`MAX_TOKEN_BYTES`], decoded: the
-/// precheck decodes on the stack.
-const SEGMENT_BYTES: usize = MAX_TOKEN_BYTES / 4 * 3 + 3;
 /// Room for an HMAC tag (at most 64 bytes); a signature segment that does not
 /// fit decodes to something longer than any tag, so it cannot match.
 const TAG_BYTES: usize = 96;
@@ -135,32 +132,16 @@ impl State {
     }
 
     /// The precheck past the size check: a refusal [`JwtAuthenticator::verify_with`]
-    /// would surely give at clock `now`, and why (for the debug log), or
-    /// `None` when it cannot tell. Its steps follow that function's.
-    fn precheck(&self, token: &str, now: u64) -> Option<(Reject, &'static str)> {
+    /// would surely give, and why (for the debug log), or `None` when it
+    /// cannot tell. Its steps follow that function's.
+    fn precheck(&self, token: &str) -> Option<(Reject, &'static str)> {
         let invalid = |why| Some((Reject::InvalidToken, why));
         let Some(parts) = precheck::split(token) else {
             return invalid("not three segments");
         };
-        let mut buf = [0u8; SEGMENT_BYTES];
-        let header = match precheck::decode(parts.header, &mut buf) {
-            Decoded::Bytes(b) => precheck::scan_header(b),
-            Decoded::Invalid => return invalid("undecodable header"),
-            Decoded::TooLong => return None,
-        };
-        // From here on `alg` and `kid` are what `decode_header` would read,
-        // if it reads the header at all; when it does not, the refusal is
-        // `invalid_token` all the same.
-        let (alg, kid, simple) = match header {
-            precheck::Header::Fields { alg, kid, simple } => (alg, kid, simple),
-            precheck::Header::Invalid => return invalid("undecodable header"),
-            precheck::Header::Unknown => return None,
-        };
-        let Some(alg) = precheck::algorithm(alg).filter(|a| self.allowed.contains(a)) else {
-            return invalid("algorithm not allowed");
-        };
-        let Some(key) = self.keys.select(alg, kid) else {
-            return invalid("no key for alg/kid");
+        let (alg, key, simple) = match precheck::with_decoded(parts.header, |h| self.precheck_header(h)) {
+            Ok(found) => found?,
+            Err(why) => return invalid(why),
         };
         let validation = self.validation(alg.family()).filter(|v| v.algorithms.contains(&alg))?;
         if alg.family() != AlgorithmFamily::Hmac {
@@ -181,12 +162,42 @@ impl State {
         if !simple {
             return None;
         }
-        let claims = match precheck::decode(parts.payload, &mut buf) {
-            Decoded::Bytes(c) => c,
-            Decoded::Invalid => return invalid("undecodable claims"),
-            Decoded::TooLong => return None,
+        let expired = precheck::with_decoded(parts.payload, |claims| match claims {
+            Decoded::Bytes(c) => Ok(precheck::surely_expired(c, validation, unix_now())),
+            Decoded::Invalid => Err("undecodable claims"),
+            Decoded::TooLong => Ok(false),
+        });
+        match expired {
+            Ok(expired) => expired.then_some((Reject::ExpiredToken, "expired")),
+            Err(why) => invalid(why),
+        }
+    }
+
+    /// The header step of [`State::precheck`]: `Err(why)` for a surely
+    /// invalid token; else the algorithm, its key and whether
+    /// `jsonwebtoken` surely parses the header, or `None` (cannot tell).
+    fn precheck_header(
+        &self,
+        header: Decoded<'_>,
+    ) -> Result<Option<(Algorithm, &DecodingKey, bool)>, &'static str> {
+        let header = match header {
+            Decoded::Bytes(b) => precheck::scan_header(b),
+            Decoded::Invalid => return Err("undecodable header"),
+            Decoded::TooLong => return Ok(None),
         };
-        precheck::surely_expired(claims, validation, now).then_some((Reject::ExpiredToken, "expired"))
+        // From here on `alg` and `kid` are what `decode_header` would read,
+        // if it reads the header at all; when it does not, the refusal is
+        // `invalid_token` all the same.
+        let (alg, kid, simple) = match header {
+            precheck::Header::Fields { alg, kid, simple } => (alg, kid, simple),
+            precheck::Header::Invalid => return Err("undecodable header"),
+            precheck::Header::Unknown => return Ok(None),
+        };
+        let Some(alg) = precheck::algorithm(alg).filter(|a| self.allowed.contains(a)) else {
+            return Err("algorithm not allowed");
+        };
+        let key = self.keys.select(alg, kid).ok_or("no key for alg/kid")?;
+        Ok(Some((alg, key, simple)))
     }
 }
 
@@ -367,7 +378,7 @@ impl JwtAuthenticator {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Some(Reject::InvalidToken.into());
         }
-        let (reason, why) = self.state.load().precheck(token, unix_now())?;
+        let (reason, why) = self.state.load().precheck(token)?;
         // A refused token is never in the cache (an expired entry is
         // dropped on lookup): the full path would have missed.
         self.metrics.auth_cache(false);
@@ -1158,11 +1169,16 @@ mod tests {
         let no_alg = format!("{}.{payload}.{sig}", b64(&json!({"typ": "JWT"})));
         let not_json = format!("{}.{payload}.{sig}", URL_SAFE_NO_PAD.encode("not json"));
         let oversized = "a".repeat(MAX_TOKEN_BYTES + 1);
+        // Segments past the small buffer.
+        let big_header = format!("{}.{payload}.{sig}", b64(&json!({"alg": "HS256", "x": "x".repeat(2000)})));
+        let big_expired = hs(&json!({"sub": "u", "exp": n - 10, "pad": "x".repeat(4000)}));
         let invalid = Some(AuthRefusal::Reason(Reject::InvalidToken));
         for (token, want) in [
             (forged.as_str(), &invalid),
             (&forged_expired, &invalid),
             (&expired, &Some(AuthRefusal::Reason(Reject::ExpiredToken))),
+            (&big_header, &invalid),
+            (&big_expired, &Some(AuthRefusal::Reason(Reject::ExpiredToken))),
             (&none, &invalid),
             (&rs256, &invalid),
             (&hs512, &invalid),

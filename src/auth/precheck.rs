@@ -29,6 +29,8 @@ use jwt_base64::{DecodeSliceError, Engine};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use sha2::{Sha256, Sha384, Sha512};
 
+use super::jwt::MAX_TOKEN_BYTES;
+
 /// The segments of a compact JWS. (No `Debug`: it is the credential.)
 pub(super) struct Parts<'a> {
     pub header: &'a str,
@@ -60,6 +62,22 @@ pub(super) enum Decoded<'b> {
     Invalid,
     /// Larger than the buffer: cannot tell.
     TooLong,
+}
+
+/// Room for a segment up to 1 KiB long, decoded: most are shorter.
+const SMALL_BYTES: usize = 768;
+/// Room for any segment of a token within [`MAX_TOKEN_BYTES`], decoded.
+const LARGE_BYTES: usize = MAX_TOKEN_BYTES / 4 * 3 + 3;
+
+/// Decodes `segment` into a stack buffer and hands the result to `f`: a
+/// small buffer when it fits, since zeroing the large one would cost a
+/// refusal more than all its other work.
+pub(super) fn with_decoded<R>(segment: &str, f: impl FnOnce(Decoded<'_>) -> R) -> R {
+    if segment.len() <= SMALL_BYTES / 3 * 4 {
+        f(decode(segment, &mut [0u8; SMALL_BYTES]))
+    } else {
+        f(decode(segment, &mut [0u8; LARGE_BYTES]))
+    }
 }
 
 /// Decodes `segment` into `buf`, as `jsonwebtoken` would into a `Vec`.
