@@ -363,8 +363,8 @@ impl JwtAuthenticator {
     /// (their signature is the full path's cost anyway), and whatever this
     /// check does not read exactly as `jsonwebtoken` does (escapes, repeated
     /// claims, headers beyond `alg`/`typ`/`kid`/`cty` on a well-signed
-    /// token, segments too large for its stack buffers). Never a described
-    /// refusal: those come after a successful decode.
+    /// token). Never a described refusal: those come after a successful
+    /// decode.
     ///
     /// A refusal counts what the full path would have counted: an
     /// `auth_cache` miss (none for the size refusal, which comes before the
