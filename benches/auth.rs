@@ -1,6 +1,8 @@
 //! Stage 4 costs: token verification on a cache miss (signature + claims)
 //! and on a cache hit (SHA-256 + moka lookup + revocation check), for HS256
-//! and ES256; and the cheap refusals that never reach a signature.
+//! and ES256; and the cheap refusals that never reach a signature. Then a
+//! forged HS256 token refused by the precheck (synchronous, no allocation)
+//! and by the full path.
 //!
 //! Run with `cargo bench --bench auth`.
 
@@ -85,5 +87,21 @@ fn verify(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, verify);
+/// The accept path's synchronous, allocation-free refusal next to the full
+/// path's for the same forged HS256 token.
+fn precheck(c: &mut Criterion) {
+    let store = Arc::new(MemStore(RevocationSet::default(), broadcast::channel(16).0));
+    let cfg = config("HS256");
+    let auth = JwtAuthenticator::new(&cfg, &BTreeMap::new(), store, Arc::new(Metrics::new()))
+        .expect("authenticator");
+    let token = sign::mint(&cfg, "bench-user", Duration::from_secs(3600), None).expect("token");
+    let (body, sig) = token.rsplit_once('.').expect("three parts");
+    let forged = format!("{body}.{}{}", if sig.starts_with('A') { "B" } else { "A" }, &sig[1..]);
+    let mut g = c.benchmark_group("forged_hs256");
+    g.bench_function("precheck", |b| b.iter(|| auth.precheck(black_box(&forged)).expect("refused")));
+    g.bench_function("verify_uncached", |b| b.iter(|| auth.verify_uncached(black_box(&forged)).unwrap_err()));
+    g.finish();
+}
+
+criterion_group!(benches, verify, precheck);
 criterion_main!(benches);

@@ -3,17 +3,23 @@
 //! Order of work, cheapest first, so a bad token costs as little as possible:
 //! 1. carrier: the first configured carrier present gives the token;
 //! 2. size: over [`MAX_TOKEN_BYTES`] is refused before any parsing;
-//! 3. cache: a hit skips 4–6 (the SHA-256 of the token is the key);
-//! 4. header: `alg` must be allowed and a key must serve it (with `kid`),
+//! 3. precheck, on the accept path when the head arrived whole
+//!    ([`JwtAuthenticator::precheck`]): 5, and for HS256/384/512 the
+//!    signature and the `exp` check of 6, synchronously and without
+//!    allocating; it refuses only what 4–6 would surely refuse, with the
+//!    same reason (no cache lookup: a refused token is never cached), and
+//!    leaves everything else, valid tokens first, to them;
+//! 4. cache: a hit skips 5–7 (the SHA-256 of the token is the key);
+//! 5. header: `alg` must be allowed and a key must serve it (with `kid`),
 //!    else refused without verifying any signature;
-//! 5. signature and registered claims, by `jsonwebtoken` with one
+//! 6. signature and registered claims, by `jsonwebtoken` with one
 //!    [`Validation`] per algorithm family (`exp` and `nbf` always, leeway
 //!    from config, `iss` / `aud` only when configured — `validate_aud` is
 //!    off otherwise, so a token's `aud` is ignored);
-//! 6. our own claim rules: `sub` a non-empty string, `iat` numeric and not in
+//! 7. our own claim rules: `sub` a non-empty string, `iat` numeric and not in
 //!    the future, lifetime within `auth.max_token_ttl_s`, forwarded claims
 //!    safe as header values;
-//! 7. revocation, on every handshake, cache hit or not.
+//! 8. revocation, on every handshake, cache hit or not.
 //!
 //! Keys, validation rules and the cache live together in one [`ArcSwap`]ed
 //! state, so a SIGHUP reload swaps them atomically: no handshake ever sees
@@ -25,11 +31,12 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, AlgorithmFamily, Validation};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use super::cache::{TokenCache, Verified};
 use super::keys::{allowed_algorithms, KeySet};
+use super::precheck::{self, Decoded};
 use super::{carrier, AuthRefusal, Authenticator, Identity};
 use crate::clock::unix_now;
 use crate::config::{self, Carrier, ConfigError};
@@ -41,6 +48,10 @@ use crate::revocation::SharedStore;
 /// Tokens longer than this are refused before any parsing: no legitimate
 /// JWT is near it, and it bounds the work (base64, JSON) an attacker buys.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Room for an HMAC tag (at most 64 bytes); a signature segment that does not
+/// fit decodes to something longer than any tag, so it cannot match.
+const TAG_BYTES: usize = 96;
 
 /// A leeway above this is a misconfiguration (and would overflow
 /// `now - leeway` arithmetic inside `jsonwebtoken`).
@@ -118,6 +129,75 @@ impl State {
 
     fn validation(&self, family: AlgorithmFamily) -> Option<&Validation> {
         self.validations.iter().find(|(f, _)| *f == family).map(|(_, v)| v)
+    }
+
+    /// The precheck past the size check: a refusal [`JwtAuthenticator::verify_with`]
+    /// would surely give, and why (for the debug log), or `None` when it
+    /// cannot tell. Its steps follow that function's.
+    fn precheck(&self, token: &str) -> Option<(Reject, &'static str)> {
+        let invalid = |why| Some((Reject::InvalidToken, why));
+        let Some(parts) = precheck::split(token) else {
+            return invalid("not three segments");
+        };
+        let (alg, key, simple) = match precheck::with_decoded(parts.header, |h| self.precheck_header(h)) {
+            Ok(found) => found?,
+            Err(why) => return invalid(why),
+        };
+        let validation = self.validation(alg.family()).filter(|v| v.algorithms.contains(&alg))?;
+        if alg.family() != AlgorithmFamily::Hmac {
+            // Asymmetric signatures cost what the full path pays anyway.
+            return None;
+        }
+        let secret = key.try_get_as_bytes().ok()?;
+        let mut tag = [0u8; TAG_BYTES];
+        let signed = match precheck::decode(parts.signature, &mut tag) {
+            Decoded::Bytes(t) => precheck::hmac_matches(alg, secret, parts.message, t)?,
+            Decoded::Invalid | Decoded::TooLong => false,
+        };
+        if !signed {
+            return invalid("bad signature");
+        }
+        // A good signature on a header `jsonwebtoken` might still refuse:
+        // its verdict is not ours to guess.
+        if !simple {
+            return None;
+        }
+        let expired = precheck::with_decoded(parts.payload, |claims| match claims {
+            Decoded::Bytes(c) => Ok(precheck::surely_expired(c, validation, unix_now())),
+            Decoded::Invalid => Err("undecodable claims"),
+            Decoded::TooLong => Ok(false),
+        });
+        match expired {
+            Ok(expired) => expired.then_some((Reject::ExpiredToken, "expired")),
+            Err(why) => invalid(why),
+        }
+    }
+
+    /// The header step of [`State::precheck`]: `Err(why)` for a surely
+    /// invalid token; else the algorithm, its key and whether
+    /// `jsonwebtoken` surely parses the header, or `None` (cannot tell).
+    fn precheck_header(
+        &self,
+        header: Decoded<'_>,
+    ) -> Result<Option<(Algorithm, &DecodingKey, bool)>, &'static str> {
+        let header = match header {
+            Decoded::Bytes(b) => precheck::scan_header(b),
+            Decoded::Invalid => return Err("undecodable header"),
+            Decoded::TooLong => return Ok(None),
+        };
+        // From here on `alg` and `kid` are what `decode_header` would read,
+        // if it reads the header at all; when it does not, the refusal is
+        // `invalid_token` all the same.
+        let (alg, kid, simple) = match header {
+            precheck::Header::Fields { alg, kid, simple } => (alg, kid, simple),
+            precheck::Header::Invalid => return Err("undecodable header"),
+            precheck::Header::Unknown => return Ok(None),
+        };
+        let Some(alg) = precheck::algorithm(alg).filter(|a| self.allowed.contains(a)) else {
+            return Err("algorithm not allowed");
+        };
+        let key = self.keys.select(alg, kid).ok_or("no key for alg/kid")?;
+        Ok(Some((alg, key, simple)))
     }
 }
 
@@ -266,9 +346,44 @@ impl JwtAuthenticator {
         Ok(v)
     }
 
-    /// PLACEHOLDER until the allocation-free precheck lands.
-    pub fn precheck(&self, _token: &str) -> Option<AuthRefusal> {
-        None
+    /// Judges `token` synchronously and without a heap allocation, for the
+    /// accept path: `Some(refusal)` when the full path ([`verify_token`],
+    /// [`Authenticator::authenticate`]) would surely refuse it with exactly
+    /// that refusal at this clock second; `None` when this check cannot
+    /// tell, which is not a verdict: run the full path.
+    ///
+    /// Decided here, as `invalid_token`: empty or over [`MAX_TOKEN_BYTES`];
+    /// not three base64url segments; a header that is not a JSON object
+    /// with an `alg`; an `alg` not in `auth.algorithms`; no key for the
+    /// `alg` / `kid`; for HS256/384/512, a wrong signature (then, signature
+    /// good, claims that are not base64url). As
+    /// `expired_token`: an HMAC-signed token past `exp` + leeway whose
+    /// other checks before the expiry one pass. Left to the full path:
+    /// valid tokens, asymmetric algorithms once `alg` and key are known
+    /// (their signature is the full path's cost anyway), and whatever this
+    /// check does not read exactly as `jsonwebtoken` does (escapes, repeated
+    /// claims, headers beyond `alg`/`typ`/`kid`/`cty` on a well-signed
+    /// token). Never a described refusal: those come after a successful
+    /// decode.
+    ///
+    /// A refusal counts what the full path would have counted: an
+    /// `auth_cache` miss (none for the size refusal, which comes before the
+    /// cache there too). Not the `token_verify` duration: a Prometheus
+    /// histogram sample is pushed into blocks of 64 that the recorder
+    /// allocates as they fill and again after each scrape, and this path
+    /// must not allocate.
+    ///
+    /// [`verify_token`]: Self::verify_token
+    pub fn precheck(&self, token: &str) -> Option<AuthRefusal> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return Some(Reject::InvalidToken.into());
+        }
+        let (reason, why) = self.state.load().precheck(token)?;
+        // A refused token is never in the cache (an expired entry is
+        // dropped on lookup): the full path would have missed.
+        self.metrics.auth_cache(false);
+        tracing::debug!(why, "token refused");
+        Some(reason.into())
     }
 
     /// Verifies `token` without the cache or revocation: the cost of a
@@ -391,6 +506,7 @@ mod tests {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
     use jsonwebtoken::{EncodingKey, Header};
+    use proptest::prelude::*;
     use serde_json::json;
     use tokio::sync::broadcast;
 
@@ -802,5 +918,400 @@ mod tests {
         )
         .unwrap();
         assert!(a.verify_token(&t2).await.is_ok());
+    }
+
+    // The precheck, held against the full path.
+
+    /// The HMAC secret a JWKS serves under kid `k1` (HS256 only).
+    const SECRET_K1: &str = "k1-secret-k1-secret-k1-secret-k1";
+
+    /// The full path as `authenticate` runs it once the carrier gave the token.
+    async fn full_path(a: &JwtAuthenticator, token: &str) -> Result<Identity, AuthRefusal> {
+        a.identity(&a.state.load_full(), token).await.map_err(AuthRefusal::from)
+    }
+
+    /// A token from raw header and claims texts (so they can hold what
+    /// `json!` cannot: repeated keys, escapes, odd numbers).
+    fn raw_token(header: &str, claims: &str, alg: Algorithm, key: &EncodingKey) -> String {
+        let message = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+        let sig = jsonwebtoken::crypto::sign(message.as_bytes(), key, alg).unwrap();
+        format!("{message}.{sig}")
+    }
+
+    /// Plain HS256; every HMAC algorithm and ES256 with leeway, issuer and
+    /// audience; a JWKS (`k1`: HS256 under its own secret, `ec`: ES256) next
+    /// to the static secret.
+    fn precheck_configs(dir: &std::path::Path) -> Vec<config::Auth> {
+        let plain = cfg(&["HS256"]);
+        let mut strict = cfg(&["HS256", "HS384", "HS512", "ES256"]);
+        strict.public_key_file = fixture("ec256.pub");
+        strict.leeway_s = 30;
+        strict.issuer = "https://issuer".into();
+        strict.audience = "gw".into();
+        let path = dir.join("jwks.json");
+        let oct = json!({"kty": "oct", "kid": "k1", "alg": "HS256", "k": URL_SAFE_NO_PAD.encode(SECRET_K1)});
+        let keys = json!({ "keys": [oct, jwk("ec256.key", Algorithm::ES256, Some("ec"))] });
+        std::fs::write(&path, keys.to_string()).unwrap();
+        let mut jwks = cfg(&["HS256", "HS512", "ES256"]);
+        jwks.jwks_file = path;
+        vec![plain, strict, jwks]
+    }
+
+    /// Whether config `i` of [`precheck_configs`] has a key for `alg` / `kid`.
+    fn served(i: usize, alg: &str, kid: Option<&str>) -> bool {
+        matches!(
+            (i, alg, kid),
+            (0, "HS256", _)
+                | (1, "HS256" | "HS384" | "HS512" | "ES256", _)
+                | (2, "HS256", Some("k1"))
+                | (2, "ES256", Some("ec"))
+                | (2, "HS256" | "HS512", None)
+        )
+    }
+
+    /// A generated token and what the precheck must answer for it.
+    #[derive(Debug)]
+    struct Case {
+        config: usize,
+        token: String,
+        /// `Some`: the precheck must decide it, so; `None`: it may or may not.
+        decided: Option<Reject>,
+    }
+
+    /// An index below `n`, `usual` about `weight` times as often as each other.
+    fn often(usual: usize, weight: u32, n: usize) -> impl Strategy<Value = usize> {
+        prop_oneof![weight => Just(usual), 1 => 0..n]
+    }
+
+    const ALGS: [&str; 7] = ["HS256", "HS384", "HS512", "ES256", "RS256", "none", "HS256x"];
+
+    prop_compose! {
+        /// Tokens built from random headers, claims and signatures.
+        fn built_case()(
+            config in 0..3usize,
+            alg in often(0, 3, ALGS.len()),
+            kid in often(0, 2, 6),
+            header_extra in often(0, 3, 7),
+            claims in (
+                often(0, 3, 10),
+                0..5usize,
+                0..4usize,
+                often(2, 3, 7),
+                0..6usize,
+                0..6usize,
+                often(0, 4, 7),
+            ),
+            signing in often(0, 3, 5),
+            mutate in prop::option::weighted(0.1, any::<prop::sample::Index>()),
+        ) -> Case {
+            let n = now();
+            let alg_name = ALGS[alg];
+            let kid_value = ["", "\"k1\"", "\"nope\"", "null", "5", "\"ec\""][kid];
+            let mut header = vec![format!("\"alg\":\"{alg_name}\"")];
+            match header_extra {
+                0 => header.push("\"typ\":\"JWT\"".into()),
+                1 => {}
+                2 => header.push("\"x5t\":\"abc\"".into()),
+                3 => header.push("\"b64\":false".into()),
+                4 => header[0] = format!("\"alg\":\"{}\"", alg_name.replace('2', "\\u0032")),
+                5 => header.push("\"alg\":\"HS256\"".into()),
+                _ => header.push("\"typ\":5".into()),
+            }
+            if !kid_value.is_empty() {
+                header.push(format!("\"kid\":{kid_value}"));
+            }
+            let header = format!("{{{}}}", header.join(","));
+
+            let (exp, nbf, iat, sub, iss, aud, extra) = claims;
+            let past = n - 100;
+            let mut members = vec![];
+            // One claim from its choices; "" leaves it out.
+            let mut claim = |name: &str, choices: &[&str], i: usize| {
+                if !choices[i].is_empty() {
+                    members.push(format!("\"{name}\":{}", choices[i]));
+                }
+            };
+            let (p, f, nbf_past, nbf_future) =
+                (past.to_string(), (n + 300).to_string(), (n - 50).to_string(), (n + 100).to_string());
+            let (iat_past, iat_future) = ((n - 200).to_string(), (n + 600).to_string());
+            let p_float = format!("{past}.5");
+            let exps = [p.as_str(), &f, "", "\"soon\"", "null", "-5", &p_float, "1e30", "[1]", "-100.5"];
+            claim("exp", &exps, exp);
+            claim("nbf", &["", &nbf_past, &nbf_future, "null", "\"x\""], nbf);
+            claim("iat", &["", &iat_past, &iat_future, "\"x\""], iat);
+            claim("sub", &["", "\"\"", "\"u\"", "42", "null", "[\"a\"]", "{}"], sub);
+            let issuers = ["", "\"https://issuer\"", "\"https://evil\"", "[\"https://issuer\"]", "5", "null"];
+            claim("iss", &issuers, iss);
+            claim("aud", &["", "\"gw\"", "\"other\"", "[\"x\",\"gw\"]", "5", "[]"], aud);
+            match extra {
+                0 => {}
+                1 => members.push("\"tenant\":\"a\\r\\nb\"".into()),
+                2 => members.push(format!("\"exp\":{past}")),
+                3 => members.push("\"name\":\"Zoë\"".into()),
+                4 => members.push("\"nested\":{\"a\":[1,2,{\"b\":null}]}".into()),
+                5 => members.push("\"big\":1e400".into()),
+                _ => members.push("\"\\u0065xp\":5".into()),
+            }
+            let claims = format!("{{{}}}", members.join(","));
+
+            // The key the full path would pick, when the header names one.
+            let sign_alg = precheck::algorithm(alg_name.as_bytes()).unwrap_or(Algorithm::HS256);
+            let right = match (config, kid) {
+                (2, 1) if sign_alg.family() == AlgorithmFamily::Hmac => {
+                    EncodingKey::from_secret(SECRET_K1.as_bytes()).unwrap()
+                }
+                _ => encoding_key(sign_alg),
+            };
+            let wrong = EncodingKey::from_secret(b"not-the-secret-not-the-secret-!!").unwrap();
+            let signed = raw_token(&header, &claims, sign_alg, &right);
+            let message = signed.rsplit_once('.').unwrap().0;
+            let mut token = match signing {
+                0 => signed.clone(),
+                // An HMAC under another secret, whatever the header's alg.
+                1 => {
+                    let hmac = sign_alg.family() == AlgorithmFamily::Hmac;
+                    let hs = if hmac { sign_alg } else { Algorithm::HS256 };
+                    raw_token(&header, &claims, hs, &wrong)
+                }
+                2 => format!("{message}.{}", URL_SAFE_NO_PAD.encode(b"garbage signature bytes")),
+                3 => format!("{message}."),
+                _ => {
+                    // The signature of other claims.
+                    let other = raw_token(&header, "{\"sub\":\"admin\"}", sign_alg, &right);
+                    format!("{message}.{}", other.rsplit_once('.').unwrap().1)
+                }
+            };
+
+            let hmac = sign_alg.family() == AlgorithmFamily::Hmac && alg < 3;
+            let allowed = match config {
+                0 => alg == 0,
+                1 => alg < 4,
+                _ => [0, 2, 3].contains(&alg),
+            };
+            let kid_str = match kid {
+                1 => Some("k1"),
+                2 => Some("nope"),
+                5 => Some("ec"),
+                _ => None,
+            };
+            // The header's `alg` / `kid` are what they look like.
+            let readable = header_extra != 4 && header_extra != 5 && kid != 4;
+            let simple = header_extra < 2 && kid != 3;
+            let expired_claims = matches!(exp, 0 | 6)
+                && matches!(nbf, 0..=2)
+                && matches!(sub, 1 | 2)
+                && (config != 1 || (matches!(iss, 1..=3) && matches!(aud, 1..=3 | 5)))
+                && matches!(extra, 0 | 3 | 4);
+            let decided = if mutate.is_some() || !readable {
+                None
+            } else if !allowed || !served(config, alg_name, kid_str) || (hmac && signing != 0) {
+                Some(Reject::InvalidToken)
+            } else if hmac && simple && expired_claims {
+                Some(Reject::ExpiredToken)
+            } else {
+                None
+            };
+            if let Some(at) = mutate {
+                // One character swapped for another of the alphabet.
+                let i = at.index(token.len());
+                let c = if token.as_bytes()[i] == b'A' { "B" } else { "A" };
+                token.replace_range(i..i + 1, c);
+            }
+            Case { config, token, decided }
+        }
+    }
+
+    /// Strings that are no token at all.
+    fn garbage() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z0-9_.=+/ -]{1,80}",
+            "\\PC{1,40}",
+            "[A-Za-z0-9_-]{2,24}\\.[A-Za-z0-9_-]{0,24}\\.[A-Za-z0-9_-]{0,24}",
+            "eyJ[A-Za-z0-9_-]{0,30}\\.eyJ[A-Za-z0-9_-]{0,30}\\.[A-Za-z0-9_-]{0,43}",
+        ]
+    }
+
+    #[test]
+    fn precheck_is_sound_and_decides_the_common_refusals() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let auths: Vec<JwtAuthenticator> = precheck_configs(dir.path()).iter().map(|c| authn(c).0).collect();
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(5000));
+        let cases = prop_oneof![
+            4 => built_case(),
+            1 => (0..3usize, garbage()).prop_map(|(config, token)| Case {
+                config,
+                token,
+                decided: Some(Reject::InvalidToken),
+            }),
+        ];
+        runner
+            .run(&cases, |case| {
+                let a = &auths[case.config];
+                let pre = a.precheck(&case.token);
+                if let Some(r) = &pre {
+                    let full = rt.block_on(full_path(a, &case.token));
+                    prop_assert_eq!(Err(r.clone()), full.map(|id| id.sub), "{:?}", case);
+                }
+                if let Some(want) = case.decided {
+                    prop_assert_eq!(pre, Some(AuthRefusal::Reason(want)), "{:?}", case);
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn precheck_refusals_are_the_full_paths() {
+        let (a, _, _) = authn(&cfg(&["HS256"]));
+        let n = now();
+        let good = hs(&claims("u"));
+        let (body, sig) = good.rsplit_once('.').unwrap();
+        let forged = format!("{body}.{}{}", if sig.starts_with('A') { "B" } else { "A" }, &sig[1..]);
+        let expired = hs(&json!({"sub": "u", "iat": n - 100, "exp": n - 10}));
+        let forged_expired = format!("{}.{}", expired.rsplit_once('.').unwrap().0, &sig);
+        let payload = body.split_once('.').unwrap().1;
+        let none = format!("{}.{payload}.", b64(&json!({"alg": "none"})));
+        let rs256 = sign(Algorithm::RS256, None, &claims("u"));
+        let hs512 = sign(Algorithm::HS512, None, &claims("u"));
+        let no_alg = format!("{}.{payload}.{sig}", b64(&json!({"typ": "JWT"})));
+        let not_json = format!("{}.{payload}.{sig}", URL_SAFE_NO_PAD.encode("not json"));
+        let oversized = "a".repeat(MAX_TOKEN_BYTES + 1);
+        // Segments past the small buffer.
+        let big_header = format!("{}.{payload}.{sig}", b64(&json!({"alg": "HS256", "x": "x".repeat(2000)})));
+        let big_expired = hs(&json!({"sub": "u", "exp": n - 10, "pad": "x".repeat(4000)}));
+        let invalid = Some(AuthRefusal::Reason(Reject::InvalidToken));
+        for (token, want) in [
+            (forged.as_str(), &invalid),
+            (&forged_expired, &invalid),
+            (&expired, &Some(AuthRefusal::Reason(Reject::ExpiredToken))),
+            (&big_header, &invalid),
+            (&big_expired, &Some(AuthRefusal::Reason(Reject::ExpiredToken))),
+            (&none, &invalid),
+            (&rs256, &invalid),
+            (&hs512, &invalid),
+            (&no_alg, &invalid),
+            (&not_json, &invalid),
+            ("", &invalid),
+            (&oversized, &invalid),
+            ("garbage", &invalid),
+            ("a.b.c", &invalid),
+            ("...", &invalid),
+            ("eyJ.eyJ.x", &invalid),
+            ("Basic x", &invalid),
+            (&format!("{good}.x"), &invalid),
+        ] {
+            assert_eq!(&a.precheck(token), want, "{token}");
+            assert_eq!(full_path(&a, token).await.map(|id| id.sub), Err(want.clone().unwrap()), "{token}");
+        }
+    }
+
+    #[tokio::test]
+    async fn precheck_leaves_what_it_cannot_mirror_to_the_full_path() {
+        let mut c = cfg(&["HS256", "ES256"]);
+        c.public_key_file = fixture("ec256.pub");
+        let (a, _, _) = authn(&c);
+        let n = now();
+        let key = encoding_key(Algorithm::HS256);
+        let hs_raw = |header: &str, claims: &str| raw_token(header, claims, Algorithm::HS256, &key);
+        let expired = format!("{{\"sub\":\"u\",\"exp\":{}}}", n - 10);
+        let es_expired = sign(Algorithm::ES256, None, &json!({"sub": "u", "exp": n - 10}));
+        let es_forged = format!("{}.{}", es_expired.rsplit_once('.').unwrap().0, "A".repeat(86));
+        for (token, full) in [
+            // Valid: the full path accepts (and caches) them.
+            (hs(&claims("u")), Ok("u".to_string())),
+            (sign(Algorithm::ES256, None, &claims("u")), Ok("u".to_string())),
+            // Asymmetric refusals cost a signature there anyway.
+            (es_expired, Err(Reject::ExpiredToken)),
+            (es_forged, Err(Reject::InvalidToken)),
+            // A header `jsonwebtoken` parses but then refuses (`b64: false`):
+            // invalid there, not expired.
+            (hs_raw(r#"{"alg":"HS256","b64":false}"#, &expired), Err(Reject::InvalidToken)),
+            // A header it may or may not parse: not vouched for.
+            (hs_raw(r#"{"alg":"HS256","x5c":"nope"}"#, &expired), Err(Reject::InvalidToken)),
+            // Claims a check before `exp` refuses: invalid, not expired.
+            (hs_raw(r#"{"alg":"HS256"}"#, &format!("{{\"exp\":{}}}", n - 10)), Err(Reject::InvalidToken)),
+            (hs_raw(r#"{"alg":"HS256"}"#, r#"{"sub":"u","exp":-100.5}"#), Err(Reject::InvalidToken)),
+            (hs_raw(r#"{"alg":"HS256"}"#, r#"{"sub":"u","exp":[1]}"#), Err(Reject::InvalidToken)),
+            (
+                hs_raw(r#"{"alg":"HS256"}"#, &format!("{{\"sub\":\"u\",\"exp\":{},\"nbf\":null}}", n - 10)),
+                Err(Reject::InvalidToken),
+            ),
+            (
+                hs_raw(r#"{"alg":"HS256"}"#, &format!("{{\"sub\":\"u\",\"exp\":{},\"exp\":1}}", n - 10)),
+                Err(Reject::InvalidToken),
+            ),
+            (
+                hs_raw(r#"{"alg":"HS256"}"#, &format!("{{\"sub\":\"u\",\"exp\":{},\"x\":1e400}}", n - 10)),
+                Err(Reject::InvalidToken),
+            ),
+            // Escapes would make `serde_json` allocate: left alone.
+            (
+                hs_raw(r#"{"alg":"HS256"}"#, &format!("{{\"sub\":\"\\u0075\",\"exp\":{}}}", n - 10)),
+                Err(Reject::ExpiredToken),
+            ),
+            // An escaped key might spell `alg`.
+            (hs_raw(r#"{"\u0061lg":"HS256"}"#, &expired), Err(Reject::ExpiredToken)),
+        ] {
+            assert_eq!(a.precheck(&token), None, "{token}");
+            let got = full_path(&a, &token).await.map(|id| id.sub).map_err(|r| match r {
+                AuthRefusal::Reason(r) => r,
+                other => panic!("{other:?}"),
+            });
+            assert_eq!(got, full, "{token}");
+        }
+    }
+
+    #[tokio::test]
+    async fn precheck_expiry_bound_is_jsonwebtokens() {
+        let mut c = cfg(&["HS256"]);
+        c.leeway_s = 30;
+        let (a, _, _) = authn(&c);
+        // Retried when the clock ticks mid-check, so both sides see one second.
+        loop {
+            let n = now();
+            let last_accepted = hs(&json!({"sub": "u", "exp": n - 30}));
+            let first_refused = hs(&json!({"sub": "u", "exp": n - 31}));
+            let pre = (a.precheck(&last_accepted), a.precheck(&first_refused));
+            let full = (full_path(&a, &last_accepted).await, full_path(&a, &first_refused).await);
+            if now() != n {
+                continue;
+            }
+            assert_eq!(pre, (None, Some(AuthRefusal::Reason(Reject::ExpiredToken))));
+            assert_eq!(full.0.unwrap().sub, "u");
+            assert_eq!(full.1, Err(AuthRefusal::Reason(Reject::ExpiredToken)));
+            break;
+        }
+    }
+
+    #[tokio::test]
+    async fn precheck_counts_what_the_full_path_counts() {
+        let (pre, _, pm) = authn(&cfg(&["HS256"]));
+        let (full, _, fm) = authn(&cfg(&["HS256"]));
+        let good = hs(&claims("u"));
+        let (body, _) = good.rsplit_once('.').unwrap();
+        let tokens = [
+            format!("{body}.{}", "A".repeat(43)),
+            hs(&json!({"sub": "u", "exp": now() - 10})),
+            "garbage".to_string(),
+            sign(Algorithm::RS256, None, &claims("u")),
+            String::new(),
+            "a".repeat(MAX_TOKEN_BYTES + 1),
+        ];
+        for t in &tokens {
+            assert!(pre.precheck(t).is_some(), "{t}");
+            assert!(full_path(&full, t).await.is_err(), "{t}");
+        }
+        let miss = "portcullis_auth_cache_total{result=\"miss\"}";
+        let hit = "portcullis_auth_cache_total{result=\"hit\"}";
+        assert_eq!(counter(&pm, miss), counter(&fm, miss));
+        assert_eq!(counter(&pm, miss), 4.0);
+        assert_eq!(counter(&pm, hit), 0.0);
+        // Not mirrored: the verification time (its histogram allocates).
+        assert_eq!(verify_count(&pm), 0.0);
+        assert_eq!(verify_count(&fm), 2.0);
+        // Undecided: nothing counted, the full path counts.
+        assert_eq!(pre.precheck(&good), None);
+        assert_eq!(counter(&pm, miss), 4.0);
     }
 }

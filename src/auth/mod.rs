@@ -10,6 +10,7 @@ pub mod cache;
 pub mod carrier;
 pub mod jwt;
 pub mod keys;
+mod precheck;
 pub mod sign;
 
 use std::net::SocketAddr;
