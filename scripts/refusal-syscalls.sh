@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System calls per refusal (issue 13, "A refusal at the kernel's minimum"):
+# System calls per refusal ("A refusal at the kernel's minimum"):
 # how many syscalls a server makes to refuse one upgrade request that comes
 # on a NEW TCP connection, counted by `strace -c -f` attached to the server
 # process (every thread), for three servers:

@@ -60,6 +60,14 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The count is one for the whole process: the tests here run one at a
+/// time, so that no other test's gateway allocates in a window.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A gateway on its own runtime, whose threads are counted.
 struct Counted {
     rt: tokio::runtime::Runtime,
@@ -144,6 +152,7 @@ fn request(extra: &[(&str, &str)]) -> Vec<u8> {
 
 #[test]
 fn token_refusals_allocate_nothing() {
+    let _serial = serial();
     let gw = Counted::start(|_| {});
     let forged = {
         let t = common::token("alice");
@@ -170,6 +179,7 @@ fn token_refusals_allocate_nothing() {
 
 #[test]
 fn rate_limited_refusals_allocate_nothing() {
+    let _serial = serial();
     let gw = Counted::start(|c| {
         c.limits.per_ip_rate = 0.01;
         c.limits.per_ip_burst = 1;
@@ -185,6 +195,7 @@ fn rate_limited_refusals_allocate_nothing() {
 
 #[test]
 fn capped_refusals_allocate_nothing() {
+    let _serial = serial();
     let gw = Counted::start(|c| {
         c.limits.per_ip_max_connections = 2;
         // The two holders must outlive the test's windows.
