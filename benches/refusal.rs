@@ -40,6 +40,13 @@ static GLOBAL: Counting = Counting;
 
 const SECRET: &str = "bench-secret-0123456789abcdef";
 
+/// Client addresses the verdicts rotate over (each has its own rate).
+const ADDRESSES: u32 = 4096;
+
+fn client(i: u32) -> SocketAddr {
+    SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i % ADDRESSES), 40000))
+}
+
 fn token(secret: &str, exp_from_now: i64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let claims = serde_json::json!({ "sub": "alice", "iat": now - 60, "exp": now + exp_from_now });
@@ -60,15 +67,17 @@ fn head(token: Option<&str>) -> Vec<u8> {
 }
 
 /// A bound (not running) gateway's state, shipped defaults but the secret
-/// and a per-address rate that the bench's one address never reaches
-/// (`limited`: one that it always does).
+/// and the per-address rate: the highest there is, over which the bench
+/// spreads its verdicts across [`ADDRESSES`] so that none is limited
+/// (`limited`: the lowest, so that every verdict is a 429).
 fn gateway(rt: &tokio::runtime::Runtime, limited: bool) -> Arc<Shared> {
     let mut cfg = Config::default();
     cfg.listen.public = "127.0.0.1:0".parse().unwrap();
     cfg.listen.admin = "127.0.0.1:0".parse().unwrap();
     cfg.auth.hmac_secret = SECRET.into();
     cfg.revocation.path = std::env::temp_dir().join(format!("portcullis-bench-{}.log", std::process::id()));
-    (cfg.limits.per_ip_rate, cfg.limits.per_ip_burst) = if limited { (0.001, 1) } else { (1e6, 1_000_000) };
+    (cfg.limits.per_ip_rate, cfg.limits.per_ip_burst) =
+        if limited { (0.001, 1) } else { (100_000.0, 100_000) };
     let gw = rt.block_on(Gateway::bind(cfg)).expect("gateway binds");
     // The listeners stay bound but are never served.
     let shared = gw.shared();
@@ -78,7 +87,11 @@ fn gateway(rt: &tokio::runtime::Runtime, limited: bool) -> Arc<Shared> {
 
 fn refusal(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client: SocketAddr = "127.0.0.2:40000".parse().unwrap();
+    let mut i = 0u32;
+    let mut next = || {
+        i = i.wrapping_add(1);
+        client(i)
+    };
     let open = gateway(&rt, false);
     let limited = gateway(&rt, true);
     let cfg = open.config.load_full();
@@ -93,13 +106,15 @@ fn refusal(c: &mut Criterion) {
     let mut answer = [0u8; ANSWER_MAX];
     // One warm-up verdict each (the limiter's key, thread-local state).
     for (_, shared, h) in &cases {
-        early::judge(shared, &cfg, client, h, &mut answer);
+        for _ in 0..ADDRESSES {
+            early::judge(shared, &cfg, next(), h, &mut answer);
+        }
     }
     println!("allocations per verdict (mean of 1,000):");
     for (name, shared, h) in &cases {
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         for _ in 0..1000 {
-            early::judge(shared, &cfg, client, h, &mut answer);
+            early::judge(shared, &cfg, next(), h, &mut answer);
         }
         let per = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 1000.0;
         println!("  {name:<24} {per:.2}");
@@ -109,7 +124,7 @@ fn refusal(c: &mut Criterion) {
     let valid = &cases[4].2;
     let verify = |shared: &Shared| {
         let head = portcullis::handshake::parse(valid).unwrap();
-        rt.block_on(portcullis::auth::authenticate(shared.auth.as_ref(), &head, client)).unwrap()
+        rt.block_on(portcullis::auth::authenticate(shared.auth.as_ref(), &head, client(0))).unwrap()
     };
     verify(&open);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
@@ -123,7 +138,7 @@ fn refusal(c: &mut Criterion) {
     for (name, shared, h) in &cases {
         g.bench_function(*name, |b| {
             b.iter(|| {
-                let v = early::judge(shared, &cfg, client, std::hint::black_box(h), &mut answer);
+                let v = early::judge(shared, &cfg, next(), std::hint::black_box(h), &mut answer);
                 assert!(matches!(v, Verdict::Refuse { .. } | Verdict::Continue));
                 v
             })
