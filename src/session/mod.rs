@@ -3,10 +3,11 @@
 //! rule that fires (the session table of docs/reference.md).
 //!
 //! One task per connection owns both sockets (no `split()`, no lock) and
-//! runs one loop over: a kick (revoke, evict, drain), one timer, and the
+//! runs one loop over: a kick (revoke, evict, drain), one deadline, and the
 //! sockets' reads and writes. All deadlines (heartbeat, idle, token expiry,
-//! lifetime, write stalls) share that single timer, re-armed to the
-//! earliest: tokio's timer wheel holds one entry per connection.
+//! lifetime, write stalls) share that single deadline, re-armed to the
+//! earliest, kept as one entry of the gateway's shared [`timer::Timers`]
+//! rather than a `Sleep` of its own.
 //!
 //! Proxy mode relays frames verbatim through a [`relay::Filter`] each way;
 //! echo mode answers through an [`echo::Echo`]. The gateway's own frames
@@ -17,10 +18,11 @@
 //! empty) and a split header or control frame. An idle connection holds no
 //! buffer at all, and one that carried a large message returns to that.
 //! The session itself is most of what an idle connection costs, so its
-//! state is kept in few bytes: times as milliseconds since its start
-//! rather than `Instant`s, only the limits it reads, the proxy half boxed
-//! (echo sessions do not carry it), the kick polled rather than awaited,
-//! and no future but the timer's kept across a wait.
+//! state is kept in few bytes: times as milliseconds (`timer::Ms`) rather
+//! than `Instant`s, only the limits it reads, the proxy half boxed (echo
+//! sessions do not carry it), the kick polled rather than awaited, the
+//! deadline shared rather than a `Sleep`, and no future of its own: the
+//! session is the future.
 //!
 //! Backpressure: each direction's outbox is bounded by
 //! `limits.max_outbound_bytes`; while it is full the loop stops reading the
@@ -32,6 +34,7 @@
 pub mod echo;
 pub mod leases;
 pub mod registry;
+mod timer;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -42,7 +45,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::config::{Heartbeat, Limits};
 use crate::metrics::{Direction, Metrics};
@@ -52,12 +55,7 @@ use crate::relay::{Event, Filter, Refusal, Rules};
 use crate::upstream::Backend;
 use echo::{Action, Echo};
 use registry::{unix_now, ConnInfo};
-
-/// Milliseconds since the session started: every time a session keeps is
-/// one of these (8 bytes, where an `Instant` takes 16).
-type Ms = u64;
-/// No such time (no deadline, not sent, not closing).
-const NEVER: Ms = Ms::MAX;
+use timer::{Ms, NEVER};
 
 /// How long the gateway waits for the peer's reply to a close.
 const CLOSE_REPLY_TIMEOUT: Ms = 1000;
@@ -68,8 +66,6 @@ const BEST_EFFORT_TIMEOUT: Ms = 100;
 /// dropped) so its close reply is taken and the socket closes with a FIN,
 /// not a reset that could destroy the close frame in flight.
 const DRAIN_GRACE: Ms = 100;
-/// Where the timer sits when no rule has a deadline.
-const FAR: Ms = 86_400_000 * 365;
 /// The per-thread read buffer. 64 KiB: a 64 KiB message in one read.
 const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -330,7 +326,9 @@ struct Session<C> {
     info: Arc<ConnInfo>,
     metrics: Arc<Metrics>,
     t: Tuning,
-    start: Instant,
+    /// The deadline its entry in the shared timers stands at (`NEVER`:
+    /// none).
+    armed: Ms,
     /// Set once the first rule fired; the session is then closing.
     reason: Option<CloseReason>,
     /// While closing, when the closing handshake's time is up.
@@ -352,26 +350,31 @@ struct Session<C> {
 /// Runs the session to its end and returns why it ended. The caller
 /// counts it (exactly once) and releases the connection's permits.
 ///
-/// This future is most of an idle connection's memory, so it is kept
-/// small: the session is built before it exists and moved in whole (an
-/// `async fn` would keep a second copy of every argument for its whole
-/// life), and besides it the future holds only the timer and a closure of
-/// two references.
+/// This future is most of an idle connection's memory, so it is the
+/// session itself and nothing more: no `async` state machine around it
+/// (which would keep a second copy of every argument), no timer of its own.
 pub fn run<C>(client: Client<C>, upstream: Upstream, p: Params) -> impl Future<Output = CloseReason>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let mut s = Session::new(client, upstream, p);
-    async move {
-        let mut timer = std::pin::pin!(tokio::time::sleep_until(s.start));
-        std::future::poll_fn(|cx| s.poll(cx, timer.as_mut())).await
+    std::future::poll_fn(move |cx| s.poll(cx))
+}
+
+impl<C> Drop for Session<C> {
+    fn drop(&mut self) {
+        // A session dropped unfinished (its task aborted, the runtime
+        // shutting down) leaves no entry in the shared timers.
+        if self.armed != NEVER {
+            self.info.timers().rearm(&self.info, self.armed, NEVER);
+        }
     }
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     fn new(client: Client<C>, upstream: Upstream, p: Params) -> Session<C> {
-        let start = Instant::now();
         let Params { info, expires_at, limits, heartbeat, metrics } = p;
+        let start = info.timers().now();
         let Client { io, rest } = client;
         let max_message = limits.max_message_bytes as u64;
         let (mode, up_rest) = match upstream {
@@ -389,10 +392,11 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
             idle_timeout: ms32(heartbeat.idle_timeout_ms),
             write_timeout: ms32(limits.write_timeout_ms),
             max_out: limits.max_outbound_bytes,
-            expires: expires_at.map_or(NEVER, |at| ms(at.saturating_duration_since(start))),
+            expires: expires_at
+                .map_or(NEVER, |at| start.saturating_add(ms(at.saturating_duration_since(Instant::now())))),
             lifetime: match limits.max_lifetime_s {
                 0 => NEVER,
-                s => s.saturating_mul(1000),
+                s => start.saturating_add(s.saturating_mul(1000)),
             },
             msgs_per_s: limits.per_conn_msgs_per_s,
         };
@@ -401,58 +405,67 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
             mode,
             info,
             metrics,
-            next_ping: u64::from(t.ping_interval),
+            next_ping: start + u64::from(t.ping_interval),
             ping_sent: NEVER,
             ping_due: false,
             client_paused: false,
-            last_data: 0,
-            rate: MsgRate { tokens: t.msgs_per_s.max(1.0), at: 0 },
+            last_data: start,
+            rate: MsgRate { tokens: t.msgs_per_s.max(1.0), at: start },
             t,
-            start,
+            armed: NEVER,
             reason: None,
             closing_until: NEVER,
         };
         // Frames that arrived along with the handshakes.
         if !rest.is_empty() {
-            s.client_bytes(&rest, 0);
+            s.client_bytes(&rest, start);
         }
         if !up_rest.is_empty() {
-            s.up_bytes(&up_rest, 0);
+            s.up_bytes(&up_rest, start);
         }
         s
     }
 
     fn now(&self) -> Ms {
-        u64::try_from(Instant::now().saturating_duration_since(self.start).as_millis()).unwrap_or(NEVER - 1)
+        self.info.timers().now()
     }
 
     /// One turn of the session loop, in the order the rules are owed: a
-    /// kick, then the timer, then the sockets. `Ready` once finished.
-    fn poll(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<CloseReason> {
+    /// kick, then the deadline, then the sockets. `Ready` once finished.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        // Before the kick and the clock are read: a kick or a due deadline
+        // from now on wakes this task.
+        self.info.watch(cx.waker());
         loop {
             let now = self.now();
             if self.finished(now) {
+                self.arm(NEVER);
                 return Poll::Ready(self.reason.unwrap_or(CloseReason::Error));
             }
             if self.reason.is_none() {
-                if let Poll::Ready(reason) = self.info.poll_kicked(cx) {
+                if let Some(reason) = self.info.kicked_reason() {
                     let g = Goodbye::Close(Some(reason.close_code()), reason.label());
-                    self.begin_close(reason, g, g, self.now());
+                    self.begin_close(reason, g, g, now);
                     continue;
                 }
             }
             let (at, fire) = self.next_deadline(now);
-            let at = self.start + Duration::from_millis(at);
-            if timer.deadline() != at {
-                timer.as_mut().reset(at);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                self.on_timer(fire, self.now());
+            if at <= now {
+                self.on_timer(fire, now);
                 continue;
             }
+            self.arm(at);
             if self.poll_io(cx).is_pending() {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// Moves this session's entry in the shared timers to `at`.
+    fn arm(&mut self, at: Ms) {
+        if at != self.armed {
+            self.info.timers().rearm(&self.info, self.armed, at);
+            self.armed = at;
         }
     }
 
@@ -530,7 +543,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
             (t.lifetime, Fire::End(CloseReason::MaxLifetime)),
             (if self.ping_sent == NEVER && !self.ping_due { self.next_ping } else { NEVER }, Fire::Ping),
         ];
-        let mut first = (FAR, Fire::Ping);
+        let mut first = (NEVER, Fire::Ping);
         for (at, fire) in deadlines {
             // Strictly earlier: on a tie the rule listed first stays.
             if at < first.0 {
@@ -991,8 +1004,8 @@ mod tests {
     }
 
     /// The session future is what an idle connection keeps besides its
-    /// task and sockets (BENCHMARKS.md, "Memory per connection"): 944 bytes
-    /// before it was made compact, about 450 since. A field added without
+    /// task and sockets (BENCHMARKS.md, "Memory per connection"): 928 bytes
+    /// before it was made compact, about 300 since. A field added without
     /// thought shows here first.
     #[tokio::test]
     async fn an_idle_sessions_state_stays_small() {
@@ -1012,8 +1025,7 @@ mod tests {
         let (e, _f) = pair().await;
         let up = Backend { tcp: c, rest: Box::default(), protocol: None, extensions: None, deflate: false };
         let proxy = run(Client { io: e, rest: Vec::new() }, Some(up), params());
-        // Debug builds lay futures out a little larger than release (448).
-        assert!(std::mem::size_of_val(&echo) <= 512, "{}", std::mem::size_of_val(&echo));
+        assert!(std::mem::size_of_val(&echo) <= 320, "{}", std::mem::size_of_val(&echo));
         assert_eq!(std::mem::size_of_val(&echo), std::mem::size_of_val(&proxy));
         // The proxy half is boxed: an echo session does not carry it.
         assert!(std::mem::size_of::<Mode>() <= std::mem::size_of::<Echo>() + 8);

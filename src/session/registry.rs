@@ -11,13 +11,14 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Waker;
 
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
 use serde::Serialize;
 
 use super::leases::{CapError, UserCaps};
+use super::timer::Timers;
 use crate::config::{Limits, OnCapStoreError, OnUserCap};
 use crate::metrics::Metrics;
 use crate::reject::{CloseReason, Reject};
@@ -41,9 +42,10 @@ pub struct ConnInfo {
     last_seen: AtomicU64,
     /// 0 = not kicked; else 1 + index in `CloseReason::ALL`. The first kick wins.
     kicked: AtomicU8,
-    /// The session's waker. Polled, not awaited: the session keeps no
-    /// future (and no waiter node) for its kick while it idles.
-    kick: AtomicWaker,
+    /// The session's waker, for a kick and for its deadline (the shared
+    /// [`Timers`]). Registered at each poll: the session keeps no future
+    /// (and no waiter node) while it idles.
+    waker: AtomicWaker,
     /// Where it is registered, for its [`Slot`] to leave: kept here rather
     /// than in the slot, which the connection task holds (in more than one
     /// copy) for the whole session.
@@ -58,7 +60,7 @@ impl ConnInfo {
         if first {
             // A kick before the session first polls is not lost: the
             // session reads `kicked` after registering its waker.
-            self.kick.wake();
+            self.waker.wake();
         }
         first
     }
@@ -70,19 +72,21 @@ impl ConnInfo {
         }
     }
 
-    /// `Ready` once kicked, with the reason; otherwise the task of `cx`
-    /// is woken by the kick.
-    pub fn poll_kicked(&self, cx: &mut Context<'_>) -> Poll<CloseReason> {
-        if let Some(r) = self.kicked_reason() {
-            return Poll::Ready(r);
-        }
-        self.kick.register(cx.waker());
-        // Checked again: a kick between the first look and the
-        // registration woke nobody.
-        match self.kicked_reason() {
-            Some(r) => Poll::Ready(r),
-            None => Poll::Pending,
-        }
+    /// Has a kick or the timers wake `waker` (replacing the last one).
+    /// The session registers before it looks at `kicked_reason` and the
+    /// clock, so neither a kick nor a deadline in between is missed.
+    pub fn watch(&self, waker: &Waker) {
+        self.waker.register(waker);
+    }
+
+    /// Wakes the session (its deadline is due).
+    pub(super) fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// The timers of the gateway this connection belongs to.
+    pub(super) fn timers(&self) -> &Arc<Timers> {
+        &self.registry.timers
     }
 
     pub fn touch(&self, now_unix: u64) {
@@ -124,6 +128,8 @@ pub struct Registry {
     /// The fleet-wide per-user cap (Redis backend), asked before the local
     /// count; `None`: the local count is the cap.
     caps: Option<Arc<dyn UserCaps>>,
+    /// Every session's deadline.
+    timers: Arc<Timers>,
 }
 
 /// One subject's connection ids, oldest first. Most subjects hold a
@@ -219,6 +225,7 @@ impl Registry {
             metrics,
             closing: AtomicBool::new(false),
             caps,
+            timers: Timers::new(),
         })
     }
 
@@ -298,7 +305,7 @@ impl Registry {
             iat,
             last_seen: AtomicU64::new(now),
             kicked: AtomicU8::new(0),
-            kick: AtomicWaker::new(),
+            waker: AtomicWaker::new(),
             registry: self.clone(),
         })
     }
