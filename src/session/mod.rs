@@ -439,7 +439,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
         loop {
             let now = self.now();
             if self.finished(now) {
-                self.arm(NEVER);
+                self.disarm();
                 return Poll::Ready(self.reason.unwrap_or(CloseReason::Error));
             }
             if self.reason.is_none() {
@@ -454,18 +454,34 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                 self.on_timer(fire, now);
                 continue;
             }
-            self.arm(at);
+            self.arm(at, now);
             if self.poll_io(cx).is_pending() {
                 return Poll::Pending;
             }
         }
     }
 
-    /// Moves this session's entry in the shared timers to `at`.
-    fn arm(&mut self, at: Ms) {
-        if at != self.armed {
+    /// Makes sure the shared timers wake this session by `at`. An entry
+    /// due no later is kept as it stands: a deadline that moves later (the
+    /// write-stall clock on every write of a long transfer, the next ping
+    /// on every read) costs nothing until the entry fires early, and the
+    /// session then arms again from where its deadline has got to.
+    fn arm(&mut self, at: Ms, now: Ms) {
+        if self.armed <= now {
+            // Fired (or about to be, by the driver): no longer ours to move.
+            self.armed = NEVER;
+        }
+        if at < self.armed {
             self.info.timers().rearm(&self.info, self.armed, at);
             self.armed = at;
+        }
+    }
+
+    /// Takes this session's entry out of the shared timers.
+    fn disarm(&mut self) {
+        if self.armed != NEVER {
+            self.info.timers().rearm(&self.info, self.armed, NEVER);
+            self.armed = NEVER;
         }
     }
 

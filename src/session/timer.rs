@@ -29,8 +29,9 @@ pub const NEVER: Ms = Ms::MAX;
 /// The shared deadlines of a gateway's sessions.
 pub struct Timers {
     epoch: Instant,
-    /// (deadline, connection id) → the connection to wake. One entry per
-    /// armed session: re-arming moves it.
+    /// (deadline, connection id) → the connection to wake. A session
+    /// moves its entry only to an earlier deadline; an entry it has given
+    /// up as due may stand a moment longer, until the driver takes it.
     entries: Mutex<BTreeMap<(Ms, u64), Arc<ConnInfo>>>,
     /// Tells the driver of a deadline earlier than the one it sleeps for,
     /// or that the timers are gone.
