@@ -94,15 +94,19 @@ pub fn request_headers(
 }
 
 /// An upgraded backend connection, as the session relays it.
+///
+/// Boxed slices rather than `Vec`s and `String`s: the connection task
+/// reserves room for this struct (twice) for the whole life of the
+/// session, so every word here is paid per connection.
 #[derive(Debug)]
 pub struct Backend {
     pub tcp: TcpStream,
     /// Bytes the backend sent right behind its 101 (frames already).
-    pub rest: Vec<u8>,
+    pub rest: Box<[u8]>,
     /// The subprotocol the backend chose, if any.
-    pub protocol: Option<String>,
+    pub protocol: Option<Box<str>>,
     /// The backend's `Sec-WebSocket-Extensions` answer, for the client's 101.
-    pub extensions: Option<String>,
+    pub extensions: Option<Box<str>>,
     /// `permessage-deflate` was agreed: RSV1 may be set on messages.
     pub deflate: bool,
 }
@@ -161,10 +165,10 @@ pub async fn connect(
         let answer = read_upgrade_answer(&mut tcp, &key, subprotocols, extensions).await?;
         Ok(Backend {
             tcp,
-            rest: answer.rest,
-            protocol: answer.protocol,
+            rest: answer.rest.into_boxed_slice(),
+            protocol: answer.protocol.map(String::into_boxed_str),
             deflate: answer.extensions.as_deref().is_some_and(agrees_deflate),
-            extensions: answer.extensions,
+            extensions: answer.extensions.map(String::into_boxed_str),
         })
     };
     tokio::time::timeout(timeout, attempt).await.map_err(|_| "connect timeout".to_string())?

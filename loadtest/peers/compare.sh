@@ -18,6 +18,8 @@
 #   SECTIONS="rss refusals" loadtest/peers/compare.sh
 #   ROUNDS=1 SCALE=0.1 MIXED_DURATION=10s HB_WINDOW=5 loadtest/peers/compare.sh
 #                                                   a quick smoke run
+#   PORTCULLIS_BIN=/path/to/portcullis PORTCULLIS_REV="abc1234" loadtest/peers/compare.sh
+#                                                   another gateway binary, same script
 #
 # Sections: rss (RSS per idle connection at 9,000), refusals (refusals per
 # second of server CPU), latency (valid handshakes at a fixed rate), echo
@@ -56,7 +58,9 @@ ATTACK_IPS=127.0.0.2-127.0.0.41   # 40 source addresses
 LEGIT_IPS=127.0.0.42-127.0.0.49
 
 BIN=$ROOT/target/release
-PORTCULLIS=$BIN/portcullis
+# PORTCULLIS_BIN: another gateway binary (e.g. a copy built from an earlier
+# commit) measured by the very same script, for before/after runs.
+PORTCULLIS=${PORTCULLIS_BIN:-$BIN/portcullis}
 LT=$BIN/portcullis-loadtest
 ECHO_BACKEND=$BIN/echo-backend
 FIXED_401=$BIN/fixed-401

@@ -87,13 +87,13 @@ impl Utf8 {
 #[derive(Debug)]
 pub struct Echo {
     max_message: u64,
-    /// A header or control frame split across reads.
-    pending: Vec<u8>,
-    /// The data frame being received, its payload bytes so far, and (text
-    /// only) the payload itself, unmasked.
+    /// Between frames, a header or control frame split across reads; in a
+    /// text frame, its payload so far, unmasked. One buffer serves both:
+    /// they are never held at once.
+    buf: Vec<u8>,
+    /// The data frame being received and its payload bytes so far.
     frame: Option<Header>,
     got: u64,
-    payload: Vec<u8>,
     /// The current frame streams back as it arrives (binary).
     streaming: bool,
     /// Opcode of the open message (TEXT or BINARY), if one is open.
@@ -106,10 +106,9 @@ impl Echo {
     pub fn new(max_message: u64) -> Echo {
         Echo {
             max_message,
-            pending: Vec::new(),
+            buf: Vec::new(),
             frame: None,
             got: 0,
-            payload: Vec::new(),
             streaming: false,
             message: None,
             message_bytes: 0,
@@ -149,18 +148,18 @@ impl Echo {
                     }
                     continue;
                 }
-                let got = self.payload.len() as u64;
+                let got = self.buf.len() as u64;
                 let n = usize::try_from(h.len - got).unwrap_or(usize::MAX).min(input.len());
-                let at = self.payload.len();
-                self.payload.extend_from_slice(&input[..n]);
+                let at = self.buf.len();
+                self.buf.extend_from_slice(&input[..n]);
                 input = &input[n..];
                 if let Some(m) = h.mask {
-                    frame::apply_mask(&mut self.payload[at..], m, got);
+                    frame::apply_mask(&mut self.buf[at..], m, got);
                 }
-                if self.message == Some(TEXT) && !self.utf8.feed(&self.payload[at..]) {
+                if self.message == Some(TEXT) && !self.utf8.feed(&self.buf[at..]) {
                     return Err(Refusal::InvalidUtf8);
                 }
-                if self.payload.len() as u64 == h.len && !self.frame_done(h, on)? {
+                if self.buf.len() as u64 == h.len && !self.frame_done(h, on)? {
                     return Ok(false);
                 }
                 continue;
@@ -168,17 +167,17 @@ impl Echo {
             if input.is_empty() {
                 return Ok(true);
             }
-            let old = self.pending.len();
+            let old = self.buf.len();
             let joined: &[u8] = if old == 0 {
                 input
             } else {
                 let take = input.len().min(MAX_HEADER_BYTES + MAX_CONTROL_PAYLOAD - old);
-                self.pending.extend_from_slice(&input[..take]);
-                &self.pending
+                self.buf.extend_from_slice(&input[..take]);
+                &self.buf
             };
             let Some(h) = frame::parse(joined).map_err(Refusal::Protocol)? else {
                 if old == 0 {
-                    self.pending = input.to_vec();
+                    self.buf = input.to_vec();
                 }
                 return Ok(true);
             };
@@ -187,7 +186,7 @@ impl Echo {
                 let need = h.size + h.len as usize;
                 if joined.len() < need {
                     if old == 0 {
-                        self.pending = input.to_vec();
+                        self.buf = input.to_vec();
                     }
                     return Ok(true);
                 }
@@ -198,14 +197,14 @@ impl Echo {
                     frame::apply_mask(p, m, 0);
                 }
                 input = &input[need - old..];
-                self.pending = Vec::new();
+                self.buf = Vec::new();
                 if !control(h.opcode, p, on)? {
                     return Ok(false);
                 }
                 continue;
             }
             input = &input[h.size - old..];
-            self.pending = Vec::new();
+            self.buf = Vec::new();
             if h.opcode != CONTINUATION {
                 if !on(Action::MessageStart) {
                     return Ok(false);
@@ -230,7 +229,7 @@ impl Echo {
             }
             // Grown as bytes arrive, not reserved at the declared length:
             // a client announcing 1 MiB and sending nothing costs nothing.
-            self.payload = Vec::with_capacity(usize::try_from(h.len).unwrap_or(usize::MAX).min(16 * 1024));
+            self.buf = Vec::with_capacity(usize::try_from(h.len).unwrap_or(usize::MAX).min(16 * 1024));
             if h.len == 0 && !self.frame_done(h, on)? {
                 return Ok(false);
             }
@@ -260,7 +259,7 @@ impl Echo {
             return Err(Refusal::InvalidUtf8);
         }
         self.frame = None;
-        let payload = std::mem::take(&mut self.payload);
+        let payload = std::mem::take(&mut self.buf);
         let mut head = Vec::with_capacity(MAX_HEADER_BYTES);
         frame::put_header(&mut head, h.fin, h.opcode, payload.len(), None);
         if !(on(Action::Send(&head)) && on(Action::Send(&payload))) {
@@ -429,7 +428,7 @@ mod tests {
                 Ok(true)
             );
             mid |= !e.at_boundary();
-            assert_eq!(e.payload.capacity(), 0, "nothing held");
+            assert_eq!(e.buf.capacity(), 0, "nothing held");
         }
         assert!(mid && e.at_boundary());
         let mut want = Vec::new();

@@ -3,10 +3,11 @@
 //! rule that fires (the session table of docs/reference.md).
 //!
 //! One task per connection owns both sockets (no `split()`, no lock) and
-//! runs one loop over: a kick (revoke, evict, drain), one timer, and the
+//! runs one loop over: a kick (revoke, evict, drain), one deadline, and the
 //! sockets' reads and writes. All deadlines (heartbeat, idle, token expiry,
-//! lifetime, write stalls) share that single timer, re-armed to the
-//! earliest: tokio's timer wheel holds one entry per connection.
+//! lifetime, write stalls) share that single deadline, re-armed to the
+//! earliest, kept as one entry of the gateway's shared [`timer::Timers`]
+//! rather than a `Sleep` of its own.
 //!
 //! Proxy mode relays frames verbatim through a [`relay::Filter`] each way;
 //! echo mode answers through an [`echo::Echo`]. The gateway's own frames
@@ -16,6 +17,12 @@
 //! keeps only what could not be written yet (its outbox, freed once
 //! empty) and a split header or control frame. An idle connection holds no
 //! buffer at all, and one that carried a large message returns to that.
+//! The session itself is most of what an idle connection costs, so its
+//! state is kept in few bytes: times as milliseconds (`timer::Ms`) rather
+//! than `Instant`s, only the limits it reads, the proxy half boxed (echo
+//! sessions do not carry it), the kick polled rather than awaited, the
+//! deadline shared rather than a `Sleep`, and no future of its own: the
+//! session is the future.
 //!
 //! Backpressure: each direction's outbox is bounded by
 //! `limits.max_outbound_bytes`; while it is full the loop stops reading the
@@ -27,6 +34,7 @@
 pub mod echo;
 pub mod leases;
 pub mod registry;
+mod timer;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -47,16 +55,17 @@ use crate::relay::{Event, Filter, Refusal, Rules};
 use crate::upstream::Backend;
 use echo::{Action, Echo};
 use registry::{unix_now, ConnInfo};
+use timer::{Ms, NEVER};
 
 /// How long the gateway waits for the peer's reply to a close.
-const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+const CLOSE_REPLY_TIMEOUT: Ms = 1000;
 /// Best-effort close for clients we no longer trust to read (pong
 /// timeout, slow reader).
-const BEST_EFFORT_TIMEOUT: Duration = Duration::from_millis(100);
+const BEST_EFFORT_TIMEOUT: Ms = 100;
 /// After refusing a peer's stream, how long its bytes are still read (and
 /// dropped) so its close reply is taken and the socket closes with a FIN,
 /// not a reset that could destroy the close frame in flight.
-const DRAIN_GRACE: Duration = Duration::from_millis(100);
+const DRAIN_GRACE: Ms = 100;
 /// The per-thread read buffer. 64 KiB: a 64 KiB message in one read.
 const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -91,22 +100,39 @@ pub fn instant_at_unix(unix_s: u64) -> Instant {
     Instant::now() + Duration::from_secs(unix_s.saturating_sub(now))
 }
 
+/// What a session keeps of its [`Params`]: the limits it reads, in its own
+/// units. Durations are validated to at most a day (`config::bounds`), so
+/// milliseconds fit a `u32`; a larger one (a config built in code, not
+/// parsed) is held at `u32::MAX`, about 49 days.
+struct Tuning {
+    ping_interval: u32,
+    pong_timeout: u32,
+    /// 0 = off.
+    idle_timeout: u32,
+    write_timeout: u32,
+    max_out: usize,
+    /// Token expiry and lifetime end, or `NEVER`.
+    expires: Ms,
+    lifetime: Ms,
+    /// 0 = unlimited.
+    msgs_per_s: f64,
+}
+
+fn ms32(ms: u64) -> u32 {
+    u32::try_from(ms).unwrap_or(u32::MAX)
+}
+
 /// Bytes waiting to be written one way. Empty, it holds no allocation.
 #[derive(Default)]
 struct Outbox {
     buf: Vec<u8>,
     /// How much of `buf` is written.
     head: usize,
-    /// Written but not yet flushed (TLS).
-    unflushed: bool,
 }
 
 impl Outbox {
     fn len(&self) -> usize {
         self.buf.len() - self.head
-    }
-    fn pending(&self) -> bool {
-        self.len() > 0 || self.unflushed
     }
     fn push(&mut self, b: &[u8]) {
         // Reclaim the written front once it is most of the buffer.
@@ -135,40 +161,52 @@ struct Side<S> {
     io: S,
     out: Outbox,
     /// Last write progress, or when bytes became pending.
-    progress: Instant,
+    progress: Ms,
+    /// Its stream was refused: reads are dropped unparsed until this time
+    /// (`NEVER`: not refused).
+    drain_until: Ms,
+    /// Written but not yet flushed (TLS).
+    unflushed: bool,
     /// Nothing more will be read from it (EOF or error).
     eof: bool,
     /// A write failed, or it was abandoned mid-frame: no more I/O to it.
     broken: bool,
     got_close: bool,
     sent_close: bool,
-    /// Its stream was refused: reads are dropped unparsed until this time.
-    drain_until: Option<Instant>,
     /// Whether its close reply is worth waiting for.
     wait_reply: bool,
 }
 
 impl<S> Side<S> {
-    fn new(io: S, now: Instant) -> Side<S> {
+    fn new(io: S) -> Side<S> {
         Side {
             io,
             out: Outbox::default(),
-            progress: now,
+            progress: 0,
+            drain_until: NEVER,
+            unflushed: false,
             eof: false,
             broken: false,
             got_close: false,
             sent_close: false,
-            drain_until: None,
             wait_reply: true,
         }
     }
 
+    fn pending(&self) -> bool {
+        self.out.len() > 0 || self.unflushed
+    }
+
+    fn draining(&self) -> bool {
+        self.drain_until != NEVER
+    }
+
     /// Queues bytes; the write-stall clock starts when the outbox does.
-    fn push(&mut self, b: &[u8], now: Instant) {
+    fn push(&mut self, b: &[u8], now: Ms) {
         if self.broken {
             return;
         }
-        if !self.out.pending() {
+        if !self.pending() {
             self.progress = now;
         }
         self.out.push(b);
@@ -179,21 +217,27 @@ impl<S> Side<S> {
     }
 
     /// Closing: nothing left to write, and its reply is in (or not awaited).
-    fn done(&self, now: Instant) -> bool {
+    fn done(&self, now: Ms) -> bool {
         if self.broken {
             return true;
         }
-        let written = self.sent_close && !self.out.pending();
-        let replied =
-            self.eof || self.got_close || !self.wait_reply || self.drain_until.is_some_and(|t| now >= t);
+        let written = self.sent_close && !self.pending();
+        let replied = self.eof || self.got_close || !self.wait_reply || now >= self.drain_until;
         written && replied
+    }
+
+    /// Gives up on writing: the outbox goes.
+    fn break_off(&mut self) {
+        self.broken = true;
+        self.out = Outbox::default();
+        self.unflushed = false;
     }
 }
 
 impl<S: AsyncWrite + Unpin> Side<S> {
     /// Writes what it can; true if any byte went. Frees the outbox once
     /// empty. A write error marks the side broken.
-    fn poll_out(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+    fn poll_out(&mut self, cx: &mut Context<'_>, now: Ms) -> bool {
         if self.broken {
             self.out = Outbox::default();
             return false;
@@ -203,29 +247,24 @@ impl<S: AsyncWrite + Unpin> Side<S> {
             match Pin::new(&mut self.io).poll_write(cx, &self.out.buf[self.out.head..]) {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     self.out.head += n;
-                    self.out.unflushed = true;
+                    self.unflushed = true;
                     self.progress = now;
                     wrote = true;
                 }
                 Poll::Ready(_) => {
-                    self.broken = true;
-                    self.out = Outbox::default();
+                    self.break_off();
                     return wrote;
                 }
                 Poll::Pending => return wrote,
             }
         }
         if self.out.buf.capacity() > 0 {
-            self.out.buf = Vec::new();
-            self.out.head = 0;
+            self.out = Outbox::default();
         }
-        if self.out.unflushed {
+        if self.unflushed {
             match Pin::new(&mut self.io).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.out.unflushed = false,
-                Poll::Ready(Err(_)) => {
-                    self.broken = true;
-                    self.out = Outbox::default();
-                }
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(_)) => self.break_off(),
                 Poll::Pending => {}
             }
         }
@@ -235,18 +274,18 @@ impl<S: AsyncWrite + Unpin> Side<S> {
 
 /// Per-connection message rate: a token bucket of one second's burst.
 struct MsgRate {
-    per_s: f64,
     tokens: f64,
-    at: Instant,
+    at: Ms,
 }
 
 impl MsgRate {
-    fn allow(&mut self, now: Instant) -> bool {
-        if self.per_s <= 0.0 {
+    fn allow(&mut self, per_s: f64, now: Ms) -> bool {
+        if per_s <= 0.0 {
             return true;
         }
-        let burst = self.per_s.max(1.0);
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_s).min(burst);
+        let burst = per_s.max(1.0);
+        let elapsed_s = now.saturating_sub(self.at) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed_s * per_s).min(burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -266,9 +305,17 @@ enum Fire {
     Closing,
 }
 
+/// Proxy mode's half of a session: the backend and a filter each way.
+/// Boxed in [`Mode`], so that echo sessions do not carry its room.
+struct Proxy {
+    up: Side<TcpStream>,
+    from_client: Filter,
+    from_up: Filter,
+}
+
 /// How the client's side is handled: relayed to a backend, or answered.
 enum Mode {
-    Proxy { up: Side<TcpStream>, from_client: Filter, from_up: Filter },
+    Proxy(Box<Proxy>),
     Echo(Echo),
 }
 
@@ -276,96 +323,98 @@ enum Mode {
 struct Session<C> {
     client: Side<C>,
     mode: Mode,
-    p: Params,
-    start: Instant,
+    info: Arc<ConnInfo>,
+    metrics: Arc<Metrics>,
+    t: Tuning,
+    /// The deadline its entry in the shared timers stands at (`NEVER`:
+    /// none).
+    armed: Ms,
     /// Set once the first rule fired; the session is then closing.
     reason: Option<CloseReason>,
-    closing_until: Option<Instant>,
+    /// While closing, when the closing handshake's time is up.
+    closing_until: Ms,
     /// Heartbeat: `ping_sent` is set while the gateway's ping awaits any
-    /// frame back; `ping_due` while it waits for a frame boundary.
-    next_ping: Instant,
-    ping_sent: Option<Instant>,
+    /// frame back; `ping_due` while it waits for a frame boundary. The
+    /// ping's payload is the connection id, so the pong answering it is
+    /// recognised (and consumed) among the client's pongs to the
+    /// backend's pings.
+    next_ping: Ms,
+    ping_sent: Ms,
     ping_due: bool,
-    /// Our ping payload, so the pong answering it is recognised (and
-    /// consumed) among the client's pongs to the backend's pings.
-    ping_payload: [u8; 8],
     /// The gateway had stopped reading the client at the last look.
     client_paused: bool,
-    last_data: Instant,
+    last_data: Ms,
     rate: MsgRate,
 }
 
 /// Runs the session to its end and returns why it ended. The caller
 /// counts it (exactly once) and releases the connection's permits.
 ///
-/// This future is most of an idle connection's memory, so it is kept
-/// small: the session is built before it exists and moved in whole (an
-/// `async fn` would keep a second copy of every argument for its whole
-/// life), and its branch futures hold references only.
+/// This future is most of an idle connection's memory, so it is the
+/// session itself and nothing more: no `async` state machine around it
+/// (which would keep a second copy of every argument), no timer of its own.
 pub fn run<C>(client: Client<C>, upstream: Upstream, p: Params) -> impl Future<Output = CloseReason>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let info = p.info.clone();
     let mut s = Session::new(client, upstream, p);
-    async move {
-        let timer = tokio::time::sleep_until(s.start);
-        tokio::pin!(timer);
-        loop {
-            let now = Instant::now();
-            if s.finished(now) {
-                break;
-            }
-            let (at, fire) = s.next_deadline(now);
-            if timer.deadline() != at {
-                timer.as_mut().reset(at);
-            }
-            let open = s.reason.is_none();
-            tokio::select! {
-                biased;
-                reason = info.kicked(), if open => {
-                    let g = Goodbye::Close(Some(reason.close_code()), reason.label());
-                    s.begin_close(reason, g, g, Instant::now());
-                }
-                _ = &mut timer => s.on_timer(fire, Instant::now()),
-                _ = std::future::poll_fn(|cx| s.poll_io(cx)) => {}
-            }
+    std::future::poll_fn(move |cx| s.poll(cx))
+}
+
+impl<C> Drop for Session<C> {
+    fn drop(&mut self) {
+        // A session dropped unfinished (its task aborted, the runtime
+        // shutting down) leaves no entry in the shared timers.
+        if self.armed != NEVER {
+            self.info.timers().rearm(&self.info, self.armed, NEVER);
         }
-        s.reason.unwrap_or(CloseReason::Error)
     }
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     fn new(client: Client<C>, upstream: Upstream, p: Params) -> Session<C> {
-        let start = Instant::now();
+        let Params { info, expires_at, limits, heartbeat, metrics } = p;
+        let start = info.timers().now();
         let Client { io, rest } = client;
-        let max_message = p.limits.max_message_bytes as u64;
+        let max_message = limits.max_message_bytes as u64;
         let (mode, up_rest) = match upstream {
             Some(b) => {
                 let from_client = Filter::new(Rules { from_client: true, deflate: b.deflate, max_message });
                 let from_up = Filter::new(Rules { from_client: false, deflate: b.deflate, max_message });
-                (Mode::Proxy { up: Side::new(b.tcp, start), from_client, from_up }, b.rest)
+                (Mode::Proxy(Box::new(Proxy { up: Side::new(b.tcp), from_client, from_up })), b.rest)
             }
-            None => (Mode::Echo(Echo::new(max_message)), Vec::new()),
+            None => (Mode::Echo(Echo::new(max_message)), Box::default()),
+        };
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NEVER - 1);
+        let t = Tuning {
+            ping_interval: ms32(heartbeat.ping_interval_ms),
+            pong_timeout: ms32(heartbeat.pong_timeout_ms),
+            idle_timeout: ms32(heartbeat.idle_timeout_ms),
+            write_timeout: ms32(limits.write_timeout_ms),
+            max_out: limits.max_outbound_bytes,
+            expires: expires_at
+                .map_or(NEVER, |at| start.saturating_add(ms(at.saturating_duration_since(Instant::now())))),
+            lifetime: match limits.max_lifetime_s {
+                0 => NEVER,
+                s => start.saturating_add(s.saturating_mul(1000)),
+            },
+            msgs_per_s: limits.per_conn_msgs_per_s,
         };
         let mut s = Session {
-            client: Side::new(io, start),
+            client: Side::new(io),
             mode,
-            next_ping: start + Duration::from_millis(p.heartbeat.ping_interval_ms),
-            ping_sent: None,
+            info,
+            metrics,
+            next_ping: start + u64::from(t.ping_interval),
+            ping_sent: NEVER,
             ping_due: false,
-            ping_payload: p.info.id.to_be_bytes(),
             client_paused: false,
             last_data: start,
-            rate: MsgRate {
-                per_s: p.limits.per_conn_msgs_per_s,
-                tokens: p.limits.per_conn_msgs_per_s.max(1.0),
-                at: start,
-            },
-            p,
-            start,
+            rate: MsgRate { tokens: t.msgs_per_s.max(1.0), at: start },
+            t,
+            armed: NEVER,
             reason: None,
-            closing_until: None,
+            closing_until: NEVER,
         };
         // Frames that arrived along with the handshakes.
         if !rest.is_empty() {
@@ -377,30 +426,83 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
         s
     }
 
-    fn max_out(&self) -> usize {
-        self.p.limits.max_outbound_bytes
+    fn now(&self) -> Ms {
+        self.info.timers().now()
+    }
+
+    /// One turn of the session loop, in the order the rules are owed: a
+    /// kick, then the deadline, then the sockets. `Ready` once finished.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        // Before the kick and the clock are read: a kick or a due deadline
+        // from now on wakes this task.
+        self.info.watch(cx.waker());
+        loop {
+            let now = self.now();
+            if self.finished(now) {
+                self.disarm();
+                return Poll::Ready(self.reason.unwrap_or(CloseReason::Error));
+            }
+            if self.reason.is_none() {
+                if let Some(reason) = self.info.kicked_reason() {
+                    let g = Goodbye::Close(Some(reason.close_code()), reason.label());
+                    self.begin_close(reason, g, g, now);
+                    continue;
+                }
+            }
+            let (at, fire) = self.next_deadline(now);
+            if at <= now {
+                self.on_timer(fire, now);
+                continue;
+            }
+            self.arm(at, now);
+            if self.poll_io(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Makes sure the shared timers wake this session by `at`. An entry
+    /// due no later is kept as it stands: a deadline that moves later (the
+    /// write-stall clock on every write of a long transfer, the next ping
+    /// on every read) costs nothing until the entry fires early, and the
+    /// session then arms again from where its deadline has got to.
+    fn arm(&mut self, at: Ms, now: Ms) {
+        if self.armed <= now {
+            // Fired (or about to be, by the driver): no longer ours to move.
+            self.armed = NEVER;
+        }
+        if at < self.armed {
+            self.info.timers().rearm(&self.info, self.armed, at);
+            self.armed = at;
+        }
+    }
+
+    /// Takes this session's entry out of the shared timers.
+    fn disarm(&mut self) {
+        if self.armed != NEVER {
+            self.info.timers().rearm(&self.info, self.armed, NEVER);
+            self.armed = NEVER;
+        }
     }
 
     fn can_read_client(&self) -> bool {
         if !self.client.readable() {
             return false;
         }
-        if self.client.drain_until.is_some() {
+        if self.client.draining() {
             return true;
         }
         match &self.mode {
-            Mode::Proxy { up, .. } => up.out.len() < self.max_out() || up.broken,
-            Mode::Echo(_) => self.client.out.len() < self.max_out(),
+            Mode::Proxy(p) => p.up.out.len() < self.t.max_out || p.up.broken,
+            Mode::Echo(_) => self.client.out.len() < self.t.max_out,
         }
     }
 
     fn can_read_up(&self) -> bool {
         match &self.mode {
-            Mode::Proxy { up, .. } => {
-                up.readable()
-                    && (up.drain_until.is_some()
-                        || self.client.out.len() < self.max_out()
-                        || self.client.broken)
+            Mode::Proxy(p) => {
+                p.up.readable()
+                    && (p.up.draining() || self.client.out.len() < self.t.max_out || self.client.broken)
             }
             Mode::Echo(_) => false,
         }
@@ -408,10 +510,10 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
 
     /// The earliest deadline and what fires there, in table order so a
     /// tie goes to the rule listed first.
-    fn next_deadline(&mut self, now: Instant) -> (Instant, Fire) {
-        if let Some(until) = self.closing_until {
-            let mut at = until;
-            for d in [self.client.drain_until, self.up().and_then(|u| u.drain_until)].into_iter().flatten() {
+    fn next_deadline(&mut self, now: Ms) -> (Ms, Fire) {
+        if self.closing_until != NEVER {
+            let mut at = self.closing_until;
+            for d in [self.client.drain_until, self.up().map_or(NEVER, |u| u.drain_until)] {
                 if d > now {
                     at = at.min(d);
                 }
@@ -425,52 +527,56 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
             self.client_paused = true;
         } else if self.client_paused {
             self.client_paused = false;
-            if self.ping_sent.is_some() {
-                self.ping_sent = Some(now);
+            if self.ping_sent != NEVER {
+                self.ping_sent = now;
             }
         }
-        let hb = &self.p.heartbeat;
-        let lim = &self.p.limits;
-        let wt = lim.write_timeout();
+        let t = &self.t;
+        let wt = u64::from(t.write_timeout);
+        let after = |at: Ms, d: u32| at.saturating_add(u64::from(d));
         let deadlines = [
             (
-                self.ping_sent.filter(|_| reading).map(|s| s + Duration::from_millis(hb.pong_timeout_ms)),
+                if self.ping_sent != NEVER && reading {
+                    after(self.ping_sent, t.pong_timeout)
+                } else {
+                    NEVER
+                },
                 Fire::End(CloseReason::PongTimeout),
             ),
             (
-                (hb.idle_timeout_ms > 0).then(|| self.last_data + Duration::from_millis(hb.idle_timeout_ms)),
+                if t.idle_timeout > 0 { after(self.last_data, t.idle_timeout) } else { NEVER },
                 Fire::End(CloseReason::Idle),
             ),
-            (self.p.expires_at, Fire::End(CloseReason::TokenExpired)),
+            (t.expires, Fire::End(CloseReason::TokenExpired)),
             (
-                self.client.out.pending().then(|| self.client.progress + wt),
+                if self.client.pending() { self.client.progress.saturating_add(wt) } else { NEVER },
                 Fire::End(CloseReason::SlowReader),
             ),
             (
-                self.up().filter(|u| u.out.pending()).map(|u| u.progress + wt),
+                self.up().filter(|u| u.pending()).map_or(NEVER, |u| u.progress.saturating_add(wt)),
                 Fire::End(CloseReason::UpstreamStalled),
             ),
-            (
-                (lim.max_lifetime_s > 0).then(|| self.start + Duration::from_secs(lim.max_lifetime_s)),
-                Fire::End(CloseReason::MaxLifetime),
-            ),
-            ((self.ping_sent.is_none() && !self.ping_due).then_some(self.next_ping), Fire::Ping),
+            (t.lifetime, Fire::End(CloseReason::MaxLifetime)),
+            (if self.ping_sent == NEVER && !self.ping_due { self.next_ping } else { NEVER }, Fire::Ping),
         ];
-        deadlines
-            .iter()
-            .filter_map(|(d, f)| d.map(|d| (d, *f)))
-            .min_by_key(|(d, _)| *d)
-            .unwrap_or((self.start + Duration::from_secs(86_400 * 365), Fire::Ping))
+        let mut first = (NEVER, Fire::Ping);
+        for (at, fire) in deadlines {
+            // Strictly earlier: on a tie the rule listed first stays.
+            if at < first.0 {
+                first = (at, fire);
+            }
+        }
+        first
     }
 
     fn up(&self) -> Option<&Side<TcpStream>> {
         match &self.mode {
-            Mode::Proxy { up, .. } => Some(up),
+            Mode::Proxy(p) => Some(&p.up),
             Mode::Echo(_) => None,
         }
     }
 
-    fn on_timer(&mut self, fire: Fire, now: Instant) {
+    fn on_timer(&mut self, fire: Fire, now: Ms) {
         match fire {
             Fire::End(reason) => {
                 let g = Goodbye::Close(Some(reason.close_code()), reason.label());
@@ -482,8 +588,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                 self.maybe_ping(now);
             }
             Fire::Closing => {
-                let Some(until) = self.closing_until else { return };
-                if now < until {
+                if self.closing_until == NEVER || now < self.closing_until {
                     return;
                 }
                 // The backend never answered the client's close: answer it
@@ -492,22 +597,22 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                     self.client.push(&frame::close(None, "", None), now);
                     self.client.sent_close = true;
                     self.client.wait_reply = false;
-                    if let Mode::Proxy { up, .. } = &mut self.mode {
-                        up.broken = true;
+                    if let Mode::Proxy(p) = &mut self.mode {
+                        p.up.broken = true;
                     }
-                    self.closing_until = Some(now + BEST_EFFORT_TIMEOUT);
+                    self.closing_until = now + BEST_EFFORT_TIMEOUT;
                     return;
                 }
-                self.closing_until = Some(now);
+                self.closing_until = now;
                 self.client.broken = true;
-                if let Mode::Proxy { up, .. } = &mut self.mode {
-                    up.broken = true;
+                if let Mode::Proxy(p) = &mut self.mode {
+                    p.up.broken = true;
                 }
             }
         }
     }
 
-    fn finished(&self, now: Instant) -> bool {
+    fn finished(&self, now: Ms) -> bool {
         if self.reason.is_none() {
             return false;
         }
@@ -516,26 +621,26 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
 
     fn toward_client_at_boundary(&self) -> bool {
         match &self.mode {
-            Mode::Proxy { from_up, .. } => from_up.at_boundary(),
+            Mode::Proxy(p) => p.from_up.at_boundary(),
             Mode::Echo(echo) => echo.at_boundary(),
         }
     }
 
     /// Sends the gateway's ping when the stream toward the client is
     /// between frames.
-    fn maybe_ping(&mut self, now: Instant) {
+    fn maybe_ping(&mut self, now: Ms) {
         if !self.ping_due || self.reason.is_some() || !self.toward_client_at_boundary() {
             return;
         }
-        let f = frame::control(PING, &self.ping_payload, None);
+        let f = frame::control(PING, &self.info.id.to_be_bytes(), None);
         self.client.push(&f, now);
         self.ping_due = false;
-        self.ping_sent = Some(now);
+        self.ping_sent = now;
     }
 
     /// The first rule fired: say goodbye to each side as `reason` wants and
     /// start closing. Later rules are ignored.
-    fn begin_close(&mut self, reason: CloseReason, to_client: Goodbye, to_up: Goodbye, now: Instant) {
+    fn begin_close(&mut self, reason: CloseReason, to_client: Goodbye, to_up: Goodbye, now: Ms) {
         if self.reason.is_some() {
             return;
         }
@@ -548,23 +653,24 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
             }
             _ => CLOSE_REPLY_TIMEOUT,
         };
-        self.closing_until = Some(now + wait);
+        self.closing_until = now + wait;
         let client_boundary = self.toward_client_at_boundary();
         goodbye(&mut self.client, to_client, client_boundary, None, now);
-        if let Mode::Proxy { up, from_client, .. } = &mut self.mode {
+        if let Mode::Proxy(p) = &mut self.mode {
             if reason == CloseReason::UpstreamLost {
-                up.eof = true;
-                up.broken = true;
+                p.up.eof = true;
+                p.up.broken = true;
             }
             let mask = rand::random::<[u8; 4]>();
-            goodbye(up, to_up, from_client.at_boundary(), Some(mask), now);
+            let boundary = p.from_client.at_boundary();
+            goodbye(&mut p.up, to_up, boundary, Some(mask), now);
         }
     }
 
     /// Reads and writes whatever is ready. `Ready` after any progress (the
     /// caller re-evaluates its deadlines), `Pending` once nothing moves.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let now = Instant::now();
+        let now = self.now();
         let mut moved = self.poll_writes(cx, now);
         let read = SCRATCH.with(|cell| {
             // Not re-entered: nothing below reads a socket through it.
@@ -585,14 +691,14 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                 }
             }
             if self.can_read_up() {
-                let Mode::Proxy { up, .. } = &mut self.mode else { return read };
-                match poll_read(&mut up.io, cx, &mut buf) {
+                let Mode::Proxy(p) = &mut self.mode else { return read };
+                match poll_read(&mut p.up.io, cx, &mut buf) {
                     Poll::Ready(Some(n)) => {
                         self.up_bytes(&buf[..n], now);
                         read = true;
                     }
                     Poll::Ready(None) => {
-                        up.eof = true;
+                        p.up.eof = true;
                         self.up_gone(now);
                         read = true;
                     }
@@ -613,19 +719,19 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     }
 
     /// Writes both outboxes; true if any byte went or a side broke.
-    fn poll_writes(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+    fn poll_writes(&mut self, cx: &mut Context<'_>, now: Ms) -> bool {
         let mut moved = false;
-        if self.client.out.pending() && !self.client.broken {
+        if self.client.pending() && !self.client.broken {
             moved |= self.client.poll_out(cx, now);
             if self.client.broken {
                 moved = true;
                 self.client_gone(now);
             }
         }
-        if let Mode::Proxy { up, .. } = &mut self.mode {
-            if up.out.pending() && !up.broken {
-                moved |= up.poll_out(cx, now);
-                if up.broken {
+        if let Mode::Proxy(p) = &mut self.mode {
+            if p.up.pending() && !p.up.broken {
+                moved |= p.up.poll_out(cx, now);
+                if p.up.broken {
                     moved = true;
                     self.up_gone(now);
                 }
@@ -635,26 +741,26 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     }
 
     /// The client's socket ended (EOF, read or write error).
-    fn client_gone(&mut self, now: Instant) {
+    fn client_gone(&mut self, now: Ms) {
         self.client.eof = true;
         self.client.sent_close = true;
         if self.reason.is_none() {
             // Tell the backend, with no code: the client gave none.
             self.begin_close(CloseReason::ClientClose, Goodbye::Nothing, Goodbye::Close(None, ""), now);
-        } else if let Mode::Proxy { up, .. } = &mut self.mode {
+        } else if let Mode::Proxy(p) = &mut self.mode {
             // Closing and the client left: nobody to relay the backend's reply to.
-            if !up.sent_close {
-                up.wait_reply = false;
-                up.sent_close = true;
+            if !p.up.sent_close {
+                p.up.wait_reply = false;
+                p.up.sent_close = true;
             }
         }
     }
 
     /// The backend's socket ended.
-    fn up_gone(&mut self, now: Instant) {
-        if let Mode::Proxy { up, .. } = &mut self.mode {
-            up.eof = true;
-            up.sent_close = true;
+    fn up_gone(&mut self, now: Ms) {
+        if let Mode::Proxy(p) = &mut self.mode {
+            p.up.eof = true;
+            p.up.sent_close = true;
         }
         if self.reason.is_none() {
             let g = Goodbye::Close(
@@ -670,28 +776,30 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     }
 
     /// Bytes from the client: parsed, checked, and relayed or answered.
-    fn client_bytes(&mut self, data: &[u8], now: Instant) {
+    fn client_bytes(&mut self, data: &[u8], now: Ms) {
         // Any byte proves the client alive.
-        self.ping_sent = None;
+        self.ping_sent = NEVER;
         if self.next_ping <= now {
-            self.next_ping = now + Duration::from_millis(self.p.heartbeat.ping_interval_ms);
+            self.next_ping = now + u64::from(self.t.ping_interval);
         }
-        self.p.info.touch(unix_now());
-        if self.client.drain_until.is_some() {
+        self.info.touch(unix_now());
+        if self.client.draining() {
             return;
         }
         let open = self.reason.is_none();
         let mut ended: Option<(CloseReason, Goodbye, Goodbye)> = None;
         let client = &mut self.client;
         let rate = &mut self.rate;
-        let metrics = &self.p.metrics;
+        let per_s = self.t.msgs_per_s;
+        let metrics = &self.metrics;
         let last_data = &mut self.last_data;
         match &mut self.mode {
-            Mode::Proxy { up, from_client, .. } => {
-                let ours = &self.ping_payload;
+            Mode::Proxy(p) => {
+                let Proxy { up, from_client, .. } = &mut **p;
+                let ours = self.info.id.to_be_bytes();
                 let r = from_client.feed(data, &mut |e| match e {
                     Event::MessageStart => {
-                        if open && !rate.allow(now) {
+                        if open && !rate.allow(per_s, now) {
                             ended = Some(gateway_close(CloseReason::MsgRate));
                             return false;
                         }
@@ -728,7 +836,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                     }
                 });
                 if let Err(refusal) = r {
-                    client.drain_until = Some(now + DRAIN_GRACE);
+                    client.drain_until = now + DRAIN_GRACE;
                     ended = Some(match refusal {
                         Refusal::TooBig => gateway_close(CloseReason::MessageTooBig),
                         Refusal::Protocol(why) => {
@@ -742,7 +850,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
             Mode::Echo(echo) => {
                 let r = echo.feed(data, &mut |a| match a {
                     Action::MessageStart => {
-                        if open && !rate.allow(now) {
+                        if open && !rate.allow(per_s, now) {
                             ended = Some(gateway_close(CloseReason::MsgRate));
                             return false;
                         }
@@ -774,7 +882,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                     }
                 });
                 if let Err(refusal) = r {
-                    client.drain_until = Some(now + DRAIN_GRACE);
+                    client.drain_until = now + DRAIN_GRACE;
                     let g = |code, text| Goodbye::Close(Some(code), text);
                     ended = Some(match refusal {
                         echo::Refusal::TooBig => gateway_close(CloseReason::MessageTooBig),
@@ -795,14 +903,15 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     }
 
     /// Bytes from the backend: parsed, checked, relayed to the client.
-    fn up_bytes(&mut self, data: &[u8], now: Instant) {
+    fn up_bytes(&mut self, data: &[u8], now: Ms) {
         let open = self.reason.is_none();
         let mut ended: Option<(CloseReason, Goodbye, Goodbye)> = None;
         let client = &mut self.client;
-        let metrics = &self.p.metrics;
+        let metrics = &self.metrics;
         let last_data = &mut self.last_data;
-        let Mode::Proxy { up, from_up, .. } = &mut self.mode else { return };
-        if up.drain_until.is_some() {
+        let Mode::Proxy(p) = &mut self.mode else { return };
+        let Proxy { up, from_up, .. } = &mut **p;
+        if up.draining() {
             return;
         }
         let r = from_up.feed(data, &mut |e| match e {
@@ -838,7 +947,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
             }
         });
         if let Err(refusal) = r {
-            up.drain_until = Some(now + DRAIN_GRACE);
+            up.drain_until = now + DRAIN_GRACE;
             ended = Some(match refusal {
                 Refusal::TooBig => gateway_close(CloseReason::MessageTooBig),
                 Refusal::Protocol(why) => {
@@ -869,7 +978,7 @@ fn gateway_close(reason: CloseReason) -> (CloseReason, Goodbye, Goodbye) {
 /// Queues the gateway's close toward a side, if it still needs one. A
 /// side whose stream is mid-frame cannot take a frame of ours: it is
 /// abandoned instead (its TCP connection simply closes).
-fn goodbye<S>(side: &mut Side<S>, g: Goodbye, at_boundary: bool, mask: Option<[u8; 4]>, now: Instant) {
+fn goodbye<S>(side: &mut Side<S>, g: Goodbye, at_boundary: bool, mask: Option<[u8; 4]>, now: Ms) {
     if side.sent_close || side.broken {
         return;
     }
@@ -894,5 +1003,47 @@ fn poll_read<S: AsyncRead + Unpin>(io: &mut S, cx: &mut Context<'_>, buf: &mut [
         Poll::Ready(Ok(())) if !rb.filled().is_empty() => Poll::Ready(Some(rb.filled().len())),
         Poll::Ready(_) => Poll::Ready(None),
         Poll::Pending => Poll::Pending,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OnUserCap;
+    use registry::Registry;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// The session future is what an idle connection keeps besides its
+    /// task and sockets (BENCHMARKS.md, "Memory per connection"): 928 bytes
+    /// before it was made compact, about 300 since. A field added without
+    /// thought shows here first.
+    #[tokio::test]
+    async fn an_idle_sessions_state_stays_small() {
+        let metrics = Arc::new(Metrics::new());
+        let reg = Registry::new(metrics.clone());
+        let slot = reg.register("u", "127.0.0.1".parse().unwrap(), None, None, 8, OnUserCap::Reject).unwrap();
+        let params = || Params {
+            info: slot.info.clone(),
+            expires_at: None,
+            limits: Limits::default(),
+            heartbeat: Heartbeat::default(),
+            metrics: metrics.clone(),
+        };
+        let (a, _b) = pair().await;
+        let echo = run(Client { io: a, rest: Vec::new() }, None, params());
+        let (c, _d) = pair().await;
+        let (e, _f) = pair().await;
+        let up = Backend { tcp: c, rest: Box::default(), protocol: None, extensions: None, deflate: false };
+        let proxy = run(Client { io: e, rest: Vec::new() }, Some(up), params());
+        assert!(std::mem::size_of_val(&echo) <= 320, "{}", std::mem::size_of_val(&echo));
+        assert_eq!(std::mem::size_of_val(&echo), std::mem::size_of_val(&proxy));
+        // The proxy half is boxed: an echo session does not carry it.
+        assert!(std::mem::size_of::<Mode>() <= std::mem::size_of::<Echo>() + 8);
     }
 }

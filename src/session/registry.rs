@@ -11,12 +11,14 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use super::leases::{CapError, UserCaps};
+use super::timer::Timers;
 use crate::config::{Limits, OnCapStoreError, OnUserCap};
 use crate::metrics::Metrics;
 use crate::reject::{CloseReason, Reject};
@@ -28,7 +30,9 @@ pub use crate::clock::unix_now;
 #[derive(Debug)]
 pub struct ConnInfo {
     pub id: u64,
-    pub sub: String,
+    /// Shared with the registry's index by subject: one copy per
+    /// connection, not two.
+    pub sub: Arc<str>,
     pub ip: IpAddr,
     /// Unix seconds of admission.
     pub since: u64,
@@ -38,7 +42,14 @@ pub struct ConnInfo {
     last_seen: AtomicU64,
     /// 0 = not kicked; else 1 + index in `CloseReason::ALL`. The first kick wins.
     kicked: AtomicU8,
-    kick: Notify,
+    /// The session's waker, for a kick and for its deadline (the shared
+    /// [`Timers`]). Registered at each poll: the session keeps no future
+    /// (and no waiter node) while it idles.
+    waker: AtomicWaker,
+    /// Where it is registered, for its [`Slot`] to leave: kept here rather
+    /// than in the slot, which the connection task holds (in more than one
+    /// copy) for the whole session.
+    registry: Arc<Registry>,
 }
 
 impl ConnInfo {
@@ -47,8 +58,9 @@ impl ConnInfo {
         let v = reason as u8 + 1;
         let first = self.kicked.compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire).is_ok();
         if first {
-            // notify_one stores a permit: a kick before the session waits is kept.
-            self.kick.notify_one();
+            // A kick before the session first polls is not lost: the
+            // session reads `kicked` after registering its waker.
+            self.waker.wake();
         }
         first
     }
@@ -60,14 +72,21 @@ impl ConnInfo {
         }
     }
 
-    /// Resolves once kicked, with the reason.
-    pub async fn kicked(&self) -> CloseReason {
-        loop {
-            if let Some(r) = self.kicked_reason() {
-                return r;
-            }
-            self.kick.notified().await;
-        }
+    /// Has a kick or the timers wake `waker` (replacing the last one).
+    /// The session registers before it looks at `kicked_reason` and the
+    /// clock, so neither a kick nor a deadline in between is missed.
+    pub fn watch(&self, waker: &Waker) {
+        self.waker.register(waker);
+    }
+
+    /// Wakes the session (its deadline is due).
+    pub(super) fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// The timers of the gateway this connection belongs to.
+    pub(super) fn timers(&self) -> &Arc<Timers> {
+        &self.registry.timers
     }
 
     pub fn touch(&self, now_unix: u64) {
@@ -89,6 +108,12 @@ pub struct ConnView {
     pub last_seen: u64,
 }
 
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("instance", &self.instance).finish_non_exhaustive()
+    }
+}
+
 pub struct Registry {
     /// Tells this instance's ids from another's in logs and admin output.
     instance: String,
@@ -96,26 +121,89 @@ pub struct Registry {
     conns: DashMap<u64, Arc<ConnInfo>>,
     /// sub → its connection ids, oldest first. The per-user cap counts this
     /// list under the entry's shard lock, so check-and-insert is atomic.
-    by_sub: DashMap<String, Vec<u64>>,
+    by_sub: DashMap<Arc<str>, Ids>,
     metrics: Arc<Metrics>,
     /// Set by the drain: a connection admitted from then on is kicked at once.
     closing: AtomicBool,
     /// The fleet-wide per-user cap (Redis backend), asked before the local
     /// count; `None`: the local count is the cap.
     caps: Option<Arc<dyn UserCaps>>,
+    /// Every session's deadline.
+    timers: Arc<Timers>,
+}
+
+/// One subject's connection ids, oldest first. Most subjects hold a
+/// single connection: it is kept inline, with no allocation.
+#[derive(Debug)]
+enum Ids {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Default for Ids {
+    fn default() -> Ids {
+        Ids::Many(Vec::new())
+    }
+}
+
+impl Ids {
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Ids::One(id) => std::slice::from_ref(id),
+            Ids::Many(v) => v,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    fn push(&mut self, id: u64) {
+        match self {
+            Ids::One(first) => *self = Ids::Many(vec![*first, id]),
+            Ids::Many(v) if v.is_empty() => *self = Ids::One(id),
+            Ids::Many(v) => v.push(id),
+        }
+    }
+
+    fn take_oldest(&mut self) -> Option<u64> {
+        let oldest = *self.as_slice().first()?;
+        self.remove(oldest);
+        Some(oldest)
+    }
+
+    /// Removes `id`; back to inline (or nothing) when one (or none) is left.
+    fn remove(&mut self, id: u64) {
+        match self {
+            Ids::One(only) if *only == id => *self = Ids::default(),
+            Ids::One(_) => {}
+            Ids::Many(v) => {
+                v.retain(|i| *i != id);
+                match v.as_slice() {
+                    [] => *self = Ids::default(),
+                    [only] => *self = Ids::One(*only),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// A registered connection; dropping it unregisters (releasing the per-user
 /// slot), however the connection ended.
 pub struct Slot {
-    registry: Arc<Registry>,
     pub info: Arc<ConnInfo>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.registry.remove(&self.info);
-        if let Some(caps) = &self.registry.caps {
+        let registry = &self.info.registry;
+        registry.remove(&self.info);
+        if let Some(caps) = &registry.caps {
             caps.release(&self.info);
         }
     }
@@ -137,6 +225,7 @@ impl Registry {
             metrics,
             closing: AtomicBool::new(false),
             caps,
+            timers: Timers::new(),
         })
     }
 
@@ -198,19 +287,26 @@ impl Registry {
         self.insert(info, max_per_user, policy)
     }
 
-    fn new_conn(&self, sub: &str, ip: IpAddr, jti: Option<String>, iat: Option<u64>) -> Arc<ConnInfo> {
+    fn new_conn(
+        self: &Arc<Self>,
+        sub: &str,
+        ip: IpAddr,
+        jti: Option<String>,
+        iat: Option<u64>,
+    ) -> Arc<ConnInfo> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let now = unix_now();
         Arc::new(ConnInfo {
             id,
-            sub: sub.to_string(),
+            sub: Arc::from(sub),
             ip,
             since: now,
             jti,
             iat,
             last_seen: AtomicU64::new(now),
             kicked: AtomicU8::new(0),
-            kick: Notify::new(),
+            waker: AtomicWaker::new(),
+            registry: self.clone(),
         })
     }
 
@@ -221,9 +317,9 @@ impl Registry {
         max_per_user: usize,
         policy: OnUserCap,
     ) -> Result<Slot, Reject> {
-        let (id, sub) = (info.id, info.sub.as_str());
+        let (id, sub) = (info.id, &*info.sub);
         {
-            let mut ids = self.by_sub.entry(sub.to_string()).or_default();
+            let mut ids = self.by_sub.entry(info.sub.clone()).or_default();
             while ids.len() >= max_per_user {
                 if policy == OnUserCap::Reject {
                     let empty = ids.is_empty();
@@ -233,7 +329,7 @@ impl Registry {
                     }
                     return Err(Reject::UserCap);
                 }
-                let oldest = ids.remove(0);
+                let Some(oldest) = ids.take_oldest() else { break };
                 if let Some(c) = self.conns.get(&oldest) {
                     c.kick(CloseReason::Evicted);
                 }
@@ -245,15 +341,15 @@ impl Registry {
             info.kick(CloseReason::Drain);
         }
         self.metrics.set_users_connected(self.by_sub.len());
-        Ok(Slot { registry: self.clone(), info })
+        Ok(Slot { info })
     }
 
     fn remove(&self, info: &ConnInfo) {
         self.conns.remove(&info.id);
-        if let Some(mut ids) = self.by_sub.get_mut(&info.sub) {
-            ids.retain(|i| *i != info.id);
+        if let Some(mut ids) = self.by_sub.get_mut(&*info.sub) {
+            ids.remove(info.id);
         }
-        self.by_sub.remove_if(&info.sub, |_, v| v.is_empty());
+        self.by_sub.remove_if(&*info.sub, |_, v| v.is_empty());
         self.metrics.set_users_connected(self.by_sub.len());
     }
 
@@ -299,14 +395,16 @@ impl Registry {
     /// and every one whose token it covers.
     fn covered(&self, r: &Revocation) -> Vec<Arc<ConnInfo>> {
         let ids: Vec<u64> = match r {
-            Revocation::Subject { sub, .. } => self.by_sub.get(sub).map(|v| v.clone()).unwrap_or_default(),
+            Revocation::Subject { sub, .. } => {
+                self.by_sub.get(sub.as_str()).map(|v| v.as_slice().to_vec()).unwrap_or_default()
+            }
             Revocation::Jti { .. } => self.conns.iter().map(|e| *e.key()).collect(),
         };
         ids.iter()
             .filter_map(|id| self.conns.get(id).map(|c| c.clone()))
             .filter(|c| {
                 r.matches(&c.sub, c.jti.as_deref(), c.iat)
-                    || matches!(r, Revocation::Subject { sub, before } if *sub == c.sub && c.since <= *before)
+                    || matches!(r, Revocation::Subject { sub, before } if **sub == *c.sub && c.since <= *before)
             })
             .collect()
     }
@@ -337,7 +435,9 @@ impl Registry {
             Some(s) => self
                 .by_sub
                 .get(s)
-                .map(|ids| ids.iter().filter_map(|id| self.conns.get(id).map(|c| c.clone())).collect())
+                .map(|ids| {
+                    ids.as_slice().iter().filter_map(|id| self.conns.get(id).map(|c| c.clone())).collect()
+                })
                 .unwrap_or_default(),
             None => self.conns.iter().map(|e| e.value().clone()).collect(),
         };
@@ -345,7 +445,7 @@ impl Registry {
         v.iter()
             .map(|c| ConnView {
                 id: format!("{}-{}", self.instance, c.id),
-                sub: c.sub.clone(),
+                sub: c.sub.to_string(),
                 ip: c.ip.to_string(),
                 since: c.since,
                 last_seen: c.last_seen(),
