@@ -27,7 +27,9 @@
 //! allocated only once a head is complete, and the session is boxed too,
 //! so the task itself stays small in every phase.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -41,7 +43,7 @@ use crate::client_addr::{from_forwarded_for, is_trusted, read_proxy_header};
 use crate::config::{Carrier, Config};
 use crate::events;
 use crate::handshake::{self, answer_and_close, read_head, Head, ReadError, Request, RequestHead};
-use crate::reject::Reject;
+use crate::reject::{CloseReason, Reject};
 use crate::session::{self, instant_at_unix};
 use crate::shared::Shared;
 use crate::sockopt::reset_on_close;
@@ -90,14 +92,53 @@ impl Ctx {
 }
 
 /// Runs stages after 1 for an admitted socket, then its session.
-pub async fn connection(
+///
+/// A task's size is that of its largest state, kept for its whole life, so
+/// the handshake runs in a box of its own, freed at the upgrade: the task
+/// keeps only what the session needs (its box, the permits, the slot).
+pub fn connection(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     admitted: Admitted,
     accepted: Instant,
     early: Early,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
+    let handshake = Box::pin(handshake(shared, tcp, peer, admitted, accepted, early));
+    async move {
+        let Some(live) = handshake.await else { return };
+        let Live { session, client, started, open, slot, ip, conn } = live;
+        let reason = session.await;
+        let info = &slot.info;
+        events::disconnected(&open.0.metrics, reason, client, &info.sub, info.id, started.elapsed());
+        drop(open);
+        drop(slot);
+        drop(ip);
+        drop(conn);
+    }
+}
+
+/// An upgraded connection: its session, and what it holds until the end.
+struct Live {
+    session: Pin<Box<dyn Future<Output = CloseReason> + Send>>,
+    client: SocketAddr,
+    started: Instant,
+    open: OpenGuard,
+    slot: session::registry::Slot,
+    ip: Option<IpPermit>,
+    conn: ConnPermit,
+}
+
+/// Stages after 1, up to the upgrade. `None`: refused (and recorded), or
+/// served otherwise (`/login`).
+async fn handshake(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    accepted: Instant,
+    early: Early,
+) -> Option<Live> {
     let cfg = shared.config.load_full();
     let mut ctx =
         Ctx { client: peer, peer, sub: None, accepted, deadline: accepted + cfg.limits.handshake_timeout() };
@@ -105,7 +146,10 @@ pub async fn connection(
     match Box::pin(front(&shared, &cfg, tcp, ip, &mut handshake, &mut ctx)).await {
         Ok(Front::Plain(tcp, ip)) => serve(&shared, &cfg, tcp, &mut ctx, conn, handshake, ip, early).await,
         Ok(Front::Tls(tls, ip)) => serve(&shared, &cfg, tls, &mut ctx, conn, handshake, ip, early).await,
-        Err(reason) => ctx.reject(&shared, reason),
+        Err(reason) => {
+            ctx.reject(&shared, reason);
+            None
+        }
     }
 }
 
@@ -174,51 +218,62 @@ fn ended(v: Verdict) -> Reject {
     }
 }
 
-/// Stages 2–8 on an established transport.
+/// Stages 2–7 on an established transport; the session, ready to run.
 #[allow(clippy::too_many_arguments)]
 async fn serve<S>(
     shared: &Arc<Shared>,
     cfg: &Config,
-    mut io: S,
+    io: S,
     ctx: &mut Ctx,
     conn: ConnPermit,
     handshake: HandshakePermit,
     mut ip: Option<IpPermit>,
     early: Early,
-) where
-    S: Transport,
+) -> Option<Live>
+where
+    S: Transport + Send + 'static,
 {
-    let rated = match early.rate_checked {
-        true => Ok(()),
-        false => rate(shared, cfg, &mut io, ctx, handshake.attempt(), &early.bytes).await,
-    };
-    let head = match rated {
-        Ok(()) => head(&mut io, cfg, handshake.attempt(), early.bytes).await,
-        Err(r) => Err(r),
-    };
-    let upgraded = match head {
-        Ok(head) => Box::pin(after_head(shared, cfg, io, ctx, &mut ip, head)).await,
-        Err(r) => Err(r),
-    };
-    let up = match upgraded {
+    let up = match handshake_stages(shared, cfg, io, ctx, &mut ip, handshake.attempt(), early).await {
         Ok(Some(up)) => up,
-        Ok(None) => return,
-        Err(reason) => return ctx.reject(shared, reason),
+        Ok(None) => return None,
+        Err(reason) => {
+            ctx.reject(shared, reason);
+            return None;
+        }
     };
     drop(handshake);
-    let info = up.slot.info.clone();
-    events::accepted(&shared.metrics, ctx.client, &info.sub, info.id, ctx.accepted.elapsed());
-    let open = OpenGuard::new(shared);
-    let started = Instant::now();
     let Upgraded { ws, upstream, params, slot } = up;
-    // Boxed: the session's state is allocated now, not reserved in the
-    // task while it was handshaking.
-    let reason = Box::pin(session::run(ws, upstream, params)).await;
-    events::disconnected(&shared.metrics, reason, ctx.client, &info.sub, info.id, started.elapsed());
-    drop(open);
-    drop(slot);
-    drop(ip);
-    drop(conn);
+    events::accepted(&shared.metrics, ctx.client, &slot.info.sub, slot.info.id, ctx.accepted.elapsed());
+    Some(Live {
+        session: Box::pin(session::run(ws, upstream, params)),
+        client: ctx.client,
+        started: Instant::now(),
+        open: OpenGuard::new(shared),
+        slot,
+        ip,
+        conn,
+    })
+}
+
+/// Stages 2 to 7. `Ok(None)`: the request was served otherwise (`/login`).
+async fn handshake_stages<S>(
+    shared: &Arc<Shared>,
+    cfg: &Config,
+    mut io: S,
+    ctx: &mut Ctx,
+    ip: &mut Option<IpPermit>,
+    attempt: &Attempt,
+    early: Early,
+) -> Result<Option<Upgraded<S>>, Reject>
+where
+    S: Transport,
+{
+    if !early.rate_checked {
+        rate(shared, cfg, &mut io, ctx, attempt, &early.bytes).await?;
+    }
+    let head = head(&mut io, cfg, attempt, early.bytes).await?;
+    // Boxed: a socket waiting for its head holds only the head read.
+    Box::pin(after_head(shared, cfg, io, ctx, ip, head)).await
 }
 
 /// Answers a refusal on `io` and returns it, for `?`-style stage code.

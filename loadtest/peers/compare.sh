@@ -20,6 +20,8 @@
 #                                                   a quick smoke run
 #   PORTCULLIS_BIN=/path/to/portcullis PORTCULLIS_REV="abc1234" loadtest/peers/compare.sh
 #                                                   another gateway binary, same script
+#   SERVERS="pp hap" SECTIONS=bigmsg loadtest/peers/compare.sh
+#                                                   only these servers
 #
 # Sections: rss (RSS per idle connection at 9,000), refusals (refusals per
 # second of server CPU), latency (valid handshakes at a fixed rate), echo
@@ -296,9 +298,14 @@ RUN=
 
 # The server order of a round: reversed every other round, so no server
 # always runs first (or after the same neighbour).
+# SERVERS (e.g. "pp hap") keeps only those servers.
 order() { # round servers...
-  local r=$1
+  local r=$1 s keep=()
   shift
+  for s in "$@"; do
+    case " ${SERVERS:-$*} " in *" $s "*) keep+=("$s") ;; esac
+  done
+  set -- "${keep[@]}"
   if [ $((r % 2)) = 1 ]; then echo "$@"; else echo "$@" | tr ' ' '\n' | tac | tr '\n' ' '; fi
 }
 

@@ -262,7 +262,9 @@ impl Echo {
         let payload = std::mem::take(&mut self.buf);
         let mut head = Vec::with_capacity(MAX_HEADER_BYTES);
         frame::put_header(&mut head, h.fin, h.opcode, payload.len(), None);
-        if !(on(Action::Send(&head)) && on(Action::Send(&payload))) {
+        let sent = on(Action::Send(&head)) && on(Action::Send(&payload));
+        crate::memory::released(payload.capacity());
+        if !sent {
             return Ok(false);
         }
         if h.fin {
