@@ -251,7 +251,6 @@ impl Gateway {
         let admin_task = tokio::spawn(admin::serve(shared.clone(), admin, stop_admin_rx));
         let upkeep = tokio::spawn(housekeeping(shared.clone()));
         let sweeper = tokio::spawn(sweep_handshakes(shared.clone()));
-        let trimmer = tokio::spawn(give_back_memory());
         let kicker = tokio::spawn(kick_remote_revocations(shared.clone()));
         let evicter = tokio::spawn(kick_evicted(shared.clone()));
 
@@ -265,7 +264,6 @@ impl Gateway {
         let _ = admin_task.await;
         upkeep.abort();
         sweeper.abort();
-        trimmer.abort();
         kicker.abort();
         evicter.abort();
         // Released leases reach Redis before the link stops (else they
@@ -327,18 +325,6 @@ async fn sweep_handshakes(shared: Arc<Shared>) {
         let now = tick.tick().await;
         let limits = crate::admit::SlotLimits::from(&shared.config.load().limits);
         shared.slots.sweep(now, limits);
-    }
-}
-
-/// Hands memory freed by large messages back to the system.
-async fn give_back_memory() {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if crate::memory::trim_due() {
-            let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
-        }
     }
 }
 

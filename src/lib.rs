@@ -45,7 +45,6 @@ pub mod gateway;
 pub mod handshake;
 pub mod header;
 pub mod login;
-pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod redis_link;

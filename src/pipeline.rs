@@ -17,15 +17,16 @@
 //! ```
 //!
 //! Each stage returns `Result<_, Reject>` after writing its own answer;
-//! [`connection`] records the verdict exactly once. Permits travel with the
+//! the stages record the verdict exactly once. Permits travel with the
 //! connection, so every way out releases every cap it held.
 //!
 //! Memory: a socket waiting for its head is the common case under attack,
 //! so that phase keeps little: the head buffer grows with the bytes
 //! received, reads go through a stack buffer, and the head deadline is the
-//! slot table's (no timer per socket). The later stages are boxed futures,
-//! allocated only once a head is complete, and the session is boxed too,
-//! so the task itself stays small in every phase.
+//! slot table's (no timer per socket). The whole handshake is one boxed
+//! future, freed at the upgrade; inside it the stages after the head are
+//! boxed again, allocated only once a head is complete. The session is
+//! boxed too, so the task keeps only what the session needs.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,6 +1,6 @@
 //! Socket options the gateway sets, and the listener's registration with
-//! the reactor: two `unsafe` calls no safe wrapper offers (the crate's
-//! third is `memory::trim`). `TCP_DEFER_ACCEPT` (Linux): std has it only behind an unstable
+//! the reactor: the crate's only `unsafe` code, two calls no safe wrapper
+//! offers. `TCP_DEFER_ACCEPT` (Linux): std has it only behind an unstable
 //! feature and `socket2` not at all. Registering a raw listener with tokio
 //! (`AsyncFd`): its safe constructors are deprecated as unsound for types
 //! whose descriptor could change, which an owned `socket2::Socket` cannot.

@@ -262,9 +262,7 @@ impl Echo {
         let payload = std::mem::take(&mut self.buf);
         let mut head = Vec::with_capacity(MAX_HEADER_BYTES);
         frame::put_header(&mut head, h.fin, h.opcode, payload.len(), None);
-        let sent = on(Action::Send(&head)) && on(Action::Send(&payload));
-        crate::memory::released(payload.capacity());
-        if !sent {
+        if !(on(Action::Send(&head)) && on(Action::Send(&payload))) {
             return Ok(false);
         }
         if h.fin {

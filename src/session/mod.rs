@@ -259,7 +259,6 @@ impl<S: AsyncWrite + Unpin> Side<S> {
             }
         }
         if self.out.buf.capacity() > 0 {
-            crate::memory::released(self.out.buf.capacity());
             self.out = Outbox::default();
         }
         if self.unflushed {
