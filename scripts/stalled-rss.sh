@@ -8,6 +8,8 @@
 #   scripts/stalled-rss.sh            # 5,000 sockets
 #   N=2000 scripts/stalled-rss.sh
 #   BUILD=0 scripts/stalled-rss.sh    # use target/release/portcullis as it is
+#   PORTCULLIS_BIN=/path/to/portcullis BUILD=0 scripts/stalled-rss.sh
+#                                     # another gateway binary (before/after)
 #   DEFAULTS=1 N=640 scripts/stalled-rss.sh
 #                                     # the shipped defaults: 40 addresses may
 #                                     # hold 16 heads each (640), read within
@@ -79,7 +81,7 @@ path = "$OUT/rev.log"
 [log]
 level = "warn"
 EOF
-target/release/portcullis serve --config "$OUT/gw.toml" 2> "$OUT/gw.log" &
+"${PORTCULLIS_BIN:-target/release/portcullis}" serve --config "$OUT/gw.toml" 2> "$OUT/gw.log" &
 GW=$!
 sleep 1
 measure portcullis "$GW" 18091
