@@ -8,16 +8,17 @@
 //! One acceptor per runtime worker shares the listener, so the refusal
 //! work spreads over the cores; each owns its read and answer buffers.
 //!
-//! Out of file descriptors is not out of service: each acceptor keeps one
-//! spare descriptor, and at `EMFILE` it gives it up to accept the waiting
-//! socket and close it at once (counted in `portcullis_fd_exhausted_total`)
-//! instead of leaving clients hanging unseen in the backlog.
+//! Out of file descriptors is not out of service: the acceptors share one
+//! spare descriptor, and at `EMFILE` the acceptor gives it up to accept the
+//! waiting socket and close it at once (counted in
+//! `portcullis_fd_exhausted_total`) instead of leaving clients hanging
+//! unseen in the backlog.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::Socket;
@@ -63,13 +64,14 @@ pub async fn accept_loop(
         }
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    let reserve = Arc::new(Reserve::new());
     let workers = tokio::runtime::Handle::current().metrics().num_workers().max(1);
     let others: Vec<_> = (1..workers)
-        .map(|_| tokio::spawn(accept(shared.clone(), listener.clone(), stop_rx.clone())))
+        .map(|_| tokio::spawn(accept(shared.clone(), listener.clone(), reserve.clone(), stop_rx.clone())))
         .collect();
     tokio::select! {
         _ = stop => {}
-        _ = accept(shared, listener, stop_rx) => {}
+        _ = accept(shared, listener, reserve, stop_rx) => {}
     }
     let _ = stop_tx.send(true);
     for o in others {
@@ -83,17 +85,22 @@ fn listener_fd(listener: TcpListener) -> std::io::Result<AsyncFd<Socket>> {
     crate::sockopt::listener_readiness(Socket::from(listener.into_std()?))
 }
 
-/// One acceptor: its buffers, its spare descriptor.
+/// One acceptor: its buffers, and the spare descriptor all share.
 struct Acceptor {
     shared: Arc<Shared>,
     /// The speculative read's buffer, `limits.max_header_bytes` long.
     head: Vec<u8>,
     answer: [u8; ANSWER_MAX],
-    reserve: Reserve,
+    reserve: Arc<Reserve>,
 }
 
-async fn accept(shared: Arc<Shared>, listener: Arc<AsyncFd<Socket>>, mut stop: watch::Receiver<bool>) {
-    let mut a = Acceptor { shared, head: Vec::new(), answer: [0; ANSWER_MAX], reserve: Reserve::new() };
+async fn accept(
+    shared: Arc<Shared>,
+    listener: Arc<AsyncFd<Socket>>,
+    reserve: Arc<Reserve>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut a = Acceptor { shared, head: Vec::new(), answer: [0; ANSWER_MAX], reserve };
     loop {
         let mut ready = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -106,24 +113,21 @@ async fn accept(shared: Arc<Shared>, listener: Arc<AsyncFd<Socket>>, mut stop: w
             },
         };
         for _ in 0..ACCEPT_BATCH {
-            // SOCK_NONBLOCK: the socket can be read speculatively now and
-            // handed to the reactor later without another system call.
-            let accepted = ready.try_io(|l| l.get_ref().accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC));
+            let accepted = ready.try_io(|l| a.reserve.accept(l.get_ref(), &a.shared));
             match accepted {
                 // Would block: readiness cleared, wait for the next wake-up.
                 Err(_would_block) => break,
-                Ok(Ok((sock, addr))) => {
+                Ok(Ok(Accepted::Socket(sock, addr))) => {
                     a.shared.fd_exhausted_logged.store(false, Ordering::Relaxed);
                     match addr.as_socket() {
                         Some(peer) => a.admit(sock, peer),
                         None => drop(sock),
                     }
                 }
-                Ok(Err(e)) if is_fd_exhaustion(&e) => {
+                Ok(Ok(Accepted::Shed)) => {}
+                Ok(Ok(Accepted::NoSpare)) => {
                     drop(ready);
-                    if !a.reserve.shed_one(&listener, &a.shared).await {
-                        tokio::time::sleep(FD_BACKOFF).await;
-                    }
+                    tokio::time::sleep(FD_BACKOFF).await;
                     break;
                 }
                 // ECONNABORTED and the like: that socket is gone, go on.
@@ -275,35 +279,46 @@ async fn linger_close(mut tcp: TcpStream, rest: Vec<u8>, _permits: (ConnPermit, 
     .await;
 }
 
-/// The spare descriptor kept for `EMFILE`.
-struct Reserve(Option<File>);
+/// What one accept gave.
+enum Accepted {
+    Socket(Socket, socket2::SockAddr),
+    /// Out of descriptors: one waiting socket was accepted and closed.
+    Shed,
+    /// Out of descriptors, and the spare is gone too (taken by a socket of
+    /// ours meanwhile): nothing to do until a descriptor frees.
+    NoSpare,
+}
+
+/// The spare descriptor kept for `EMFILE`, one for all acceptors.
+struct Reserve(Mutex<Option<File>>);
 
 impl Reserve {
     fn new() -> Reserve {
-        Reserve(File::open("/dev/null").ok())
+        Reserve(Mutex::new(File::open("/dev/null").ok()))
     }
 
-    /// Frees the spare, accepts one waiting socket and closes it, then
-    /// takes the spare back. False when there was nothing to give up.
-    async fn shed_one(&mut self, listener: &AsyncFd<Socket>, shared: &Shared) -> bool {
-        if self.0.take().is_none() {
-            self.0 = File::open("/dev/null").ok();
-            return false;
+    /// Accepts one socket; out of descriptors, frees the spare, accepts the
+    /// waiting socket and closes it, then takes the spare back. Every
+    /// accept runs under the lock: no other acceptor can take the freed
+    /// descriptor in between (else the spare is lost until a connection
+    /// ends). Uncontended but for the acceptors, whose accepts the kernel
+    /// serialises on the listener anyway.
+    fn accept(&self, listener: &Socket, shared: &Shared) -> std::io::Result<Accepted> {
+        let mut spare = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // SOCK_NONBLOCK: the socket can be read speculatively now and
+        // handed to the reactor later without another system call.
+        match listener.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) {
+            Ok((sock, addr)) => return Ok(Accepted::Socket(sock, addr)),
+            Err(e) if !is_fd_exhaustion(&e) => return Err(e),
+            Err(_) => {}
         }
-        // The socket is ready (accept just failed for want of a descriptor),
-        // so this does not wait; bounded anyway.
-        let got = tokio::time::timeout(Duration::from_millis(10), async {
-            loop {
-                let mut ready = listener.readable().await?;
-                if let Ok(r) = ready.try_io(|l| l.get_ref().accept4(libc::SOCK_CLOEXEC)) {
-                    return r;
-                }
-            }
-        })
-        .await;
-        if let Ok(Ok((sock, addr))) = got {
+        if spare.take().is_none() {
+            *spare = File::open("/dev/null").ok();
+            return Ok(Accepted::NoSpare);
+        }
+        let shed = listener.accept4(libc::SOCK_CLOEXEC);
+        if let Ok((sock, addr)) = &shed {
             let _ = sock.set_linger(Some(Duration::ZERO));
-            drop(sock);
             shared.metrics.fd_exhausted();
             let first = shared.fd_exhausted_logged.swap(true, Ordering::Relaxed);
             if !first {
@@ -315,7 +330,15 @@ impl Reserve {
                 );
             }
         }
-        self.0 = File::open("/dev/null").ok();
-        true
+        let emptied = matches!(&shed, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        drop(shed);
+        *spare = File::open("/dev/null").ok();
+        // The kernel claims the descriptor before it looks at the queue: an
+        // empty queue answers EMFILE too, and would-block here, which
+        // clears the listener's readiness.
+        if emptied {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(Accepted::Shed)
     }
 }
