@@ -544,6 +544,10 @@ async fn capacity_rss_per_connection_matches_proc() {
     let pid = gw.pid();
     let url = format!("ws://{}/", gw.public);
     let metrics = format!("http://{}/metrics", gw.admin);
+    // Both baselines after a first scrape: capacity's base reading comes
+    // from one, and the exporter's first rendering grows the heap (about a
+    // megabyte, a third of a kilobyte per connection here).
+    open_connections(&gw.admin).await;
     let base_rss = vm_rss(pid);
     let lt = tokio::spawn(async move {
         run_lt(&[
@@ -561,7 +565,7 @@ async fn capacity_rss_per_connection_matches_proc() {
             "--rate",
             "2000",
             "--settle",
-            "1s",
+            "2s",
             "--hold",
             "3s",
             "--msg-rate",
@@ -577,7 +581,10 @@ async fn capacity_rss_per_connection_matches_proc() {
         assert!(Instant::now() < deadline, "never reached {N} open connections");
         sleep(Duration::from_millis(100)).await;
     }
-    sleep(Duration::from_millis(1500)).await;
+    // Inside the top step's settle time (2 s), when capacity takes its own
+    // reading too: before the message hold, whose buffers would count in
+    // one reading and not the other.
+    sleep(Duration::from_millis(1000)).await;
     let proc_per_conn = (vm_rss(pid) - base_rss) / N as f64;
     let (code, err, v) = lt.await.unwrap();
     assert_eq!(code, 0, "{err}");

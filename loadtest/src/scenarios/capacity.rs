@@ -412,14 +412,18 @@ fn compute(
     }
     if let Some((r0, r1, dt, m)) = msgs {
         if m > 0 {
-            let cpu = (r1.cpu_s - r0.cpu_s) - idle_cores * dt;
+            let measured = (r1.cpu_s - r0.cpu_s) - idle_cores * dt;
+            // Coarse readings (whole seconds) can put the idle estimate
+            // above the hold's own CPU: a cost is never negative.
+            let cpu = measured.max(0.0);
+            let floor = if measured < 0.0 { " (below the readings' resolution: counted as 0)" } else { "" };
             let per = cpu / m as f64;
             out.push(fig(
                 figures::CPU_PER_MESSAGE,
                 per * 1e6,
                 "µs",
                 format!(
-                    "CPU {:.2} s → {:.2} s over a {dt:.1} s hold in which {m} messages were echoed, minus the idle CPU ({idle_cores:.4} cores × {dt:.1} s): {cpu:.3} s / {m} = {:.1} µs (each message crosses the gateway twice: in and back){res}",
+                    "CPU {:.2} s → {:.2} s over a {dt:.1} s hold in which {m} messages were echoed, minus the idle CPU ({idle_cores:.4} cores × {dt:.1} s): {cpu:.3} s{floor} / {m} = {:.1} µs (each message crosses the gateway twice: in and back){res}",
                     r0.cpu_s, r1.cpu_s, per * 1e6
                 ),
             ));
@@ -491,5 +495,28 @@ mod tests {
         assert!((get(figures::CONNS_PER_GIB) - GIB / 5000.0).abs() < 1e-6);
         assert_eq!(slope(&s.steps, 10e6), Some(5000.0));
         assert!(f[0].how.contains("/ 2000"), "{}", f[0].how);
+    }
+
+    #[test]
+    fn coarse_cpu_readings_never_give_a_negative_cost() {
+        // Whole-second readings: the idle estimate (1 s over 3 s) is above
+        // the hold's own CPU (0 s).
+        let s = Sizing {
+            base: reading(10e6, 0.0, 10.0),
+            steps: vec![Step {
+                open: 3000,
+                handshakes: 3000,
+                reading: reading(18e6, 1.0, 3010.0),
+                at_s: 5.0,
+            }],
+            ..Default::default()
+        };
+        let idle = Some((0.333, reading(20e6, 1.0, 10.0), reading(20e6, 2.0, 10.0), 3.0));
+        let msgs = Some((reading(20e6, 2.0, 10.0), reading(20e6, 2.0, 10.0), 3.0, 9_000));
+        let f = compute(&s, idle, msgs);
+        let per = f.iter().find(|x| x.name == figures::CPU_PER_MESSAGE).unwrap();
+        assert_eq!(per.value, 0.0);
+        assert!(per.how.contains("resolution"), "{}", per.how);
+        assert!(f.iter().all(|x| x.name != figures::MESSAGES_PER_CORE));
     }
 }
