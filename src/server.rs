@@ -284,8 +284,8 @@ enum Accepted {
     Socket(Socket, socket2::SockAddr),
     /// Out of descriptors: one waiting socket was accepted and closed.
     Shed,
-    /// Out of descriptors, and the spare is gone too (taken by a socket of
-    /// ours meanwhile): nothing to do until a descriptor frees.
+    /// Out of descriptors, and the spare is gone too (another part of the
+    /// gateway took the descriptor it freed): nothing to do until one frees.
     NoSpare,
 }
 
