@@ -13,6 +13,13 @@ use portcullis::config::{Config, LogFormat};
 use portcullis::Gateway;
 use tokio::signal::unix::{signal, SignalKind};
 
+/// mimalloc rather than glibc's malloc: its pages each hold one size of
+/// block, so the short-lived buffers of handshakes that overlap under load
+/// leave no holes among long-lived session state, and RSS comes back down
+/// once they end (BENCHMARKS.md, "Memory after a large message").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "portcullis", version, about = "A hardened WebSocket gateway")]
 struct Cli {

@@ -388,7 +388,9 @@ where
         Ok(s) => s,
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
-    let mut upstream = match upstream(shared, cfg, ctx, &head, &identity).await {
+    // Owned: the head goes to the upstream stage, which drops it early.
+    let key = String::from(key);
+    let mut upstream = match upstream(shared, cfg, ctx, head, &identity).await {
         Ok(u) => u,
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
@@ -397,7 +399,7 @@ where
     if identity.carrier == Some(Carrier::Subprotocol) {
         protocol = Some("bearer".into());
     }
-    let ws = upgrade(io, key, protocol.as_deref(), extensions.as_deref(), rest, &live).await?;
+    let ws = upgrade(io, &key, protocol.as_deref(), extensions.as_deref(), rest, &live).await?;
     let params = session::Params {
         info: slot.info.clone(),
         expires_at: identity.expires_at.map(instant_at_unix),
@@ -485,28 +487,46 @@ async fn user_cap(
 }
 
 /// Stage 6: the backend, connected before any 101, offered the client's
-/// extensions. Returns it (none in echo mode).
+/// extensions. Returns it (none in echo mode). It takes the client's head
+/// and drops it once the offer is built: a handshake waiting on a busy
+/// backend holds a few hundred bytes, not the head and everything built
+/// from it.
 async fn upstream(
     shared: &Shared,
     cfg: &Config,
     ctx: &Ctx,
-    head: &RequestHead,
+    head: RequestHead,
     identity: &Identity,
 ) -> Result<session::Upstream, Reject> {
     let Some(url) = &shared.upstream else { return Ok(None) };
-    let headers = upstream::request_headers(head, identity, cfg, ctx.peer, ctx.client);
-    let target = url.target_for(&carrier::strip_access_token(&head.target));
-    let protocols = carrier::other_subprotocols(head);
-    let offer = head.headers_named("sec-websocket-extensions").collect::<Vec<_>>().join(", ");
-    let offer = (!offer.trim().is_empty()).then_some(offer);
     let timeout = std::time::Duration::from_millis(cfg.upstream.connect_timeout_ms);
-    match upstream::connect(url, &target, &headers, &protocols, offer.as_deref(), timeout).await {
+    let connected = match offer(url, cfg, ctx, head, identity) {
+        Ok(offer) => upstream::connect(url, offer, timeout).await,
+        Err(e) => Err(e),
+    };
+    match connected {
         Ok(backend) => Ok(Some(backend)),
         Err(e) => {
             tracing::warn!(error = %e, upstream = %url.authority, "upstream unavailable");
             Err(Reject::UpstreamUnavailable)
         }
     }
+}
+
+/// The backend's upgrade request, from the client's head.
+fn offer(
+    url: &upstream::UpstreamUrl,
+    cfg: &Config,
+    ctx: &Ctx,
+    head: RequestHead,
+    identity: &Identity,
+) -> Result<upstream::Offer, String> {
+    let headers = upstream::request_headers(&head, identity, cfg, ctx.peer, ctx.client);
+    let target = url.target_for(&carrier::strip_access_token(&head.target));
+    let protocols = carrier::other_subprotocols(&head);
+    let extensions = head.headers_named("sec-websocket-extensions").collect::<Vec<_>>().join(", ");
+    let extensions = (!extensions.trim().is_empty()).then_some(extensions);
+    upstream::Offer::new(url, &target, &headers, protocols, extensions)
 }
 
 /// Stage 7: the 101 (naming the subprotocol and the backend's extensions),

@@ -111,21 +111,29 @@ pub struct Backend {
     pub deflate: bool,
 }
 
-/// Opens the backend WebSocket within `timeout`, offering the client's
-/// subprotocols and extensions (`Sec-WebSocket-Extensions`, passed as the
-/// client wrote it: the frames pass through verbatim, so whatever the two
-/// ends agree on is theirs).
-pub async fn connect(
-    url: &UpstreamUrl,
-    target: &str,
-    headers: &[(String, String)],
-    subprotocols: &[String],
-    extensions: Option<&str>,
-    timeout: Duration,
-) -> Result<Backend, String> {
-    let attempt = async {
-        let mut tcp = TcpStream::connect(&url.authority).await.map_err(|e| format!("connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
+/// The upgrade request for one backend connection, built and checked
+/// before the connection opens: while a busy backend is slow to answer,
+/// the handshake holds these bytes and what the answer is checked against,
+/// not the client's head and the header map it was built from.
+pub struct Offer {
+    head: Vec<u8>,
+    key: String,
+    subprotocols: Vec<String>,
+    extensions: Option<String>,
+}
+
+impl Offer {
+    /// Offers the client's subprotocols and extensions
+    /// (`Sec-WebSocket-Extensions`, passed as the client wrote it: the
+    /// frames pass through verbatim, so whatever the two ends agree on is
+    /// theirs).
+    pub fn new(
+        url: &UpstreamUrl,
+        target: &str,
+        headers: &[(String, String)],
+        subprotocols: Vec<String>,
+        extensions: Option<String>,
+    ) -> Result<Offer, String> {
         let key = generate_key();
         // Built with `http` so every name and value is validated (a claim
         // forwarded as a header cannot smuggle CR/LF), then written by hand.
@@ -140,7 +148,7 @@ pub async fn connect(
         if !subprotocols.is_empty() {
             req = req.header("Sec-WebSocket-Protocol", subprotocols.join(", "));
         }
-        if let Some(e) = extensions {
+        if let Some(e) = &extensions {
             req = req.header("Sec-WebSocket-Extensions", e);
         }
         for (k, v) in headers {
@@ -161,8 +169,22 @@ pub async fn connect(
             head.extend_from_slice(b"\r\n");
         }
         head.extend_from_slice(b"\r\n");
+        Ok(Offer { head, key, subprotocols, extensions })
+    }
+}
+
+/// Opens the backend WebSocket within `timeout` and makes `offer`.
+pub async fn connect(url: &UpstreamUrl, offer: Offer, timeout: Duration) -> Result<Backend, String> {
+    let attempt = async {
+        let Offer { head, key, subprotocols, extensions } = offer;
+        // Boxed: the connect is short, the wait for the answer can be
+        // long, and this future keeps the room of its largest state.
+        let mut tcp =
+            Box::pin(TcpStream::connect(&url.authority)).await.map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
         tcp.write_all(&head).await.map_err(|e| format!("handshake: {e}"))?;
-        let answer = read_upgrade_answer(&mut tcp, &key, subprotocols, extensions).await?;
+        drop(head);
+        let answer = read_upgrade_answer(&mut tcp, &key, &subprotocols, extensions.as_deref()).await?;
         Ok(Backend {
             tcp,
             rest: answer.rest.into_boxed_slice(),
@@ -184,15 +206,18 @@ async fn read_upgrade_answer(
     offered: &[String],
     offered_extensions: Option<&str>,
 ) -> Result<Answer, String> {
+    // Read straight into `buf`: a buffer on the stack would sit in this
+    // future, which waits as long as the backend takes to answer.
     let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
     let end = loop {
-        let n = tcp.read(&mut chunk).await.map_err(|e| format!("handshake: {e}"))?;
+        if buf.capacity() - buf.len() < 256 {
+            buf.reserve(512);
+        }
+        let from = buf.len().saturating_sub(3);
+        let n = tcp.read_buf(&mut buf).await.map_err(|e| format!("handshake: {e}"))?;
         if n == 0 {
             return Err("handshake: the backend closed before answering".into());
         }
-        let from = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = crate::handshake::find_head_end(&buf, from) {
             break end;
         }

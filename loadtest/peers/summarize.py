@@ -204,14 +204,20 @@ class Summary:
             return
         self.out("### RSS kept per connection after one 1 MiB message, 1,000 connections")
         self.out()
-        self.out("| server | idle (B / conn) | after 1 MiB each (B / conn) | kept above idle (B / conn) | backend after (B / conn) |")
-        self.out("|---|---:|---:|---:|---:|")
+        self.out(
+            "| server | idle (B / conn) | after 1 MiB each (B / conn) | kept above idle (B / conn) "
+            "| sent once all are open: after | kept above idle | backend after (B / conn) |"
+        )
+        self.out("|---|---:|---:|---:|---:|---:|---:|")
         for s in ["pe", "pp", "hap"]:
             if not self.values("bigmsg", s, "server_bytes_per_conn"):
                 continue
             idle = self.mean("bigidle", s, "server_bytes_per_conn")
-            after = self.mean("bigmsg", s, "server_bytes_per_conn")
-            kept = "–" if idle is None or after is None else f"{after - idle:.0f}"
+
+            def kept(section):
+                after = self.mean(section, s, "server_bytes_per_conn")
+                return "–" if idle is None or after is None else f"{after - idle:.0f}"
+
             backend = (
                 self.cell("bigmsg", s, "backend_bytes_per_conn")
                 if self.values("bigmsg", s, "backend_bytes_per_conn")
@@ -219,7 +225,8 @@ class Summary:
             )
             self.out(
                 f"| {NAMES[s]} | {self.cell('bigidle', s, 'server_bytes_per_conn')} "
-                f"| {self.cell('bigmsg', s, 'server_bytes_per_conn')} | {kept} | {backend} |"
+                f"| {self.cell('bigmsg', s, 'server_bytes_per_conn')} | {kept('bigmsg')} "
+                f"| {self.cell('bigmsg-after', s, 'server_bytes_per_conn')} | {kept('bigmsg-after')} | {backend} |"
             )
         self.out()
         self.command("bigmsg-pe", "bigmsg-hap")

@@ -287,6 +287,13 @@ pub struct IdleArgs {
     /// after a large message has passed.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub first_message: usize,
+    /// How long after its handshake a connection sends `--first-message`
+    /// (`5s`; default: at once). Longer than the time all connections take
+    /// to open, the messages pass while no handshake is in flight: what the
+    /// messages leave behind, apart from what concurrent handshakes do.
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub message_after: Option<Duration>,
 }
 
 /// `echo` options.

@@ -33,17 +33,29 @@ pub async fn run(ctx: Arc<Ctx>, a: &IdleArgs, g: Arc<Group>) {
             _ = pacer.wait(i) => {}
         }
         let gi = ctx.share.global(i);
-        set.spawn(one(ctx.clone(), g.clone(), gi, a.first_message));
+        set.spawn(one(ctx.clone(), g.clone(), gi, a.first_message, a.message_after));
     }
     while set.join_next().await.is_some() {}
 }
 
-async fn one(ctx: Arc<Ctx>, g: Arc<Group>, gi: u64, first_message: usize) {
+async fn one(ctx: Arc<Ctx>, g: Arc<Group>, gi: u64, first_message: usize, after: Option<Duration>) {
     let source = ctx.sources.pick(gi);
     let Some(mut conn) = connect(&ctx, &g, TokenKind::Valid, gi, source).await else {
         return;
     };
     if first_message > 0 {
+        if let Some(after) = after {
+            // Pings are not answered meanwhile: keep `after` below the
+            // server's ping interval plus pong timeout.
+            let mut stop = ctx.stop.clone();
+            tokio::select! {
+                _ = wait_stop(&mut stop) => {
+                    hold(&ctx, &g, conn).await;
+                    return;
+                }
+                _ = tokio::time::sleep(after) => {}
+            }
+        }
         let payload = vec![(gi % 251) as u8; first_message];
         if conn.send(crate::frame::opcode::BINARY, &payload).await.is_err() {
             g.record_end("first_message_failed", None);
