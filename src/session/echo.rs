@@ -15,6 +15,15 @@ use crate::relay::frame::{
     self, Header, BINARY, CLOSE, CONTINUATION, MAX_CONTROL_PAYLOAD, MAX_HEADER_BYTES, PING, PONG, TEXT,
 };
 
+/// The per-thread buffer streamed binary frames are unmasked into: a whole
+/// read fits, so it leaves as one piece, written at once when nothing waits.
+const UNMASKED_BYTES: usize = 64 * 1024 + MAX_HEADER_BYTES;
+
+thread_local! {
+    static UNMASKED: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; UNMASKED_BYTES].into_boxed_slice());
+}
+
 /// Why the endpoint fails the connection, with its close code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -130,17 +139,28 @@ impl Echo {
                 }
                 if self.streaming {
                     let n = usize::try_from(h.len - self.got).unwrap_or(usize::MAX).min(input.len());
-                    let mut buf = [0u8; 4096];
-                    for piece in input[..n].chunks(buf.len()) {
-                        let b = &mut buf[..piece.len()];
-                        b.copy_from_slice(piece);
-                        if let Some(m) = h.mask {
-                            frame::apply_mask(b, m, self.got);
+                    let go = UNMASKED.with(|cell| {
+                        // Not re-entered: `on` never feeds an echo.
+                        let Ok(mut buf) = cell.try_borrow_mut() else { return false };
+                        // The frame's header goes out with its first bytes:
+                        // one piece, so one write, per read.
+                        let mut at = if self.got == 0 { echo_header(&mut buf[..], &h) } else { 0 };
+                        for piece in input[..n].chunks(UNMASKED_BYTES - MAX_HEADER_BYTES) {
+                            let b = &mut buf[at..at + piece.len()];
+                            b.copy_from_slice(piece);
+                            if let Some(m) = h.mask {
+                                frame::apply_mask(b, m, self.got);
+                            }
+                            self.got += piece.len() as u64;
+                            if !on(Action::Send(&buf[..at + piece.len()])) {
+                                return false;
+                            }
+                            at = 0;
                         }
-                        self.got += piece.len() as u64;
-                        if !on(Action::Send(b)) {
-                            return Ok(false);
-                        }
+                        true
+                    });
+                    if !go {
+                        return Ok(false);
                     }
                     input = &input[n..];
                     if self.got == h.len && !self.stream_done(h, on) {
@@ -217,13 +237,14 @@ impl Echo {
             self.got = 0;
             if self.message == Some(BINARY) {
                 self.streaming = true;
-                let mut head = [0u8; MAX_HEADER_BYTES];
-                let n = echo_header(&mut head, &h);
-                if !on(Action::Send(&head[..n])) {
-                    return Ok(false);
-                }
-                if h.len == 0 && !self.stream_done(h, on) {
-                    return Ok(false);
+                // The header leaves with the first payload bytes; an empty
+                // frame has none to wait for.
+                if h.len == 0 {
+                    let mut head = [0u8; MAX_HEADER_BYTES];
+                    let n = echo_header(&mut head, &h);
+                    if !(on(Action::Send(&head[..n])) && self.stream_done(h, on)) {
+                        return Ok(false);
+                    }
                 }
                 continue;
             }
@@ -305,11 +326,21 @@ impl Echo {
 }
 
 /// The echo's header for a client frame: same FIN, opcode and length, no mask.
-fn echo_header(out: &mut [u8; MAX_HEADER_BYTES], h: &Header) -> usize {
-    let mut v = Vec::new();
-    frame::put_header(&mut v, h.fin, h.opcode, usize::try_from(h.len).unwrap_or(usize::MAX), None);
-    out[..v.len()].copy_from_slice(&v);
-    v.len()
+fn echo_header(out: &mut [u8], h: &Header) -> usize {
+    // As `frame::put_header` writes it, without allocating: once per frame.
+    out[0] = if h.fin { 0x80 } else { 0 } | h.opcode;
+    if h.len < 126 {
+        out[1] = h.len as u8;
+        2
+    } else if let Ok(l) = u16::try_from(h.len) {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&l.to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&h.len.to_be_bytes());
+        10
+    }
 }
 
 /// Answers a whole control frame.

@@ -66,6 +66,10 @@ const BEST_EFFORT_TIMEOUT: Ms = 100;
 /// dropped) so its close reply is taken and the socket closes with a FIN,
 /// not a reset that could destroy the close frame in flight.
 const DRAIN_GRACE: Ms = 100;
+/// An echo answer at least this large is written at once rather than
+/// queued behind the next: it would be a write of its own anyway, and an
+/// outbox for it is a large allocation per read.
+const WRITE_AT_ONCE: usize = 4096;
 /// The per-thread read buffer. 64 KiB: a 64 KiB message in one read.
 const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -934,7 +938,12 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                     }
                     Action::Send(b) => {
                         if !client.sent_close {
-                            client.push(b, now);
+                            if b.len() >= WRITE_AT_ONCE {
+                                client.send(b, cx.as_deref_mut(), now);
+                            } else {
+                                // Small answers of one read leave in one write.
+                                client.push(b, now);
+                            }
                         }
                         true
                     }
