@@ -11,6 +11,9 @@
 #   MODES=echo N=5000 scripts/idle-rss-defaults.sh
 #   PORTCULLIS_BIN=/path/to/portcullis scripts/idle-rss-defaults.sh
 #                                             # another gateway binary
+#   N=1000 FIRST=1MiB SETTLE=8 scripts/idle-rss-defaults.sh
+#                                             # each sends one 1 MiB message
+#                                             # first (compare with N=1000 alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-9000}
@@ -56,10 +59,11 @@ EOF
   sleep 1
   base=$(rss_kib "$GW")
   taskset -c 0 "$LT" idle --url ws://127.0.0.1:18190/ --secret-file "$OUT/secret" --count "$N" --rate 700 \
-    --duration "$((N / 700 + 20))s" --source-ips 127.0.0.2-127.0.0.41 --quiet > "$OUT/lt-$mode.log" 2>&1 &
+    --duration "$((N / 700 + 30))s" --source-ips 127.0.0.2-127.0.0.41 ${FIRST:+--first-message "$FIRST"} \
+    --quiet > "$OUT/lt-$mode.log" 2>&1 &
   LTP=$!
   for _ in $(seq 600); do [ "$(open_conns 18190)" -ge "$N" ] && break; sleep 0.1; done
-  sleep 3
+  sleep "${SETTLE:-3}"
   n=$(open_conns 18190)
   top=$(rss_kib "$GW")
   echo "$mode: RSS $base -> $top KiB with $n connections at the shipped defaults: $(((top - base) * 1024 / (n > 0 ? n : 1))) B per connection"

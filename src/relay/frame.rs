@@ -71,20 +71,33 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, &'static str> {
 
 /// Appends a frame header to `out`.
 pub fn put_header(out: &mut Vec<u8>, fin: bool, opcode: u8, len: usize, mask: Option<[u8; 4]>) {
-    out.push(if fin { 0x80 } else { 0 } | opcode);
+    let (h, n) = header(fin, opcode, len as u64, mask);
+    out.extend_from_slice(&h[..n]);
+}
+
+/// A frame header and its length, built on the stack (once per echoed
+/// frame, so without allocating).
+pub fn header(fin: bool, opcode: u8, len: u64, mask: Option<[u8; 4]>) -> ([u8; MAX_HEADER_BYTES], usize) {
+    let mut h = [0u8; MAX_HEADER_BYTES];
+    h[0] = if fin { 0x80 } else { 0 } | opcode;
     let m = if mask.is_some() { 0x80 } else { 0 };
-    if len < 126 {
-        out.push(m | len as u8);
+    let mut n = if len < 126 {
+        h[1] = m | len as u8;
+        2
     } else if let Ok(l) = u16::try_from(len) {
-        out.push(m | 126);
-        out.extend_from_slice(&l.to_be_bytes());
+        h[1] = m | 126;
+        h[2..4].copy_from_slice(&l.to_be_bytes());
+        4
     } else {
-        out.push(m | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+        h[1] = m | 127;
+        h[2..10].copy_from_slice(&len.to_be_bytes());
+        10
+    };
     if let Some(k) = mask {
-        out.extend_from_slice(&k);
+        h[n..n + 4].copy_from_slice(&k);
+        n += 4;
     }
+    (h, n)
 }
 
 /// XORs `data` with the mask, `offset` bytes into the payload.

@@ -144,7 +144,12 @@ impl Echo {
                         let Ok(mut buf) = cell.try_borrow_mut() else { return false };
                         // The frame's header goes out with its first bytes:
                         // one piece, so one write, per read.
-                        let mut at = if self.got == 0 { echo_header(&mut buf[..], &h) } else { 0 };
+                        let mut at = 0;
+                        if self.got == 0 {
+                            let (head, n) = echo_header(&h);
+                            buf[..n].copy_from_slice(&head[..n]);
+                            at = n;
+                        }
                         for piece in input[..n].chunks(UNMASKED_BYTES - MAX_HEADER_BYTES) {
                             let b = &mut buf[at..at + piece.len()];
                             b.copy_from_slice(piece);
@@ -240,8 +245,7 @@ impl Echo {
                 // The header leaves with the first payload bytes; an empty
                 // frame has none to wait for.
                 if h.len == 0 {
-                    let mut head = [0u8; MAX_HEADER_BYTES];
-                    let n = echo_header(&mut head, &h);
+                    let (head, n) = echo_header(&h);
                     if !(on(Action::Send(&head[..n])) && self.stream_done(h, on)) {
                         return Ok(false);
                     }
@@ -326,21 +330,8 @@ impl Echo {
 }
 
 /// The echo's header for a client frame: same FIN, opcode and length, no mask.
-fn echo_header(out: &mut [u8], h: &Header) -> usize {
-    // As `frame::put_header` writes it, without allocating: once per frame.
-    out[0] = if h.fin { 0x80 } else { 0 } | h.opcode;
-    if h.len < 126 {
-        out[1] = h.len as u8;
-        2
-    } else if let Ok(l) = u16::try_from(h.len) {
-        out[1] = 126;
-        out[2..4].copy_from_slice(&l.to_be_bytes());
-        4
-    } else {
-        out[1] = 127;
-        out[2..10].copy_from_slice(&h.len.to_be_bytes());
-        10
-    }
+fn echo_header(h: &Header) -> ([u8; MAX_HEADER_BYTES], usize) {
+    frame::header(h.fin, h.opcode, h.len, None)
 }
 
 /// Answers a whole control frame.

@@ -319,7 +319,7 @@ impl<'a> Through<'a> {
         &mut self,
         side: &mut Side<S>,
         b: &[u8],
-        cx: Option<&mut Context<'_>>,
+        mut cx: Option<&mut Context<'_>>,
         now: Ms,
     ) {
         // Where `b` lies in `data`, if it does (a split header is held
@@ -330,7 +330,6 @@ impl<'a> Through<'a> {
             self.end += b.len();
             return;
         }
-        let mut cx = cx;
         self.flush(side, cx.as_deref_mut(), now);
         if inside {
             (self.start, self.end) = (at, at + b.len());
