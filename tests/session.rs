@@ -156,6 +156,38 @@ async fn token_expiry_closes_with_1008() {
     gw.stop().await;
 }
 
+/// `/admin/connections` shows when the client last sent something: still
+/// then after a silence, later once it speaks again.
+#[tokio::test]
+async fn last_seen_follows_the_clients_last_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start(config(dir.path())).await;
+    let t0 = now();
+    let mut c = ws(gw.public, &token("quiet")).await;
+    echo(&mut c, "hello").await;
+    let last_seen = || async {
+        let r = http(gw.admin, "GET", "/admin/connections?sub=quiet", &[], "").await;
+        let list: serde_json::Value = serde_json::from_str(body(&r)).unwrap();
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        list[0]["last_seen"].as_u64().unwrap()
+    };
+    // Two seconds of silence (bounded: the clock moves on its own).
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while now() < t0 + 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(now() >= t0 + 2);
+    let silent = last_seen().await;
+    assert!((t0..=t0 + 1).contains(&silent), "last seen at {silent}, connected at {t0}");
+    let t1 = now();
+    echo(&mut c, "again").await;
+    let spoke = last_seen().await;
+    assert!(spoke >= t1 && spoke <= now(), "last seen at {spoke}, spoke at {t1}");
+    drop(c);
+    gw.assert_gauges_zero().await;
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn revoke_closes_live_connections_within_a_second_and_persists() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,9 @@
 #
 #   pe     Portcullis, built-in echo upstream    (portcullis-echo.toml)
 #   pp     Portcullis, proxy mode                (portcullis-proxy.toml) ─┐ same echo
-#   hap    HAProxy, proxy mode                   (haproxy.cfg)           ─┘ backend
+#   hap    HAProxy, proxy mode                   (haproxy.cfg)           ─┤ backend
+#   tun    a bare TCP tunnel (tcp-tunnel)                                ─┘ (echo
+#          sections only: the relay floor, bytes copied and nothing checked)
 #   floor  a trivial server answering a fixed 401 (refusals only)
 #
 # Servers (and the echo backend) run on core $SERVER_CPU, the load generator
@@ -57,6 +59,7 @@ ADMIN_PORT=${ADMIN_PORT:-19090} # Portcullis admin
 BE_PORT=${BE_PORT:-18081}       # echo backend
 HAP_PORT=${HAP_PORT:-18082}     # HAProxy
 FLOOR_PORT=${FLOOR_PORT:-18083} # fixed 401
+TUN_PORT=${TUN_PORT:-18084}     # bare TCP tunnel
 ATTACK_IPS=127.0.0.2-127.0.0.41   # 40 source addresses
 LEGIT_IPS=127.0.0.42-127.0.0.49
 
@@ -67,6 +70,7 @@ PORTCULLIS=${PORTCULLIS_BIN:-$BIN/portcullis}
 LT=$BIN/portcullis-loadtest
 ECHO_BACKEND=$BIN/echo-backend
 FIXED_401=$BIN/fixed-401
+TCP_TUNNEL=$BIN/tcp-tunnel
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -99,7 +103,7 @@ done
 install_missing
 log "building release binaries"
 (cd "$ROOT" && cargo build --release -p portcullis -p portcullis-loadtest)
-for b in "$PORTCULLIS" "$LT" "$ECHO_BACKEND" "$FIXED_401"; do
+for b in "$PORTCULLIS" "$LT" "$ECHO_BACKEND" "$FIXED_401" "$TCP_TUNNEL"; do
   [ -x "$b" ] || die "$b is missing after the build"
 done
 
@@ -209,12 +213,12 @@ start_server() {
   local kind=$1
   shift
   local p
-  for p in $PE_PORT $ADMIN_PORT $BE_PORT $HAP_PORT $FLOOR_PORT; do
+  for p in $PE_PORT $ADMIN_PORT $BE_PORT $HAP_PORT $FLOOR_PORT $TUN_PORT; do
     port_busy "$p" && die "port $p is already in use"
   done
   BACKEND_PID=
   case $kind in
-    pp | hap)
+    pp | hap | tun)
       start_bg "$RUN.backend" "$ECHO_BACKEND" "127.0.0.1:$BE_PORT"
       BACKEND_PID=$LAST_PID
       wait_listen "$BE_PORT"
@@ -243,6 +247,10 @@ start_server() {
     floor)
       start_bg "$RUN.server" "$FIXED_401" "127.0.0.1:$FLOOR_PORT"
       PORT=$FLOOR_PORT
+      ;;
+    tun)
+      start_bg "$RUN.server" "$TCP_TUNNEL" "127.0.0.1:$TUN_PORT" "127.0.0.1:$BE_PORT"
+      PORT=$TUN_PORT
       ;;
     *) die "unknown server $kind" ;;
   esac
@@ -462,7 +470,7 @@ section_echo64() { echo_section echo64 64KiB 65536; }
 echo_section() { # section size bytes
   local section=$1 size=$2 bytes=$3 s
   for ROUND in $(seq 1 "$ROUNDS"); do
-    for s in $(order "$ROUND" pe pp hap); do
+    for s in $(order "$ROUND" pe pp hap tun); do
       RUN="$section-$s-r$ROUND"
       start_server "$s"
       local t0 t1 b0=0 b1=0

@@ -20,6 +20,7 @@ NAMES = {
     "pp": "Portcullis, proxy mode",
     "hap": "HAProxy 2.6, proxy mode",
     "floor": "fixed 401 (floor)",
+    "tun": "TCP tunnel (relay floor)",
 }
 
 
@@ -95,6 +96,23 @@ class Summary:
         if a is None or b is None or b == 0:
             return "–"
         return fmt.format(a / b)
+
+    def per_round(self, section, metric, servers):
+        """Each server's figure over HAProxy's of the same round, and their
+        median: steadier than a ratio of means on a noisy machine, since
+        the servers of one round run minutes apart at most."""
+        hap = self.values(section, "hap", metric)
+        parts = []
+        for s in servers:
+            v = self.values(section, s, metric)
+            r = sorted(a / b for a, b in zip(v, hap) if b)
+            if len(r) < 2:
+                continue
+            rounds = " / ".join(f"{a / b:.2f}" for a, b in zip(v, hap) if b)
+            parts.append(f"{NAMES[s]} {rounds} (median {r[len(r) // 2]:.2f}×)")
+        if parts:
+            self.out("Against HAProxy, round by round: " + "; ".join(parts) + ".")
+            self.out()
 
     def out(self, s=""):
         self.lines.append(s)
@@ -238,7 +256,7 @@ class Summary:
         self.out()
         self.out("| server | messages/s | server CPU (s) | MB per server-CPU-s | backend CPU (s) | per CPU-s vs HAProxy |")
         self.out("|---|---:|---:|---:|---:|---:|")
-        for s in ["pe", "pp", "hap"]:
+        for s in ["pe", "pp", "hap", "tun"]:
             if not self.values("echo64", s, "msgs_per_s"):
                 continue
             self.out(
@@ -247,6 +265,7 @@ class Summary:
                 f"| {self.ratio(self.mean('echo64', s, 'mb_per_server_cpu_s'), self.mean('echo64', 'hap', 'mb_per_server_cpu_s'))} |"
             )
         self.out()
+        self.per_round("echo64", "mb_per_server_cpu_s", ["pe", "pp", "tun"])
         self.command("echo64-pe", "echo64-hap")
 
     def echo(self):
@@ -259,7 +278,7 @@ class Summary:
             "| RTT p50 / p99 (ms) | messages/s vs HAProxy | per CPU-s vs HAProxy |"
         )
         self.out("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for s in ["pe", "pp", "hap"]:
+        for s in ["pe", "pp", "hap", "tun"]:
             if not self.values("echo", s, "msgs_per_s"):
                 continue
             self.out(
@@ -270,6 +289,7 @@ class Summary:
                 f"| {self.ratio(self.mean('echo', s, 'msgs_per_server_cpu_s'), self.mean('echo', 'hap', 'msgs_per_server_cpu_s'))} |"
             )
         self.out()
+        self.per_round("echo", "msgs_per_server_cpu_s", ["pe", "pp", "tun"])
         self.command("echo-pe", "echo-hap")
 
     def mixed(self):

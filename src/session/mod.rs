@@ -511,8 +511,15 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
         // Before the kick and the clock are read: a kick or a due deadline
         // from now on wakes this task.
         self.info.watch(cx.waker());
+        // One clock read per wake: the loop below runs a few turns at most
+        // (the runtime's budget stops the sockets), and a `now` a little
+        // behind the wall only makes a deadline fire that much later.
+        let now = self.now();
+        // Sides whose read came back Pending in this wake: their wakers are
+        // registered, so asking again before the next wake only costs the
+        // readiness lock.
+        let mut parked = Parked::default();
         loop {
-            let now = self.now();
             if self.finished(now) {
                 self.disarm();
                 return Poll::Ready(self.reason.unwrap_or(CloseReason::Error));
@@ -530,7 +537,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                 continue;
             }
             self.arm(at, now);
-            if self.poll_io(cx).is_pending() {
+            if self.poll_io(cx, now, &mut parked).is_pending() {
                 return Poll::Pending;
             }
         }
@@ -744,14 +751,13 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
 
     /// Reads and writes whatever is ready. `Ready` after any progress (the
     /// caller re-evaluates its deadlines), `Pending` once nothing moves.
-    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let now = self.now();
+    fn poll_io(&mut self, cx: &mut Context<'_>, now: Ms, parked: &mut Parked) -> Poll<()> {
         let mut moved = self.poll_writes(cx, now);
         let read = SCRATCH.with(|cell| {
             // Not re-entered: nothing below reads a socket through it.
             let Ok(mut buf) = cell.try_borrow_mut() else { return false };
             let mut read = false;
-            if self.can_read_client() {
+            if !parked.client && self.can_read_client() {
                 match poll_read(&mut self.client.io, cx, &mut buf) {
                     Poll::Ready(Some(n)) => {
                         self.client_bytes(&buf[..n], now, Some(cx));
@@ -762,10 +768,10 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                         self.client_gone(now);
                         read = true;
                     }
-                    Poll::Pending => {}
+                    Poll::Pending => parked.client = true,
                 }
             }
-            if self.can_read_up() {
+            if !parked.up && self.can_read_up() {
                 let Mode::Proxy(p) = &mut self.mode else { return read };
                 match poll_read(&mut p.up.io, cx, &mut buf) {
                     Poll::Ready(Some(n)) => {
@@ -777,7 +783,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                         self.up_gone(now);
                         read = true;
                     }
-                    Poll::Pending => {}
+                    Poll::Pending => parked.up = true,
                 }
             }
             read
@@ -858,7 +864,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
         if self.next_ping <= now {
             self.next_ping = now + u64::from(self.t.ping_interval);
         }
-        self.info.touch(unix_now());
+        self.info.touch(now);
         if self.client.draining() {
             return;
         }
@@ -1083,6 +1089,13 @@ fn goodbye<S>(side: &mut Side<S>, g: Goodbye, at_boundary: bool, mask: Option<[u
 }
 
 /// Reads into `buf`. `Ready(None)`: EOF or a read error.
+/// Which sides' reads are known to be waiting for the socket, within one wake.
+#[derive(Default)]
+struct Parked {
+    client: bool,
+    up: bool,
+}
+
 fn poll_read<S: AsyncRead + Unpin>(io: &mut S, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<Option<usize>> {
     let mut rb = ReadBuf::new(buf);
     match Pin::new(io).poll_read(cx, &mut rb) {

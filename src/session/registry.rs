@@ -18,7 +18,7 @@ use futures_util::task::AtomicWaker;
 use serde::Serialize;
 
 use super::leases::{CapError, UserCaps};
-use super::timer::Timers;
+use super::timer::{Ms, Timers};
 use crate::config::{Limits, OnCapStoreError, OnUserCap};
 use crate::metrics::Metrics;
 use crate::reject::{CloseReason, Reject};
@@ -38,7 +38,10 @@ pub struct ConnInfo {
     pub since: u64,
     pub jti: Option<String>,
     pub iat: Option<u64>,
-    /// Unix seconds of the last frame from the client.
+    /// When the client last sent a byte, in the shared timers' clock
+    /// (milliseconds): the session reads that clock anyway, and a wall
+    /// clock read per message would cost as much as the rest of the
+    /// bookkeeping. Turned into unix seconds only when listed.
     last_seen: AtomicU64,
     /// 0 = not kicked; else 1 + index in `CloseReason::ALL`. The first kick wins.
     kicked: AtomicU8,
@@ -89,12 +92,15 @@ impl ConnInfo {
         &self.registry.timers
     }
 
-    pub fn touch(&self, now_unix: u64) {
-        self.last_seen.store(now_unix, Ordering::Relaxed);
+    /// The client sent something at `now`, in the timers' clock.
+    pub(super) fn touch(&self, now: Ms) {
+        self.last_seen.store(now, Ordering::Relaxed);
     }
 
+    /// Unix seconds of the client's last byte (never before `since`).
     pub fn last_seen(&self) -> u64 {
-        self.last_seen.load(Ordering::Relaxed)
+        let ago_ms = self.timers().now().saturating_sub(self.last_seen.load(Ordering::Relaxed));
+        unix_now().saturating_sub(ago_ms / 1000).max(self.since)
     }
 }
 
@@ -303,7 +309,7 @@ impl Registry {
             since: now,
             jti,
             iat,
-            last_seen: AtomicU64::new(now),
+            last_seen: AtomicU64::new(self.timers.now()),
             kicked: AtomicU8::new(0),
             waker: AtomicWaker::new(),
             registry: self.clone(),
