@@ -20,8 +20,9 @@ use crate::relay::frame::{
 const UNMASKED_BYTES: usize = 64 * 1024 + MAX_HEADER_BYTES;
 
 thread_local! {
-    static UNMASKED: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0u8; UNMASKED_BYTES].into_boxed_slice());
+    /// Off a page boundary for the same reason as the read buffer.
+    static UNMASKED: std::cell::RefCell<super::OffPage> =
+        std::cell::RefCell::new(super::OffPage::new(UNMASKED_BYTES));
 }
 
 /// Why the endpoint fails the connection, with its close code.
@@ -141,7 +142,8 @@ impl Echo {
                     let n = usize::try_from(h.len - self.got).unwrap_or(usize::MAX).min(input.len());
                     let go = UNMASKED.with(|cell| {
                         // Not re-entered: `on` never feeds an echo.
-                        let Ok(mut buf) = cell.try_borrow_mut() else { return false };
+                        let Ok(mut unmasked) = cell.try_borrow_mut() else { return false };
+                        let buf = unmasked.buf();
                         // The frame's header goes out with its first bytes:
                         // one piece, so one write, per read.
                         let mut at = 0;

@@ -76,7 +76,39 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 thread_local! {
     /// Every read lands here: one buffer per worker thread, not one per
     /// connection. Only bytes that must wait are copied out of it.
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice());
+    static SCRATCH: RefCell<OffPage> = RefCell::new(OffPage::new(SCRATCH_BYTES));
+}
+
+/// A buffer that starts 64 bytes into a page, not on a page boundary.
+///
+/// The kernel copies between a socket and user memory with `rep movsb`,
+/// which stalls when source and destination sit at the same offset in
+/// their pages (4K aliasing), and the socket's page fragments start on
+/// page boundaries. mimalloc hands out blocks of 64 KiB page-aligned: from
+/// such a buffer, a relayed 64 KiB message cost about a fifth more CPU
+/// (BENCHMARKS.md, "Relay CPU against its floor").
+pub(crate) struct OffPage {
+    mem: Box<[u8]>,
+    at: usize,
+}
+
+impl OffPage {
+    const PAGE: usize = 4096;
+    const SKEW: usize = 64;
+
+    pub(crate) fn new(len: usize) -> OffPage {
+        let mem = vec![0u8; len + Self::PAGE].into_boxed_slice();
+        // Address arithmetic only: where the next page starts, plus the skew.
+        let addr = mem.as_ptr() as usize;
+        let at = (Self::PAGE + Self::SKEW - addr % Self::PAGE) % Self::PAGE;
+        OffPage { mem, at }
+    }
+
+    /// The usable `len` bytes.
+    pub(crate) fn buf(&mut self) -> &mut [u8] {
+        let len = self.mem.len() - Self::PAGE;
+        &mut self.mem[self.at..self.at + len]
+    }
 }
 
 /// The client's transport after the 101, and any bytes read past the head.
@@ -755,10 +787,11 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
         let mut moved = self.poll_writes(cx, now);
         let read = SCRATCH.with(|cell| {
             // Not re-entered: nothing below reads a socket through it.
-            let Ok(mut buf) = cell.try_borrow_mut() else { return false };
+            let Ok(mut scratch) = cell.try_borrow_mut() else { return false };
+            let buf = scratch.buf();
             let mut read = false;
             if !parked.client && self.can_read_client() {
-                match poll_read(&mut self.client.io, cx, &mut buf) {
+                match poll_read(&mut self.client.io, cx, buf) {
                     Poll::Ready(Some(n)) => {
                         self.client_bytes(&buf[..n], now, Some(cx));
                         read = true;
@@ -773,7 +806,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
             }
             if !parked.up && self.can_read_up() {
                 let Mode::Proxy(p) = &mut self.mode else { return read };
-                match poll_read(&mut p.up.io, cx, &mut buf) {
+                match poll_read(&mut p.up.io, cx, buf) {
                     Poll::Ready(Some(n)) => {
                         self.up_bytes(&buf[..n], now, Some(cx));
                         read = true;
@@ -1116,6 +1149,18 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
+    }
+
+    /// The read buffers start 64 bytes into a page, whatever the allocator
+    /// hands out, and are as long as asked.
+    #[test]
+    fn off_page_buffers_start_off_a_page_boundary() {
+        for len in [1, 4096, SCRATCH_BYTES, SCRATCH_BYTES + 14] {
+            let mut b = OffPage::new(len);
+            let buf = b.buf();
+            assert_eq!(buf.len(), len);
+            assert_eq!(buf.as_ptr() as usize % 4096, 64);
+        }
     }
 
     /// A relayed read is written straight from the read buffer while

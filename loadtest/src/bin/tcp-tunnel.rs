@@ -14,13 +14,17 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
+/// Per direction, as the gateway's read buffer: a 64 KiB message crosses in
+/// as few reads as through Portcullis (tokio's default is 8 KiB).
+const BUF: usize = 64 * 1024;
+
 async fn tunnel(mut client: TcpStream, backend: SocketAddr) {
     let _ = client.set_nodelay(true);
     let Ok(mut upstream) = TcpStream::connect(backend).await else {
         return;
     };
     let _ = upstream.set_nodelay(true);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF, BUF).await;
 }
 
 fn main() {
