@@ -87,6 +87,10 @@ impl Counted {
         let mut cfg = common::config(dir.path());
         // Heads arrive with the accept, as with the shipped default.
         cfg.listen.defer_accept_s = 1;
+        // Thousands of refusals in a few seconds: the address's rate limit
+        // must not answer them first (the rate-limit test sets its own).
+        cfg.limits.per_ip_rate = 100_000.0;
+        cfg.limits.per_ip_burst = 100_000;
         tune(&mut cfg);
         let gw = rt.block_on(common::start(cfg));
         Counted { rt, gw: Some(gw), _dir: dir }
