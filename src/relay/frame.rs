@@ -101,10 +101,24 @@ pub fn header(fin: bool, opcode: u8, len: u64, mask: Option<[u8; 4]>) -> ([u8; M
 }
 
 /// XORs `data` with the mask, `offset` bytes into the payload.
+///
+/// Thirty-two bytes at a time against a block of the mask repeated, which
+/// the compiler turns into vector XORs: the echo unmasks every byte a
+/// client sends, and a byte at a time (with its `% 4`) cost it more CPU
+/// per 64 KiB message than the kernel's two copies of it.
 pub fn apply_mask(data: &mut [u8], mask: [u8; 4], offset: u64) {
-    let start = (offset % 4) as usize;
-    for (i, b) in data.iter_mut().enumerate() {
-        *b ^= mask[(start + i) % 4];
+    let mut k = mask;
+    k.rotate_left((offset % 4) as usize);
+    let block: [u8; 32] = std::array::from_fn(|i| k[i % 4]);
+    let mut chunks = data.chunks_exact_mut(32);
+    for c in &mut chunks {
+        for (b, m) in c.iter_mut().zip(&block) {
+            *b ^= m;
+        }
+    }
+    // Chunks are whole multiples of 4: the rest starts at mask byte k[0].
+    for (b, m) in chunks.into_remainder().iter_mut().zip(block) {
+        *b ^= m;
     }
 }
 
@@ -149,6 +163,24 @@ pub fn close_code_valid(code: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mask_matches_the_byte_at_a_time_definition() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let data: Vec<u8> = (0..200u8).collect();
+        for len in 0..data.len() {
+            for offset in 0..9u64 {
+                let mut got = data[..len].to_vec();
+                apply_mask(&mut got, mask, offset);
+                let want: Vec<u8> = data[..len]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ mask[(offset as usize + i) % 4])
+                    .collect();
+                assert_eq!(got, want, "len {len}, offset {offset}");
+            }
+        }
+    }
 
     #[test]
     fn parses_every_length_form_and_waits_for_more() {
