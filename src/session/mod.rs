@@ -82,11 +82,12 @@ thread_local! {
 /// A buffer that starts 64 bytes into a page, not on a page boundary.
 ///
 /// The kernel copies between a socket and user memory with `rep movsb`,
-/// which stalls when source and destination sit at the same offset in
-/// their pages (4K aliasing), and the socket's page fragments start on
-/// page boundaries. mimalloc hands out blocks of 64 KiB page-aligned: from
-/// such a buffer, a relayed 64 KiB message cost about a fifth more CPU
-/// (BENCHMARKS.md, "Relay CPU against its floor").
+/// which, by all appearances, stalls when source and destination sit at
+/// the same offset in their pages (4K aliasing): the socket's page
+/// fragments start on page boundaries, and mimalloc hands out blocks of
+/// 64 KiB page-aligned. From such a buffer a relayed 64 KiB message cost
+/// 5 % to 20 % more CPU, depending on the host (BENCHMARKS.md, "Relay CPU
+/// against its floor").
 pub(crate) struct OffPage {
     mem: Box<[u8]>,
     at: usize,
@@ -1121,7 +1122,6 @@ fn goodbye<S>(side: &mut Side<S>, g: Goodbye, at_boundary: bool, mask: Option<[u
     side.sent_close = true;
 }
 
-/// Reads into `buf`. `Ready(None)`: EOF or a read error.
 /// Which sides' reads are known to be waiting for the socket, within one wake.
 #[derive(Default)]
 struct Parked {
@@ -1129,6 +1129,7 @@ struct Parked {
     up: bool,
 }
 
+/// Reads into `buf`. `Ready(None)`: EOF or a read error.
 fn poll_read<S: AsyncRead + Unpin>(io: &mut S, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<Option<usize>> {
     let mut rb = ReadBuf::new(buf);
     match Pin::new(io).poll_read(cx, &mut rb) {
