@@ -1,6 +1,6 @@
 //! The admin plane, on its own listener (loopback by default):
 //! `/metrics`, `/healthz`, `/readyz`, `POST /admin/revoke`,
-//! `GET /admin/connections`. With `admin.token` set, `/admin/*` requires
+//! `GET /admin/connections`, `/admin/bans` (list, ban, lift). With `admin.token` set, `/admin/*` requires
 //! `Authorization: Bearer <token>`, compared in constant time.
 
 use std::convert::Infallible;
@@ -119,6 +119,11 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
             }
             match (req.method(), p) {
                 (&Method::POST, "/admin/revoke") => revoke(shared, req).await,
+                (&Method::GET, "/admin/bans") => {
+                    json(StatusCode::OK, &serde_json::to_value(shared.bans.list()).unwrap_or_default())
+                }
+                (&Method::POST, "/admin/bans") => ban(shared, req).await,
+                (&Method::DELETE, "/admin/bans") => unban(shared, &req),
                 (&Method::GET, "/admin/connections") => {
                     // A bad escape matches no subject rather than listing everyone.
                     let sub = req.uri().query().and_then(|q| query_param(q, "sub"));
@@ -175,6 +180,59 @@ async fn revoke(shared: &Shared, req: Request<Incoming>) -> Resp {
         kind = if matches!(r, Revocation::Jti { .. }) { "jti" } else { "sub" }
     );
     json(StatusCode::OK, &serde_json::json!({ "revoked": r, "closed": closed }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BanBody {
+    key: String,
+    duration_s: Option<u64>,
+}
+
+fn bad_request(msg: &str) -> Resp {
+    json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": msg }))
+}
+
+/// `POST /admin/bans {"key": "CIDR or address", "duration_s": N}`.
+async fn ban(shared: &Shared, req: Request<Incoming>) -> Resp {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad_request("body too large or unreadable"),
+    };
+    let b = match serde_json::from_slice::<BanBody>(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request(&format!("expected {{\"key\": \"address or CIDR\", \"duration_s\": N}}: {e}"))
+        }
+    };
+    let key = match crate::ban::BanKey::parse(&b.key) {
+        Ok(k) => k,
+        Err(e) => return bad_request(&format!("key: {e}")),
+    };
+    let cfg = shared.config.load();
+    let duration = b.duration_s.unwrap_or(cfg.ban.duration_s);
+    if duration == 0 || duration > crate::config::MAX_BAN_S {
+        return bad_request(&format!("duration_s: must be between 1 and {}", crate::config::MAX_BAN_S));
+    }
+    match shared.bans.ban_manual(&cfg.ban, key, duration) {
+        Ok(listed) => json(StatusCode::OK, &serde_json::to_value(listed).unwrap_or_default()),
+        Err(e) => bad_request(&format!("key: {e}")),
+    }
+}
+
+/// `DELETE /admin/bans?key=…`: 200 when a ban was lifted, 404 when none was in force.
+fn unban(shared: &Shared, req: &Request<Incoming>) -> Resp {
+    let Some(raw) = req.uri().query().and_then(|q| query_param(q, "key")) else {
+        return bad_request("give the ban's key: DELETE /admin/bans?key=203.0.113.7/32");
+    };
+    match crate::ban::BanKey::parse(&raw) {
+        Ok(k) => {
+            let lifted = shared.bans.lift(k);
+            let status = if lifted { StatusCode::OK } else { StatusCode::NOT_FOUND };
+            json(status, &serde_json::json!({ "key": k.to_string(), "lifted": lifted }))
+        }
+        Err(e) => bad_request(&format!("key: {e}")),
+    }
 }
 
 #[cfg(test)]

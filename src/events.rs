@@ -82,6 +82,10 @@ pub fn rejected(
     took: Duration,
 ) {
     metrics.handshake_rejected(reason, took);
+    if reason == Reject::Banned {
+        // Logged when the ban starts and ends, not per attempt.
+        return;
+    }
     let (log, suppressed) = limiter.admit();
     log_suppressed(suppressed);
     if log {

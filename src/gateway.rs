@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::admit::{Caps, RateLimiter, Slots};
 use crate::auth::jwt::JwtAuthenticator;
 use crate::auth::Authenticator;
+use crate::ban::Bans;
 use crate::config::{Config, ConfigError, RevocationBackend};
 use crate::login::Login;
 use crate::metrics::Metrics;
@@ -45,6 +46,9 @@ pub enum StartError {
     },
     #[error("{0}")]
     Store(#[from] crate::revocation::StoreError),
+    /// The ban log (beside the revocation log) cannot be read or written.
+    #[error("ban log {0}")]
+    Bans(String),
 }
 
 impl Shared {
@@ -204,7 +208,12 @@ impl Gateway {
         let public =
             listen(cfg.listen.public, cfg.listen.backlog, cfg.listen.defer_accept_s, "listen.public")?;
         let admin = listen(cfg.listen.admin, 128, 0, "listen.admin")?;
+        let bans = Arc::new(Bans::new(metrics.clone()));
+        let ban_log = crate::ban::persist::path_for(&cfg.revocation.path);
+        crate::ban::persist::open(&ban_log, &bans, &cfg.ban)
+            .map_err(|e| StartError::Bans(format!("{}: {e}", ban_log.display())))?;
         let shared = Arc::new(Shared {
+            bans,
             caps: Caps::new(),
             slots: Slots::new(Some(metrics.clone())),
             rate: RateLimiter::new(cfg.limits.per_ip_rate, cfg.limits.per_ip_burst),
@@ -253,6 +262,11 @@ impl Gateway {
         let sweeper = tokio::spawn(sweep_handshakes(shared.clone()));
         let kicker = tokio::spawn(kick_remote_revocations(shared.clone()));
         let evicter = tokio::spawn(kick_evicted(shared.clone()));
+        let ban_sweeper = tokio::spawn(sweep_bans(shared.clone()));
+        let ban_fleet = shared.redis.as_ref().map(|r| {
+            let s = shared.clone();
+            crate::ban::fleet::start(shared.bans.clone(), r.link(), move || s.config.load().ban.clone())
+        });
 
         shutdown.await;
         drain(&shared, || {
@@ -266,6 +280,10 @@ impl Gateway {
         sweeper.abort();
         kicker.abort();
         evicter.abort();
+        ban_sweeper.abort();
+        if let Some(f) = ban_fleet {
+            f.abort();
+        }
         // Released leases reach Redis before the link stops (else they
         // would linger until they expire).
         let _ = tokio::time::timeout(Duration::from_secs(2), shared.registry.flush_caps()).await;
@@ -325,6 +343,16 @@ async fn sweep_handshakes(shared: Arc<Shared>) {
         let now = tick.tick().await;
         let limits = crate::admit::SlotLimits::from(&shared.config.load().limits);
         shared.slots.sweep(now, limits);
+    }
+}
+
+/// Ends expired bans, forgets decayed strikes, keeps `portcullis_bans`.
+async fn sweep_bans(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.bans.sweep(&shared.config.load().ban);
     }
 }
 

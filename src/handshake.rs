@@ -197,6 +197,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     }
     let mut scanned = 0;
     loop {
+        attempt.progress(buf.len());
         if let Some(end) = find_head_end(&buf, scanned) {
             let head = parse(&buf[..end])?;
             let rest = buf.split_off(end);

@@ -10,6 +10,7 @@
 //! - [`server`]: the accept loop (stage 1) and its speculative read;
 //!   [`early`]: refusals judged on a head that came with the accept;
 //!   [`pipeline`]: one connection's walk through the stages.
+//! - [`ban`]: automatic bans, enforced first of all at accept (strikes from every verdict).
 //! - [`admit`]: stage 1–2, caps as RAII permits and the per-IP GCRA rate.
 //! - [`client_addr`]: who the client is (PROXY protocol, trusted `X-Forwarded-For`).
 //! - [`tls`]: `wss://` termination.
@@ -33,6 +34,7 @@
 pub mod admin;
 pub mod admit;
 pub mod auth;
+pub mod ban;
 pub mod client_addr;
 pub mod clock;
 pub mod config;

@@ -33,6 +33,9 @@ pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
 pub const HANDSHAKE_PRESSURE: &str = "portcullis_handshake_pressure";
 pub const HANDSHAKE_DEADLINE: &str = "portcullis_handshake_deadline_seconds";
 pub const FD_EXHAUSTED_TOTAL: &str = "portcullis_fd_exhausted_total";
+pub const BANS: &str = "portcullis_bans";
+pub const BANS_TOTAL: &str = "portcullis_bans_total";
+pub const BAN_DRY_RUN_TOTAL: &str = "portcullis_ban_dry_run_total";
 
 /// Every `portcullis_*` name above: the reference documentation is checked
 /// against this list (`tests/reference.rs`).
@@ -55,6 +58,9 @@ pub const NAMES: &[&str] = &[
     HANDSHAKE_PRESSURE,
     HANDSHAKE_DEADLINE,
     FD_EXHAUSTED_TOTAL,
+    BANS,
+    BANS_TOTAL,
+    BAN_DRY_RUN_TOTAL,
 ];
 
 /// Handshake latency: from accept to the verdict; sub-millisecond refusals
@@ -84,6 +90,27 @@ impl Direction {
     }
 }
 
+/// What `portcullis_bans_total` counts a ban under: why it started here,
+/// or that another instance of the fleet started it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BanStarted {
+    Strikes,
+    Manual,
+    Fleet,
+}
+
+impl BanStarted {
+    pub const ALL: [BanStarted; 3] = [BanStarted::Strikes, BanStarted::Manual, BanStarted::Fleet];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            BanStarted::Strikes => "strikes",
+            BanStarted::Manual => "manual",
+            BanStarted::Fleet => "fleet",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoginOutcome {
     Ok,
@@ -92,8 +119,8 @@ pub enum LoginOutcome {
 }
 
 /// Operations of a shared store whose failures are counted.
-pub const STORE_OPS: [&str; 6] =
-    ["revoke", "resync", "subscribe", "lease_claim", "lease_renew", "lease_release"];
+pub const STORE_OPS: [&str; 7] =
+    ["revoke", "resync", "subscribe", "lease_claim", "lease_renew", "lease_release", "ban_sync"];
 
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -123,6 +150,10 @@ pub struct Metrics {
     pressure: Gauge,
     deadline: Gauge,
     fd_exhausted: Counter,
+    bans: Gauge,
+    /// By [`BanStarted`], in its order.
+    bans_total: [Counter; 3],
+    ban_dry_run: Counter,
 }
 
 impl Default for Metrics {
@@ -172,6 +203,14 @@ impl Metrics {
             FD_EXHAUSTED_TOTAL,
             None,
             "Sockets accepted and closed through the reserve descriptor at EMFILE.",
+        );
+
+        describe(BANS, None, "Addresses (or ranges) banned now.");
+        describe(BANS_TOTAL, None, "Bans started, by reason: strikes, manual, or learned from the fleet.");
+        describe(
+            BAN_DRY_RUN_TOTAL,
+            None,
+            "Bans that strikes would have started, with ban.dry_run set (nothing refused).",
         );
 
         let process = metrics_process::Collector::default();
@@ -234,6 +273,9 @@ impl Metrics {
             pressure: gauge(HANDSHAKE_PRESSURE, &[]),
             deadline: gauge(HANDSHAKE_DEADLINE, &[]),
             fd_exhausted: counter(FD_EXHAUSTED_TOTAL, &[]),
+            bans: gauge(BANS, &[]),
+            bans_total: BanStarted::ALL.map(|c| counter(BANS_TOTAL, &[("reason", c.label())])),
+            ban_dry_run: counter(BAN_DRY_RUN_TOTAL, &[]),
             process,
             handle,
             recorder,
@@ -268,6 +310,18 @@ impl Metrics {
 
     pub fn fd_exhausted(&self) {
         self.fd_exhausted.increment(1);
+    }
+
+    pub fn set_bans(&self, n: usize) {
+        self.bans.set(n as f64);
+    }
+
+    pub fn ban_started(&self, c: BanStarted) {
+        self.bans_total[c as usize].increment(1);
+    }
+
+    pub fn ban_dry_run(&self) {
+        self.ban_dry_run.increment(1);
     }
 
     pub fn handshaking(&self) -> &Gauge {

@@ -80,7 +80,14 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn reject(&self, shared: &Shared, reason: Reject) {
+    /// Records a refusal, and strikes the client's address for it
+    /// (`received`: the client sent anything of a head; a silent socket's
+    /// timeout is no strike). A trusted proxy itself is never struck.
+    fn reject(&self, shared: &Shared, reason: Reject, received: bool) {
+        let cfg = shared.config.load();
+        if !is_trusted(&cfg.listen.trusted_proxies, self.client.ip()) {
+            shared.bans.judge(&cfg.ban, self.client.ip(), Some(crate::ban::weight(reason, received)));
+        }
         events::rejected(
             &shared.metrics,
             &shared.log_limiter,
@@ -148,7 +155,8 @@ async fn handshake(
         Ok(Front::Plain(tcp, ip)) => serve(&shared, &cfg, tcp, &mut ctx, conn, handshake, ip, early).await,
         Ok(Front::Tls(tls, ip)) => serve(&shared, &cfg, tls, &mut ctx, conn, handshake, ip, early).await,
         Err(reason) => {
-            ctx.reject(&shared, reason);
+            // PROXY and TLS: a timeout there is no proof of a started head.
+            ctx.reject(&shared, reason, reason != Reject::HandshakeTimeout);
             None
         }
     }
@@ -182,7 +190,17 @@ async fn front(
             v = handshake.attempt().ended() => return Err(ended(v)),
         };
         match read {
-            Ok(Some(a)) => ctx.client = a,
+            Ok(Some(a)) => {
+                ctx.client = a;
+                // The first moment a proxied client is known: a banned one
+                // goes now, before anything of its own is read.
+                if !is_trusted(&cfg.listen.trusted_proxies, a.ip())
+                    && shared.bans.is_banned(a.ip(), crate::clock::unix_now())
+                {
+                    reset_on_close(&tcp);
+                    return Err(Reject::Banned);
+                }
+            }
             Ok(None) => {}
             Err(()) => {
                 reset_on_close(&tcp);
@@ -238,11 +256,14 @@ where
         Ok(Some(up)) => up,
         Ok(None) => return None,
         Err(reason) => {
-            ctx.reject(shared, reason);
+            ctx.reject(shared, reason, handshake.attempt().received() > 0);
             return None;
         }
     };
     drop(handshake);
+    if !is_trusted(&cfg.listen.trusted_proxies, ctx.client.ip()) {
+        shared.bans.judge(&shared.config.load().ban, ctx.client.ip(), None);
+    }
     let Upgraded { ws, upstream, params, slot } = up;
     events::accepted(&shared.metrics, ctx.client, &slot.info.sub, slot.info.id, ctx.accepted.elapsed());
     Some(Live {
@@ -428,6 +449,9 @@ fn client(
         return Ok(());
     }
     ctx.client = SocketAddr::new(client_ip, 0);
+    if shared.bans.is_banned(client_ip, crate::clock::unix_now()) {
+        return Err((Reject::Banned, None));
+    }
     let key = IpKey::new(client_ip);
     if ip.is_none() {
         *ip = Some(shared.caps.admit_ip(key, cfg.limits.per_ip_max_connections).map_err(|r| (r, None))?);

@@ -9,6 +9,7 @@ use std::fmt;
 /// A refusal before the upgrade (pipeline stages 1–6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reject {
+    Banned,
     GlobalCap,
     HandshakeCap,
     HandshakeShed,
@@ -31,7 +32,8 @@ pub enum Reject {
 
 impl Reject {
     /// Every variant, in pipeline order: metrics export each at 0 from start.
-    pub const ALL: [Reject; 18] = [
+    pub const ALL: [Reject; 19] = [
+        Reject::Banned,
         Reject::GlobalCap,
         Reject::HandshakeCap,
         Reject::HandshakeShed,
@@ -54,6 +56,7 @@ impl Reject {
 
     pub const fn label(self) -> &'static str {
         match self {
+            Reject::Banned => "banned",
             Reject::GlobalCap => "global_cap",
             Reject::HandshakeCap => "handshake_cap",
             Reject::HandshakeShed => "handshake_shed",
@@ -81,7 +84,11 @@ impl Reject {
     /// handshake stage decides that.
     pub const fn status(self) -> Option<u16> {
         match self {
-            Reject::GlobalCap | Reject::HandshakeCap | Reject::IpCap | Reject::ProxyHeader => None,
+            Reject::Banned
+            | Reject::GlobalCap
+            | Reject::HandshakeCap
+            | Reject::IpCap
+            | Reject::ProxyHeader => None,
             Reject::IpRate | Reject::UserCap => Some(429),
             Reject::HandshakeTimeout | Reject::HandshakeShed => Some(408),
             Reject::HeaderTooLarge => Some(431),
@@ -93,6 +100,39 @@ impl Reject {
                 Some(401)
             }
             Reject::UpstreamUnavailable => Some(502),
+        }
+    }
+
+    /// What a refusal adds to its address's strike score (`ban`): what no
+    /// honest client sends weighs 1, what a misconfigured one may send
+    /// weighs less, and what an honest client or our own load causes
+    /// weighs nothing. A silent socket's timeout (nothing received) is
+    /// not a strike either; the pipeline tells it apart
+    /// ([`Reject::HandshakeTimeout`] weighs 1 for a partial head).
+    ///
+    /// `origin` weighs nothing on purpose: another site's page can make
+    /// its visitors' browsers connect, and must not get them banned.
+    pub const fn strike(self) -> f32 {
+        match self {
+            Reject::ProxyHeader
+            | Reject::HandshakeTimeout
+            | Reject::HeaderTooLarge
+            | Reject::BadRequest
+            | Reject::InvalidToken => 1.0,
+            Reject::IpRate
+            | Reject::BadVersion
+            | Reject::BadPath
+            | Reject::MissingToken
+            | Reject::RevokedToken => 0.5,
+            Reject::Banned
+            | Reject::GlobalCap
+            | Reject::HandshakeCap
+            | Reject::HandshakeShed
+            | Reject::IpCap
+            | Reject::Origin
+            | Reject::ExpiredToken
+            | Reject::UserCap
+            | Reject::UpstreamUnavailable => 0.0,
         }
     }
 
@@ -228,6 +268,7 @@ mod tests {
     #[test]
     fn statuses_follow_spec() {
         let want = [
+            ("banned", None),
             ("global_cap", None),
             ("handshake_cap", None),
             ("handshake_shed", Some(408)),
@@ -250,6 +291,19 @@ mod tests {
         assert_eq!(want.len(), Reject::ALL.len());
         for (r, (label, status)) in Reject::ALL.iter().zip(want) {
             assert_eq!((r.label(), r.status()), (label, status));
+        }
+    }
+
+    #[test]
+    fn only_what_no_honest_client_causes_strikes() {
+        use Reject::*;
+        // Our own load, user caps, expired tokens and other sites' pages
+        // never count against an address.
+        for r in [GlobalCap, HandshakeCap, HandshakeShed, IpCap, UserCap, ExpiredToken, Origin, Banned] {
+            assert_eq!(r.strike(), 0.0, "{r}");
+        }
+        for r in [InvalidToken, BadRequest, HeaderTooLarge, HandshakeTimeout, IpRate] {
+            assert!(r.strike() > 0.0, "{r}");
         }
     }
 

@@ -156,6 +156,13 @@ impl Acceptor {
         // A trusted proxy's own address is never limited per IP; its clients
         // are, once PROXY / X-Forwarded-For names them.
         let key = (!is_trusted(&cfg.listen.trusted_proxies, peer.ip())).then(|| IpKey::new(peer.ip()));
+        // First of all, and cheapest: nothing read, no cap taken, no log
+        // line (a ban is logged when it starts and ends, not per attempt).
+        if key.is_some() && shared.bans.is_banned(peer.ip(), crate::clock::unix_now()) {
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            drop(sock);
+            return shared.metrics.handshake_rejected(Reject::Banned, now.elapsed());
+        }
         let permits = shared.caps.admit(l.max_connections).and_then(|conn| {
             let ip = key.map(|k| shared.caps.admit_ip(k, l.per_ip_max_connections)).transpose()?;
             Ok((conn, ip))
@@ -196,6 +203,7 @@ impl Acceptor {
                                 // the client may still be sending.
                                 let more = n > end || n == self.head.len();
                                 answer(sock, &self.answer[..len], more, (conn, ip));
+                                shared.bans.judge(&cfg.ban, peer.ip(), Some(reason.strike()));
                                 return events::rejected(
                                     &shared.metrics,
                                     &shared.log_limiter,
@@ -217,6 +225,11 @@ impl Acceptor {
             Ok(h) => h,
             Err(reason) => return refuse_unread(shared, sock, reason, peer, now),
         };
+        if early.rate_checked {
+            // The head came whole with the accept: nothing left to shed or
+            // expire (a newcomer of the same address must not take it).
+            handshake.attempt().head_done();
+        }
         let tcp = match TcpStream::from_std(std::net::TcpStream::from(sock)) {
             Ok(t) => t,
             Err(e) => {
@@ -236,6 +249,9 @@ impl Acceptor {
 fn refuse_unread(shared: &Shared, sock: Socket, reason: Reject, peer: SocketAddr, since: Instant) {
     let _ = sock.set_linger(Some(Duration::ZERO));
     drop(sock);
+    if reason.strike() > 0.0 && !is_trusted(&shared.config.load().listen.trusted_proxies, peer.ip()) {
+        shared.bans.judge(&shared.config.load().ban, peer.ip(), Some(reason.strike()));
+    }
     events::rejected(&shared.metrics, &shared.log_limiter, reason, peer, None, since.elapsed());
 }
 

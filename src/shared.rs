@@ -11,6 +11,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admit::{Caps, RateLimiter, Slots};
 use crate::auth::jwt::JwtAuthenticator;
 use crate::auth::Authenticator;
+use crate::ban::Bans;
 use crate::config::Config;
 use crate::login::Login;
 use crate::metrics::Metrics;
@@ -31,6 +32,8 @@ pub struct Shared {
     pub slots: Arc<Slots>,
     /// Per-IP handshake rate (stage 2).
     pub rate: RateLimiter,
+    /// Banned addresses, refused first of all; every verdict strikes here.
+    pub bans: Arc<Bans>,
     pub auth: Arc<dyn Authenticator>,
     /// The built-in JWT authenticator, when it is the one in use (for reload).
     pub jwt: Option<Arc<JwtAuthenticator>>,

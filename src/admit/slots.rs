@@ -2,13 +2,24 @@
 //! addresses, so that an attacker's share is bounded by the addresses it
 //! controls, not by a pool it can fill.
 //!
-//! Three rules, all taken at accept under one short lock:
+//! Four rules, all taken at accept under one short lock:
 //! - an address holds at most `limits.per_ip_max_handshakes` slots;
+//!   an arrival from an address at that bound takes the slot of that
+//!   address's own least-advanced incomplete head (408, `handshake_shed`)
+//!   if one is at least [`SHED_MIN_AGE`] old, so an address's slow heads
+//!   never keep its fast ones out (a carrier NAT, an office); it is
+//!   refused (`handshake_cap`) only when every head it holds is complete or
+//!   younger than that;
 //! - when every slot is taken, an arrival from an address under its fair
 //!   share (`max_handshakes` / addresses holding slots) takes the slot of
-//!   the oldest incomplete head of the address holding the most: that
-//!   socket is *shed* (408, `handshake_shed`); an arrival at or over its
-//!   share is refused (`handshake_cap`);
+//!   the least-advanced incomplete head of the address holding the most:
+//!   that socket is *shed* (408, `handshake_shed`); an arrival at or over
+//!   its share is refused (`handshake_cap`);
+//!
+//! *Least advanced*: the fewest bytes of head received, the oldest first
+//! among equals. An honest head comes whole in one or two packets, so
+//! the heads that lose their slot are the ones a slowloris trickles or
+//! never starts.
 //! - as occupancy rises past [`PRESSURE_THRESHOLD`], the deadline for an
 //!   incomplete head shrinks linearly from `handshake_timeout_ms` to
 //!   `handshake_timeout_min_ms` (at full occupancy), and applies to the
@@ -22,7 +33,7 @@
 //! [`Attempt`]: a state word and a `Notify`, no timer of its own.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,6 +47,17 @@ use crate::reject::Reject;
 /// Occupancy above which the head deadline starts to shrink. Below half
 /// full there is no pressure worth trading patience for.
 pub const PRESSURE_THRESHOLD: f64 = 0.5;
+
+/// The youngest an incomplete head may be when its own address's newcomer
+/// takes its slot. It keeps a burst of honest handshakes from one address
+/// (a page opening several sockets, a NAT's users reconnecting together)
+/// from shedding each other while their heads are still arriving: a head
+/// split over packets completes within a round trip or two. To keep all
+/// of an address's slots younger than this, an attacker must open more
+/// than `per_ip_max_handshakes` / 0.25 s = 64 sockets a second at the
+/// default bound, past the default per-address rate (20 a second, burst
+/// 40): those over it get the shortest deadline and count as strikes.
+pub const SHED_MIN_AGE: Duration = Duration::from_millis(250);
 
 /// How often [`Slots::sweep`] should run: the head deadline's precision.
 pub const SWEEP_EVERY: Duration = Duration::from_millis(50);
@@ -58,6 +80,8 @@ pub struct Attempt {
     /// This attempt's own bound on the head deadline, in ms (`u64::MAX`:
     /// none beyond the table's). A rate-limited socket gets the shortest.
     patience_ms: AtomicU64,
+    /// Bytes of head received so far: how advanced the attempt is.
+    received: AtomicU32,
     wake: Notify,
 }
 
@@ -75,6 +99,7 @@ impl Attempt {
             accepted,
             state: AtomicU8::new(READING),
             patience_ms: AtomicU64::new(u64::MAX),
+            received: AtomicU32::new(0),
             wake: Notify::new(),
         }
     }
@@ -82,6 +107,20 @@ impl Attempt {
     /// Bounds this attempt's head deadline to `d` from accept.
     pub fn limit_patience(&self, d: Duration) {
         self.patience_ms.fetch_min(d.as_millis().min(u64::MAX as u128) as u64, Ordering::AcqRel);
+    }
+
+    /// The head has `n` bytes so far.
+    pub fn progress(&self, n: usize) {
+        self.received.store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::Relaxed);
+    }
+
+    /// Bytes of head received so far.
+    pub fn received(&self) -> u32 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn reading(&self) -> bool {
+        self.state.load(Ordering::Acquire) == READING
     }
 
     fn due(&self, now: Instant, deadline: Duration) -> bool {
@@ -173,26 +212,26 @@ impl Table {
         true
     }
 
-    /// Sheds the oldest incomplete head of the address holding the most,
-    /// if that address holds more than `newcomer_would_hold`.
+    /// Sheds the least-advanced incomplete head of the address holding the
+    /// most, if that address holds more than `newcomer_would_hold`.
     fn shed_one(&mut self, newcomer_would_hold: usize) -> bool {
         // Walk from the largest holder down: its heads may all be complete
         // (authenticating, connecting upstream), which are not shed.
         let candidates: Vec<(usize, IpKey)> =
             self.order.iter().rev().take_while(|(n, _)| *n > newcomer_would_hold).copied().collect();
-        for (_, k) in candidates {
-            let victim = self
-                .by_key
-                .get(&Some(k))
-                .and_then(|q| q.iter().find(|a| a.state.load(Ordering::Acquire) == READING).cloned());
-            if let Some(v) = victim {
-                if v.end(SHED) {
-                    self.remove(Some(k), &v);
-                    return true;
-                }
-            }
+        candidates.into_iter().any(|(_, k)| self.shed_of(k, |_| true))
+    }
+
+    /// Sheds `key`'s least-advanced incomplete head among those `eligible`.
+    fn shed_of(&mut self, key: IpKey, eligible: impl Fn(&Attempt) -> bool) -> bool {
+        let victim = self.by_key.get(&Some(key)).and_then(|q| {
+            // Oldest first in the queue: `min_by_key` keeps the first of equals.
+            q.iter().filter(|a| a.reading() && eligible(a)).min_by_key(|a| a.received()).cloned()
+        });
+        match victim {
+            Some(v) if v.end(SHED) => self.remove(Some(key), &v),
+            _ => false,
         }
-        false
     }
 }
 
@@ -255,8 +294,17 @@ impl Slots {
         let attempt = Arc::new(Attempt::new(accepted));
         let mut t = self.lock();
         let held = t.held(&key);
-        if key.is_some() && held >= limits.per_ip {
-            return Err(Reject::HandshakeCap);
+        if let Some(k) = key.filter(|_| held >= limits.per_ip) {
+            // The address's own slowest head makes room, if one is old
+            // enough; the total is unchanged, so the global rule is moot.
+            let old_enough = |a: &Attempt| accepted.saturating_duration_since(a.accepted) >= SHED_MIN_AGE;
+            if !t.shed_of(k, old_enough) {
+                return Err(Reject::HandshakeCap);
+            }
+            t.insert(key, attempt.clone());
+            self.publish(&t, limits);
+            drop(t);
+            return Ok(HandshakePermit { slots: self.clone(), attempt, key });
         }
         if t.total >= limits.max {
             if key.is_none() {
@@ -337,7 +385,9 @@ impl HandshakePermit {
     /// client's per-address bound (stage 1 for proxied clients).
     pub fn rekey(&mut self, key: IpKey, per_ip: usize) -> Result<(), Reject> {
         let mut t = self.slots.lock();
-        if t.held(&Some(key)) >= per_ip {
+        let now = Instant::now();
+        let old_enough = |a: &Attempt| now.saturating_duration_since(a.accepted) >= SHED_MIN_AGE;
+        if t.held(&Some(key)) >= per_ip && !t.shed_of(key, old_enough) {
             return Err(Reject::HandshakeCap);
         }
         if t.remove(self.key, &self.attempt) {
@@ -408,6 +458,42 @@ mod tests {
         assert_eq!(s.total(), 2);
         drop((other, newcomer));
         assert_eq!((s.total(), s.addresses()), (0, 0), "nothing kept per address");
+    }
+
+    #[test]
+    fn at_its_bound_an_address_sheds_its_own_least_advanced_old_head() {
+        let s = Slots::new(None);
+        let t0 = Instant::now();
+        let l = limits(100, 3);
+        let slow: Vec<_> = (0..3).map(|_| s.admit(key(2), t0, l).unwrap()).collect();
+        slow[0].attempt().progress(40);
+        slow[1].attempt().progress(3);
+        slow[2].attempt().progress(3);
+        // Too young to be shed: a burst of one address's heads is safe.
+        let young = t0 + SHED_MIN_AGE - Duration::from_millis(1);
+        assert_eq!(s.admit(key(2), young, l).err(), Some(Reject::HandshakeCap));
+        let later = t0 + SHED_MIN_AGE;
+        let fast = s.admit(key(2), later, l).unwrap();
+        // The fewest bytes, the oldest among equals.
+        assert_eq!(slow[1].attempt().verdict(), Verdict::Shed);
+        assert_eq!(slow[0].attempt().verdict(), Verdict::Reading);
+        assert_eq!(slow[2].attempt().verdict(), Verdict::Reading);
+        assert_eq!(s.total(), 3);
+        // A complete head is never shed, however old.
+        assert!(fast.attempt().head_done());
+        let b = s.admit(key(2), later + SHED_MIN_AGE, l).unwrap();
+        assert_eq!(slow[2].attempt().verdict(), Verdict::Shed);
+        let c = s.admit(key(2), later + SHED_MIN_AGE, l).unwrap();
+        assert_eq!(slow[0].attempt().verdict(), Verdict::Shed);
+        assert!(b.attempt().head_done() && c.attempt().head_done());
+        assert_eq!(
+            s.admit(key(2), later + SHED_MIN_AGE * 4, l).err(),
+            Some(Reject::HandshakeCap),
+            "{}",
+            s.total()
+        );
+        drop((slow, fast, b, c));
+        assert_eq!(s.total(), 0);
     }
 
     #[test]

@@ -12,6 +12,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod ban;
+pub use ban::*;
+
 pub const DEFAULT_PUBLIC: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
 pub const DEFAULT_BACKLOG: u32 = 4096;
@@ -150,6 +153,7 @@ pub struct Config {
     pub upstream: Upstream,
     pub admin: Admin,
     pub log: Log,
+    pub ban: Ban,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -705,6 +709,7 @@ impl Config {
         if self.revocation.redis_timeout_ms == 0 || self.revocation.redis_timeout_ms > 10_000 {
             return Err(invalid("revocation.redis_timeout_ms", "must be between 1 and 10000"));
         }
+        self.ban.validate()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", format!("{:?} is not a log level", self.log.level)));
         }
