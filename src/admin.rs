@@ -199,10 +199,16 @@ async fn ban(shared: &Shared, req: Request<Incoming>) -> Resp {
         Ok(b) => b.to_bytes(),
         Err(_) => return bad_request("body too large or unreadable"),
     };
-    let b = match serde_json::from_slice::<BanBody>(&body) {
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let b = match serde_path_to_error::deserialize::<_, BanBody>(&mut de) {
         Ok(b) => b,
         Err(e) => {
-            return bad_request(&format!("expected {{\"key\": \"address or CIDR\", \"duration_s\": N}}: {e}"))
+            let at = e.path().to_string();
+            let at = if at == "." { String::new() } else { format!("{at}: ") };
+            return bad_request(&format!(
+                "expected {{\"key\": \"address or CIDR\", \"duration_s\": N}}: {at}{}",
+                e.inner()
+            ));
         }
     };
     let key = match crate::ban::BanKey::parse(&b.key) {

@@ -225,6 +225,7 @@ impl Acceptor {
             Ok(h) => h,
             Err(reason) => return refuse_unread(shared, sock, reason, peer, now),
         };
+        handshake.attempt().progress(early.bytes.len());
         if early.rate_checked {
             // The head came whole with the accept: nothing left to shed or
             // expire (a newcomer of the same address must not take it).
