@@ -255,6 +255,11 @@ per_ip_burst = $3
 [auth]
 hmac_secret_file = "keys/hs256.secret"
 
+# Each refusal is measured as such: automatic bans would turn the forged
+# tokens' rows into banned attempts after 20 (their own row below).
+[ban]
+enabled = false
+
 [revocation]
 path = "portcullis-revocations.log"
 
