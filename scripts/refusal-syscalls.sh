@@ -9,10 +9,16 @@
 #   fixed-401   loadtest/src/bin/fixed-401.rs, a naive tokio server answering a
 #               fixed 401 to everything: the floor (one row, `missing`)
 #
-# and three kinds of refusal:
+# and four kinds of refusal:
 #
 #   missing       no token                               401
 #   forged-HS256  HS256 token signed with a wrong secret  401 (a signature check)
+#   banned        forged HS256 tokens from addresses that are banned: the
+#                 gateway bans the load's addresses (POST /admin/bans
+#                 127.0.0.0/24) and closes each socket at accept, nothing
+#                 read; HAProxy gets its cheapest equivalent, a
+#                 `tcp-request connection reject` on the same source range.
+#                 Counted as refusals: sockets closed or reset unanswered.
 #   rate-limited  no token, per-IP rate 1/s               429 (portcullis:
 #                 per_ip_rate = 1.0, per_ip_burst = 1; HAProxy: HAP_PER_IP_RATE=1)
 #                 The gateway lets 1/s per address through (401); HAProxy's
@@ -70,6 +76,12 @@
 # SERVERS=portcullis), ports PE_PORT ADMIN_PORT HAP_PORT FLOOR_PORT (28080
 # 29090 28082 28083, apart from compare.sh's so both can run on one machine).
 #
+# Besides the system calls, each run measures the server's CPU per refusal
+# without strace: a second run of N attempts, the server's utime + stime
+# from /proc/PID/stat before and after (clock ticks), gives refusals per
+# server CPU-second (the "per CPU-s" column; ratios between servers of one
+# run are what to read, the machine is shared).
+#
 # Output: a markdown table on stdout (also OUT/summary.md); progress on stderr.
 # Needs strace and haproxy (installed with apt-get when missing and root),
 # taskset, ss, openssl, jq, awk, timeout. Stops everything it started on exit.
@@ -95,7 +107,7 @@ FLOOR_PORT=${FLOOR_PORT:-28083}
 HAP_BACKEND_PORT=${HAP_BACKEND_PORT:-28081} # nothing listens: never used
 SOURCE_IPS=127.0.0.2-127.0.0.41
 SERVERS=${SERVERS:-portcullis haproxy fixed-401}
-KINDS=${KINDS:-missing forged-HS256 rate-limited}
+KINDS=${KINDS:-missing forged-HS256 rate-limited banned}
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/refusal-syscalls.XXXXXX")}
 
 T_START=$(date +%s)
@@ -137,7 +149,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   if [ $had_policy = 1 ]; then mv /tmp/policy-rc.d.bak /usr/sbin/policy-rc.d; else rm -f /usr/sbin/policy-rc.d; fi
 fi
-for tool in strace taskset ss openssl jq awk timeout; do
+for tool in strace taskset ss openssl jq awk timeout curl; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is needed and missing"
 done
 if [ $WANT_HAP = 1 ]; then
@@ -268,9 +280,31 @@ level = "warn"
 EOF
 }
 
+# HAProxy's cheapest refusal, for the banned row: the source range rejected
+# at connection time, before any read.
+haproxy_ban_conf() { # dst
+  cat >"$1" <<EOF
+global
+    nbthread 1
+    maxconn 9950
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend ws
+    bind 127.0.0.1:$HAP_PORT
+    tcp-request connection reject if { src 127.0.0.0/24 }
+    default_backend nothing
+backend nothing
+    server none 127.0.0.1:$HAP_BACKEND_PORT
+EOF
+}
+
 SERVER_PID=
 PORT=
 RUN=
+BANNED=0
 start_server() { # server rate-limited(0|1)
   local s=$1 limited=$2 p
   for p in "$PE_PORT" "$ADMIN_PORT" "$HAP_PORT" "$FLOOR_PORT"; do
@@ -284,6 +318,11 @@ start_server() { # server rate-limited(0|1)
       PORT=$PE_PORT
       ;;
     haproxy)
+      if [ "$BANNED" = 1 ]; then
+        haproxy_ban_conf "conf/$RUN.cfg"
+        taskset -c "$SERVER_CPU" haproxy -db -f "conf/$RUN.cfg" >"logs/$RUN.server.out" 2>"logs/$RUN.server.err" &
+        PORT=$HAP_PORT
+      else
       local rate=100000
       [ "$limited" = 1 ] && rate=1
       HAP_BIND=127.0.0.1:$HAP_PORT HAP_BACKEND=127.0.0.1:$HAP_BACKEND_PORT HAP_MAXCONN=9950 \
@@ -293,6 +332,7 @@ start_server() { # server rate-limited(0|1)
         taskset -c "$SERVER_CPU" haproxy -db -f "$ROOT/loadtest/peers/haproxy.cfg" \
         >"logs/$RUN.server.out" 2>"logs/$RUN.server.err" &
       PORT=$HAP_PORT
+      fi
       ;;
     fixed-401)
       taskset -c "$SERVER_CPU" "$FIXED_401" "127.0.0.1:$FLOOR_PORT" >"logs/$RUN.server.out" 2>"logs/$RUN.server.err" &
@@ -305,6 +345,22 @@ start_server() { # server rate-limited(0|1)
   wait_listen "$PORT" "$s"
   sleep 0.3
   kill -0 "$SERVER_PID" 2>/dev/null || die "$s exited at start (see $OUT/logs/$RUN.server.err)"
+  if [ "$s" = portcullis ] && [ "$BANNED" = 1 ]; then
+    curl -fsS -XPOST "http://127.0.0.1:$ADMIN_PORT/admin/bans" \
+      -d '{"key": "127.0.0.0/24", "duration_s": 86400}' >"logs/$RUN.ban.json" ||
+      die "$RUN: POST /admin/bans failed"
+  fi
+}
+
+# Server CPU so far, in clock ticks (utime + stime, every thread).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$SERVER_PID/stat"; }
+
+# refusals JSON KIND: refusals the load tester counted: 4xx answers, and in
+# the banned row the sockets closed or reset without one.
+refusals() {
+  jq -r --arg k "$2" --argjson banned "$BANNED" '[.groups[$k].status // {} | to_entries[]
+    | select((.key | test("^4[0-9][0-9]$")) or ($banned == 1 and (.key == "closed" or .key == "reset")))
+    | .value] | add // 0' "$1"
 }
 
 stop_server() {
@@ -431,6 +487,14 @@ run() { # server label kind limited
   if [ "$IDLE_S" -gt 0 ] && [ "$label" = missing ] && [ -z "${IDLE_RATE[$s]:-}" ]; then
     idle_window "$s"
   fi
+  # CPU per refusal, untraced.
+  local c0 c1 cpu_refused per_cpu
+  c0=$(cpu_ticks)
+  lt "cpu-$RUN" "$kind" "$N"
+  c1=$(cpu_ticks)
+  cpu_refused=$(refusals "json/cpu-$RUN.json" "$kind")
+  per_cpu=$(awk -v n="$cpu_refused" -v t="$((c1 - c0))" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { if (t > 0) printf "%d", n / (t / hz); else print 0 }')
   local f="strace/$RUN.txt" t0 t1
   t0=$(date +%s.%N)
   strace_on "$f"
@@ -442,9 +506,12 @@ run() { # server label kind limited
   # Answers by status: 4xx are refusals; anything else is reported apart.
   local j="json/$RUN.json" refused by_status other total per window bg
   [ -s "$j" ] || die "no load-tester JSON for $RUN (logs/$RUN.err)"
-  refused=$(jq -r --arg k "$kind" '[.groups[$k].status // {} | to_entries[] | select(.key | test("^4[0-9][0-9]$")) | .value] | add // 0' "$j")
+  refused=$(refusals "$j" "$kind")
   by_status=$(jq -r --arg k "$kind" '[.groups[$k].status // {} | to_entries | sort_by(-.value)[] | select(.key | test("^4[0-9][0-9]$")) | "\(.value) × \(.key)"] | join(" + ")' "$j")
-  other=$(jq -r --arg k "$kind" '[.groups[$k].status // {} | to_entries[] | select(.key | test("^4[0-9][0-9]$") | not) | "\(.value) \(.key)"] | join(", ")' "$j")
+  other=$(jq -r --arg k "$kind" --argjson banned "$BANNED" '[.groups[$k].status // {} | to_entries[] | select((.key | test("^4[0-9][0-9]$")) or ($banned == 1 and (.key == "closed" or .key == "reset")) | not) | "\(.value) \(.key)"] | join(", ")' "$j")
+  if [ "$BANNED" = 1 ]; then
+    by_status=$(jq -r --arg k "$kind" '[.groups[$k].status // {} | to_entries | sort_by(-.value)[] | select(.key == "closed" or .key == "reset") | "\(.value) × \(.key)"] | join(" + ")' "$j")
+  fi
   [ "$refused" -gt 0 ] || die "$RUN: no refusal counted (json/$RUN.json, logs/$RUN.err)"
   total=$(total_calls "$f")
   per=$(awk -v t="$total" -v r="$refused" 'BEGIN { printf "%.2f", t / r }')
@@ -452,7 +519,7 @@ run() { # server label kind limited
   bg=$(awk -v i="${IDLE_RATE[$s]:-}" -v w="$window" -v r="$refused" 'BEGIN { if (i == "") print "-"; else printf "%.2f", i * w / r }')
   [ -n "$other" ] && by_status="$by_status; not refused: $other"
   log "$RUN: $refused refusals, $total syscalls, $per per refusal, ${window}s window"
-  ROWS+=("| $s | $label | $by_status | $(fmt_int "$total") | **$per** | $bg | $window | $(breakdown "$f" "$refused") |")
+  ROWS+=("| $s | $label | $by_status | $(fmt_int "$total") | **$per** | $bg | $window | $(fmt_int "$per_cpu") | $(breakdown "$f" "$refused") |")
 }
 
 for label in $KINDS; do
@@ -460,8 +527,11 @@ for label in $KINDS; do
     missing) kind=missing limited=0 ;;
     forged-HS256) kind=bad-hs256 limited=0 ;;
     rate-limited) kind=missing limited=1 ;;
-    *) die "unknown kind $label (KINDS: missing forged-HS256 rate-limited)" ;;
+    banned) kind=bad-hs256 limited=0 ;;
+    *) die "unknown kind $label (KINDS: missing forged-HS256 rate-limited banned)" ;;
   esac
+  BANNED=0
+  [ "$label" = banned ] && BANNED=1
   for s in $SERVERS; do
     case $s in
       portcullis | haproxy | fixed-401) ;;
@@ -479,8 +549,8 @@ done
   echo
   sed 's/^/    /' machine.txt
   echo
-  echo "| server | kind | refusals counted (by status) | total syscalls | syscalls per refusal | background (est.) | window s | per refusal, by syscall |"
-  echo "|---|---|---|---:|---:|---:|---:|---|"
+  echo "| server | kind | refusals counted (by status) | total syscalls | syscalls per refusal | background (est.) | window s | refusals per CPU-s (untraced) | per refusal, by syscall |"
+  echo "|---|---|---|---:|---:|---:|---:|---:|---|"
   printf '%s\n' "${ROWS[@]}"
   echo
   echo "Every syscall of the server process (all threads) between strace's attach"

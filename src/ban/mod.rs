@@ -221,9 +221,10 @@ pub struct Bans {
     /// only when `ranges_len` says there is one.
     ranges: RwLock<Vec<(IpNet, Entry)>>,
     ranges_len: AtomicUsize,
-    /// Bans that may be active (exact and ranges), counted when they start
-    /// and recounted by the sweep: zero means no lookup at all.
-    maybe_active: AtomicUsize,
+    /// Active bans (exact and ranges): counted as they start and end,
+    /// recounted by the sweep (which also sees the ones that ran out).
+    /// Zero means no lookup at all; it is also `portcullis_bans`.
+    active: AtomicUsize,
     strikes: DashMap<IpKey, Score>,
     epoch: Instant,
     metrics: Arc<Metrics>,
@@ -237,7 +238,7 @@ impl Bans {
             exact: DashMap::new(),
             ranges: RwLock::new(Vec::new()),
             ranges_len: AtomicUsize::new(0),
-            maybe_active: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
             strikes: DashMap::new(),
             epoch: Instant::now(),
             metrics,
@@ -259,7 +260,7 @@ impl Bans {
     /// Is `ip` banned now? The accept loop asks for every socket: no
     /// allocation, no lock taken while nothing is banned.
     pub fn is_banned(&self, ip: IpAddr, now: u64) -> bool {
-        if self.maybe_active.load(Ordering::Relaxed) == 0 {
+        if self.active.load(Ordering::Relaxed) == 0 {
             return false;
         }
         if self.exact.get(&IpKey::new(ip)).is_some_and(|e| e.active(now)) {
@@ -391,19 +392,13 @@ impl Bans {
 
     /// Starts (or replaces) a ban: table, gauge, counter, log, sinks.
     fn start(&self, cfg: &config::Ban, key: BanKey, entry: Entry, counted: Counted, score: Option<f32>) {
-        match key {
-            BanKey::Key(k) => self.insert_exact(cfg, k, entry),
-            BanKey::Range(n) => {
-                let mut r = write(&self.ranges);
-                r.retain(|(m, _)| *m != n);
-                r.push((n, entry));
-                self.ranges_len.store(r.len(), Ordering::Relaxed);
-            }
+        let now = crate::clock::unix_now();
+        let was = self.put(cfg, key, entry);
+        if !was.is_some_and(|e| e.active(now)) {
+            self.active.fetch_add(1, Ordering::Relaxed);
         }
-        self.maybe_active.fetch_add(1, Ordering::Relaxed);
         self.metrics.ban_started(counted);
         self.publish_gauge();
-        let now = crate::clock::unix_now();
         tracing::warn!(
             event = "ban",
             key = %key,
@@ -419,11 +414,27 @@ impl Bans {
         }
     }
 
-    fn insert_exact(&self, cfg: &config::Ban, k: IpKey, entry: Entry) {
+    /// Puts an entry in its table; returns the one it replaced.
+    fn put(&self, cfg: &config::Ban, key: BanKey, entry: Entry) -> Option<Entry> {
+        match key {
+            BanKey::Key(k) => self.insert_exact(cfg, k, entry),
+            BanKey::Range(n) => {
+                let mut r = write(&self.ranges);
+                let was = r.iter().position(|(m, _)| *m == n).map(|i| r.remove(i).1);
+                if r.len() < MAX_RANGES {
+                    r.push((n, entry));
+                }
+                self.ranges_len.store(r.len(), Ordering::Relaxed);
+                was
+            }
+        }
+    }
+
+    fn insert_exact(&self, cfg: &config::Ban, k: IpKey, entry: Entry) -> Option<Entry> {
         if !self.exact.contains_key(&k) && self.exact.len() >= cfg.max_entries {
             self.evict(cfg.max_entries / 16 + 1);
         }
-        self.exact.insert(k, entry);
+        self.exact.insert(k, entry)
     }
 
     /// Makes room: expired entries first, then the bans nearest their end.
@@ -469,6 +480,8 @@ impl Bans {
         };
         let active = was.is_some_and(|e| e.active(now));
         if active {
+            let _ =
+                self.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
             tracing::info!(event = "unban", key = %key, why, "address ban ended");
             self.publish_gauge();
         }
@@ -504,18 +517,11 @@ impl Bans {
     /// Restores an entry read back from the ban log (no log line, no
     /// counter: the ban started before this process did).
     pub fn restore(&self, cfg: &config::Ban, key: BanKey, entry: Entry) {
-        match key {
-            BanKey::Key(k) => self.insert_exact(cfg, k, entry),
-            BanKey::Range(n) => {
-                let mut r = write(&self.ranges);
-                if r.len() < MAX_RANGES {
-                    r.retain(|(m, _)| *m != n);
-                    r.push((n, entry));
-                }
-                self.ranges_len.store(r.len(), Ordering::Relaxed);
-            }
+        let was = self.put(cfg, key, entry);
+        let now = crate::clock::unix_now();
+        if entry.active(now) && !was.is_some_and(|e| e.active(now)) {
+            self.active.fetch_add(1, Ordering::Relaxed);
         }
-        self.maybe_active.fetch_add(1, Ordering::Relaxed);
         self.publish_gauge();
     }
 
@@ -595,7 +601,7 @@ impl Bans {
         for k in ended {
             tracing::info!(event = "unban", key = %k, why = "expired", "address ban ended");
         }
-        self.maybe_active.store(active, Ordering::Relaxed);
+        self.active.store(active, Ordering::Relaxed);
         self.metrics.set_bans(active);
         let t = self.now_ds();
         let half_life = (cfg.half_life_s * 10) as f32;
@@ -606,10 +612,7 @@ impl Bans {
     }
 
     fn publish_gauge(&self) {
-        let now = crate::clock::unix_now();
-        let n = self.exact.iter().filter(|e| e.active(now)).count()
-            + read(&self.ranges).iter().filter(|(_, e)| e.active(now)).count();
-        self.metrics.set_bans(n);
+        self.metrics.set_bans(self.active.load(Ordering::Relaxed));
     }
 
     /// Addresses scored now (for tests and the reference's bound).
