@@ -81,12 +81,12 @@ struct Ctx {
 
 impl Ctx {
     /// Records a refusal, and strikes the client's address for it
-    /// (`received`: the client sent anything of a head; a silent socket's
-    /// timeout is no strike). A trusted proxy itself is never struck.
-    fn reject(&self, shared: &Shared, reason: Reject, received: bool) {
+    /// (`partial_expired`: a started head ran past its deadline, the only
+    /// timeout that strikes). A trusted proxy itself is never struck.
+    fn reject(&self, shared: &Shared, reason: Reject, partial_expired: bool) {
         let cfg = shared.config.load();
         if !is_trusted(&cfg.listen.trusted_proxies, self.client.ip()) {
-            shared.bans.judge(&cfg.ban, self.client.ip(), Some(crate::ban::weight(reason, received)));
+            shared.bans.judge(&cfg.ban, self.client.ip(), Some(crate::ban::weight(reason, partial_expired)));
         }
         events::rejected(
             &shared.metrics,
@@ -156,7 +156,7 @@ async fn handshake(
         Ok(Front::Tls(tls, ip)) => serve(&shared, &cfg, tls, &mut ctx, conn, handshake, ip, early).await,
         Err(reason) => {
             // PROXY and TLS: a timeout there is no proof of a started head.
-            ctx.reject(&shared, reason, reason != Reject::HandshakeTimeout);
+            ctx.reject(&shared, reason, false);
             None
         }
     }
@@ -256,7 +256,8 @@ where
         Ok(Some(up)) => up,
         Ok(None) => return None,
         Err(reason) => {
-            ctx.reject(shared, reason, handshake.attempt().received() > 0);
+            let a = handshake.attempt();
+            ctx.reject(shared, reason, a.verdict() == Verdict::Expired && a.received() > 0);
             return None;
         }
     };

@@ -668,7 +668,8 @@ async fn json_logs_carry_reason_client_and_sub_and_never_a_token() {
 async fn a_flood_of_refusals_logs_a_few_lines_and_counts_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
-        "[auth]\nhmac_secret = \"{SECRET}\"\n[limits]\nper_ip_rate = 100000.0\nper_ip_burst = 100000\n"
+        "[auth]\nhmac_secret = \"{SECRET}\"\n[limits]\nper_ip_rate = 100000.0\nper_ip_burst = 100000\n\
+         [ban]\nenabled = false\n"
     );
     let mut p = Proc::spawn(&binary_config(dir.path(), "info", &extra));
     let flood: u64 = 300;

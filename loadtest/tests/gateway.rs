@@ -231,7 +231,7 @@ fn delta(v: &Value, name: &str, label: &str, value: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_match_gateway_metrics() {
     let gw =
-        gateway("[limits]\nper_ip_rate = 10000.0\nper_ip_burst = 10000\nper_ip_max_handshakes = 10000\n")
+        gateway("[limits]\nper_ip_rate = 10000.0\nper_ip_burst = 10000\nper_ip_max_handshakes = 10000\n[ban]\nenabled = false\n")
             .await;
     let url = format!("ws://{}/", gw.public);
     let metrics = format!("http://{}/metrics", gw.admin);
@@ -266,7 +266,7 @@ async fn refusals_match_gateway_metrics() {
 async fn idle_and_zombies_match_gateway_metrics() {
     let gw = gateway(
         "[limits]\nper_ip_rate = 10000.0\nper_ip_burst = 10000\nper_ip_max_handshakes = 10000\nhandshake_timeout_ms = 500\n\
-         [heartbeat]\nping_interval_ms = 200\npong_timeout_ms = 300\n",
+         [ban]\nenabled = false\n[heartbeat]\nping_interval_ms = 200\npong_timeout_ms = 300\n",
     )
     .await;
     let url = format!("ws://{}/", gw.public);
@@ -342,7 +342,7 @@ async fn remote_targets_need_allow_remote() {
         return;
     };
     let gw = gateway_with(GwOpts {
-        extra: "[limits]\nper_ip_rate = 10000.0\nper_ip_burst = 10000\nper_ip_max_handshakes = 10000\n",
+        extra: "[limits]\nper_ip_rate = 10000.0\nper_ip_burst = 10000\nper_ip_max_handshakes = 10000\n[ban]\nenabled = false\n",
         netns: Some(&ns),
         ..Default::default()
     })
@@ -391,7 +391,7 @@ fn ca_and_server() -> (String, String, String) {
 async fn wss_with_insecure_and_with_ca() {
     let (ca, cert, key) = ca_and_server();
     let gw = gateway_with(GwOpts {
-        extra: "[limits]\nper_ip_rate = 10000.0\nper_ip_burst = 10000\nper_ip_max_handshakes = 10000\n",
+        extra: "[limits]\nper_ip_rate = 10000.0\nper_ip_burst = 10000\nper_ip_max_handshakes = 10000\n[ban]\nenabled = false\n",
         tls: Some((cert, key)),
         ..Default::default()
     })
@@ -443,7 +443,7 @@ async fn wss_with_insecure_and_with_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_of_two_machines_sums_counts() {
     let gw =
-        gateway("[limits]\nper_ip_rate = 10000.0\nper_ip_burst = 10000\nper_ip_max_handshakes = 10000\n")
+        gateway("[limits]\nper_ip_rate = 10000.0\nper_ip_burst = 10000\nper_ip_max_handshakes = 10000\n[ban]\nenabled = false\n")
             .await;
     let url = format!("ws://{}/", gw.public);
     // Two "machines" started together by --start-at.
@@ -538,7 +538,7 @@ async fn capacity_rss_per_connection_matches_proc() {
     const N: u64 = 3000;
     let gw = gateway(
         "[limits]\nper_ip_rate = 100000.0\nper_ip_burst = 100000\nper_ip_max_connections = 100000\nper_ip_max_handshakes = 100000\n\
-         per_user_max_connections = 100000\n",
+         per_user_max_connections = 100000\n[ban]\nenabled = false\n",
     )
     .await;
     let pid = gw.pid();

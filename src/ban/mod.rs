@@ -626,11 +626,12 @@ impl Bans {
     }
 }
 
-/// The weight of a refusal as a strike, telling a silent socket's timeout
-/// (nothing received: a client whose network died, never a strike) from
-/// a partial head's.
-pub fn weight(reason: Reject, received_anything: bool) -> f32 {
-    if reason == Reject::HandshakeTimeout && !received_anything {
+/// The weight of a refusal as a strike. `handshake_timeout` strikes only
+/// for a partial head that ran past its deadline (`partial_expired`): not
+/// for a silent socket (a client whose network died) nor for a client that
+/// left in the middle of its head.
+pub fn weight(reason: Reject, partial_expired: bool) -> f32 {
+    if reason == Reject::HandshakeTimeout && !partial_expired {
         return 0.0;
     }
     reason.strike()
