@@ -214,6 +214,9 @@ pub enum Change {
     Lift(BanKey),
 }
 
+/// Where a change goes (the ban log's queue, the fleet's).
+pub type Sink = Box<dyn Fn(&Change) + Send + Sync>;
+
 /// The ban tables (see the module doc).
 pub struct Bans {
     exact: DashMap<IpKey, Entry>,
@@ -229,7 +232,7 @@ pub struct Bans {
     epoch: Instant,
     metrics: Arc<Metrics>,
     /// Where changes go (the ban log's writer, the fleet's pusher).
-    sinks: RwLock<Vec<Box<dyn Fn(&Change) + Send + Sync>>>,
+    sinks: RwLock<Vec<Sink>>,
 }
 
 impl Bans {
@@ -247,7 +250,7 @@ impl Bans {
     }
 
     /// Sends every later change to `sink` too.
-    pub fn add_sink(&self, sink: Box<dyn Fn(&Change) + Send + Sync>) {
+    pub fn add_sink(&self, sink: Sink) {
         write(&self.sinks).push(sink);
     }
 
