@@ -101,7 +101,7 @@ impl Shared {
 pub fn preflight(cfg: &Config, jwt: bool) -> Result<(), StartError> {
     cfg.validate()?;
     if cfg.revocation.backend == RevocationBackend::Redis {
-        crate::revocation::redis::client_for(&cfg.revocation.redis_url)?;
+        crate::revocation::redis::check_target(&cfg.revocation)?;
     }
     crate::revocation::file::check_path(&cfg.revocation.path)?;
     if jwt {
@@ -181,8 +181,14 @@ impl Gateway {
         let user_caps = redis.as_ref().map(|r| {
             let (leases, keeper) = RedisLeases::start(r.link(), cfg.revocation.lease_ttl_ms);
             r.own_task(keeper);
-            Arc::new(leases) as Arc<dyn UserCaps>
+            leases
         });
+        if let Some(l) = &user_caps {
+            // The first heartbeat before the first claim (bounded: a down
+            // link serves at once, per `limits.on_cap_store_error`).
+            l.ready(Duration::from_secs(2)).await;
+        }
+        let user_caps = user_caps.map(|l| Arc::new(l) as Arc<dyn UserCaps>);
         let (auth, jwt): (Arc<dyn Authenticator>, Option<Arc<JwtAuthenticator>>) = match auth {
             Some(a) => (a, None),
             None => {
