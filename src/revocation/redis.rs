@@ -480,7 +480,15 @@ async fn connect(inner: &Inner) -> Result<Session, LinkError> {
 
 /// Does the server answer `ROLE` as a master?
 async fn is_master(conn: &mut MultiplexedConnection) -> Result<bool, ::redis::RedisError> {
-    let role: Value = ::redis::cmd("ROLE").query_async(conn).await?;
+    let role: Value = match ::redis::cmd("ROLE").query_async(conn).await {
+        Ok(v) => v,
+        // An ACL user without `ROLE` (it is in `@dangerous`): the check is
+        // left to the writes, which a replica answers with `READONLY`.
+        Err(e) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoPerm) => {
+            return Ok(true)
+        }
+        Err(e) => return Err(e),
+    };
     Ok(match role {
         Value::Array(v) => match v.first() {
             Some(Value::BulkString(b)) => b.as_slice() == b"master",

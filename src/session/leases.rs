@@ -268,6 +268,9 @@ pub struct RedisLeases {
     /// yet (claims fail until the first beat).
     fence: Arc<Vec<AtomicU64>>,
     epoch: tokio::time::Instant,
+    /// Woken whenever a bucket's fence moves forward (a claim that came
+    /// just before the first heartbeat waits for it).
+    vouch_changed: Arc<tokio::sync::Notify>,
     keeper: mpsc::Sender<KeeperMsg>,
 }
 
@@ -282,6 +285,7 @@ impl RedisLeases {
             held: Arc::new(DashMap::new()),
             fence: Arc::new(fence),
             epoch: tokio::time::Instant::now(),
+            vouch_changed: Arc::new(tokio::sync::Notify::new()),
             keeper: tx,
         };
         let task = tokio::spawn(keeper(leases.clone(), rx));
@@ -315,6 +319,22 @@ impl RedisLeases {
         let until = sent_ms + self.ttl_ms - self.ttl_ms / 10;
         if let Some(f) = self.fence.get(bucket as usize) {
             f.fetch_max(until, Ordering::AcqRel);
+        }
+        self.vouch_changed.notify_waiters();
+    }
+
+    /// Vouched for `bucket` now, or within `within` (the link just came up
+    /// and the keeper is re-asserting).
+    async fn vouched_within(&self, bucket: u32, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let changed = self.vouch_changed.notified();
+            if self.vouched(bucket) {
+                return true;
+            }
+            if !self.link.is_up() || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.vouched(bucket);
+            }
         }
     }
 
@@ -554,7 +574,7 @@ impl UserCaps for RedisLeases {
         let bucket = bucket_of(&conn.sub, self.link.buckets);
         // Fenced: this instance could not keep its heartbeat; others may
         // soon (or already) count its leases as free.
-        if !self.vouched(bucket) {
+        if !self.vouched_within(bucket, self.link.timeout).await {
             return Err(CapError::Unavailable);
         }
         let (bucket, key, evicted, member) = self.hold(conn);
