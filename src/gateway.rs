@@ -390,7 +390,7 @@ async fn kick_remote_revocations(shared: Arc<Shared>) {
                 // Missed some: re-check every live connection.
                 for c in shared.registry.all() {
                     if shared.store.is_revoked(&c.sub, c.jti.as_deref(), c.iat) {
-                        c.kick(CloseReason::Revoked);
+                        shared.registry.kick_revoked_conn(&c);
                     }
                 }
             }
