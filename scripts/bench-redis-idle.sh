@@ -35,10 +35,10 @@ cat >"$TMP/gw.toml" <<TOML
 public = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 [limits]
-max_connections = 20000
-per_ip_max_connections = 20000
+max_connections = 19000
+per_ip_max_connections = 19000
 per_ip_rate = 1000000.0
-per_ip_burst = 1000000
+per_ip_burst = 100000
 max_handshakes = 4096
 [auth]
 hmac_secret_file = "$TMP/secret"
@@ -52,6 +52,7 @@ TOML
 "$GW" serve --config "$TMP/gw.toml" 2>"$TMP/gw.log" &
 GW_PID=$!; PIDS+=("$GW_PID")
 line=""; for _ in $(seq 200); do line="$(grep -m1 '^listening ' "$TMP/gw.log" || true)"; [ -n "$line" ] && break; sleep 0.05; done
+[ -n "$line" ] || { echo "the gateway did not start:" >&2; cat "$TMP/gw.log" >&2; exit 1; }
 PUBLIC="$(sed -E 's/.*public=([^ ]+).*/\1/' <<<"$line")"; ADMIN="$(sed -E 's/.*admin=([^ ]+).*/\1/' <<<"$line")"
 open_conns() { curl -fsS "http://$ADMIN/metrics" | awk '/^portcullis_connections\{state="open"\}/ {print $2}'; }
 
@@ -62,13 +63,14 @@ r0="$(ticks "$REDIS_PID")"; t0="$(date +%s.%N)"
 "$LT" idle --url "ws://$PUBLIC/" --secret-file "$TMP/secret" --count "$N" --rate 2000 \
   --duration "$((WINDOW * 3 + 60))s" --source-ips 127.0.0.2-127.0.0.41 --quiet --json "$TMP/idle.json" >"$TMP/lt.txt" 2>&1 &
 LT_PID=$!; PIDS+=("$LT_PID")
-until [ "$(open_conns | cut -d. -f1)" -ge "$N" ] 2>/dev/null; do sleep 0.2; done
+for _ in $(seq 600); do [ "$(open_conns | cut -d. -f1)" -ge "$N" ] 2>/dev/null && break; sleep 0.2; done
+[ "$(open_conns | cut -d. -f1)" -ge "$N" ] || { echo "only $(open_conns) connections opened:" >&2; cat "$TMP/lt.txt" >&2; exit 1; }
 r1="$(ticks "$REDIS_PID")"; t1="$(date +%s.%N)"
 sleep 2
 h0="$(ticks "$REDIS_PID")"; sleep "$WINDOW"; h1="$(ticks "$REDIS_PID")"
 kill "$LT_PID"; wait "$LT_PID" 2>/dev/null || true
 d0="$(ticks "$REDIS_PID")"; td0="$(date +%s.%N)"
-until [ "$(open_conns | cut -d. -f1)" -le 0 ] 2>/dev/null; do sleep 0.2; done
+for _ in $(seq 300); do [ "$(open_conns | cut -d. -f1)" -le 0 ] 2>/dev/null && break; sleep 0.2; done
 sleep 1
 d1="$(ticks "$REDIS_PID")"; td1="$(date +%s.%N)"
 python3 - "$N" "$WINDOW" "$HZ" "$base" "$r0" "$r1" "$t0" "$t1" "$h0" "$h1" "$d0" "$d1" "$td0" "$td1" "$GW" <<'PY'
