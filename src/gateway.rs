@@ -105,7 +105,7 @@ impl Shared {
 pub fn preflight(cfg: &Config, jwt: bool) -> Result<(), StartError> {
     cfg.validate()?;
     if cfg.revocation.backend == RevocationBackend::Redis {
-        crate::revocation::redis::client_for(&cfg.revocation.redis_url)?;
+        crate::revocation::redis::check_target(&cfg.revocation)?;
     }
     crate::revocation::file::check_path(&cfg.revocation.path)?;
     if jwt {
@@ -185,8 +185,14 @@ impl Gateway {
         let user_caps = redis.as_ref().map(|r| {
             let (leases, keeper) = RedisLeases::start(r.link(), cfg.revocation.lease_ttl_ms);
             r.own_task(keeper);
-            Arc::new(leases) as Arc<dyn UserCaps>
+            leases
         });
+        if let Some(l) = &user_caps {
+            // The first heartbeat before the first claim (bounded: a down
+            // link serves at once, per `limits.on_cap_store_error`).
+            l.ready(Duration::from_secs(2)).await;
+        }
+        let user_caps = user_caps.map(|l| Arc::new(l) as Arc<dyn UserCaps>);
         let (auth, jwt): (Arc<dyn Authenticator>, Option<Arc<JwtAuthenticator>>) = match auth {
             Some(a) => (a, None),
             None => {
@@ -412,7 +418,7 @@ async fn kick_remote_revocations(shared: Arc<Shared>) {
                 // Missed some: re-check every live connection.
                 for c in shared.registry.all() {
                     if shared.store.is_revoked(&c.sub, c.jti.as_deref(), c.iat) {
-                        c.kick(CloseReason::Revoked);
+                        shared.registry.kick_revoked_conn(&c);
                     }
                 }
             }

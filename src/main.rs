@@ -110,6 +110,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // What `serve` checks before binding, files opened and all.
             let cfg = Config::load(&file)?;
             portcullis::gateway::preflight(&cfg, true)?;
+            if cfg.revocation.backend == portcullis::config::RevocationBackend::Redis {
+                // A wrong password or CA is an error now, not a retry loop
+                // once serving; an unreachable Redis only a warning.
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                match rt.block_on(portcullis::redis_link::target::probe(&cfg.revocation)) {
+                    Ok(None) => {}
+                    Ok(Some(why)) => {
+                        eprintln!("portcullis: warning: revocation.redis_url: redis not reachable now: {why}")
+                    }
+                    Err(e) => anyhow::bail!("{e}"),
+                }
+            }
             println!("{}: ok", file.display());
             Ok(())
         }

@@ -340,20 +340,20 @@ async fn a_dead_instances_leases_expire_by_themselves() {
     let _one = ws(b.public, &t).await;
     let _two = ws(b.public, &t).await;
     assert_eq!(status(a.public, &t).await, 429);
-    // Once B has renewed at least once (the scores move), kill it:
-    // nothing releases its leases.
-    let scores = || redis.cmd(&["ZRANGE", "portcullis:lease:grace", "0", "-1", "WITHSCORES"]);
+    // Once a heartbeat has been extended (the hash moves), kill B:
+    // nothing releases its leases, they count until its heartbeat lapses.
+    let scores = || redis.cmd(&["HGETALL", "portcullis:hb:{0}"]);
     let first = scores();
     let deadline = Instant::now() + Duration::from_secs(3);
     while scores() == first {
-        assert!(Instant::now() < deadline, "B never renewed its leases");
+        assert!(Instant::now() < deadline, "no heartbeat was extended");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     b.proc.child.kill().unwrap();
     b.proc.child.wait().unwrap();
     let killed = Instant::now();
     assert_eq!(status(a.public, &t).await, 429, "the leases outlive their instance for a while");
-    // They were last renewed at most a third of the TTL before the kill,
+    // B's heartbeat was last extended at most a third of the TTL before the kill,
     // so they expire between 1.0 s and 1.5 s after it.
     let admitted = loop {
         if status(a.public, &t).await == 101 {
@@ -520,7 +520,7 @@ async fn a_slow_claim_falls_back_alone_and_leaves_exactly_one_lease() {
     assert_eq!(readyz(&a).await.1["store"], "up");
     // The claim still ran in Redis once the pause ended; the connection
     // must hold one lease then, never two (watched across a renewal).
-    let key = "portcullis:lease:sly";
+    let key = "portcullis:lease:{0}:sly";
     let until = Instant::now() + Duration::from_millis(2500);
     let (mut most, mut last) = (0, 0);
     while Instant::now() < until {
@@ -542,7 +542,7 @@ async fn a_slow_claim_falls_back_alone_and_leaves_exactly_one_lease() {
 }
 
 #[tokio::test]
-async fn a_renewal_never_brings_back_a_lease_an_eviction_removed() {
+async fn a_reassertion_never_brings_back_a_lease_an_eviction_removed() {
     use portcullis::revocation::redis::RedisStore;
     use portcullis::session::leases::{RedisLeases, UserCaps};
     use portcullis::session::registry::Registry;
@@ -553,28 +553,30 @@ async fn a_renewal_never_brings_back_a_lease_an_eviction_removed() {
         RedisStore::open(&instance(dir.path(), "a", &redis), metrics.clone()).await.unwrap(),
         RedisStore::open(&instance(dir.path(), "b", &redis), metrics.clone()).await.unwrap(),
     );
-    // Short leases: the keeper renews every 200 ms on its own as well.
+    // Short leases: the keeper beats every 200 ms on its own as well.
     let (la, _ka) = RedisLeases::start(sa.link(), 600);
     let (lb, _kb) = RedisLeases::start(sb.link(), 600);
+    la.ready(Duration::from_secs(2)).await;
+    lb.ready(Duration::from_secs(2)).await;
     let mut evicted_on_a = la.evictions();
-    // Nothing here closes an evicted connection: A keeps renewing it.
+    // Nothing here closes an evicted connection: A still holds it.
     let reg = Registry::new(metrics);
     let ip = "127.0.0.1".parse().unwrap();
     let c1 = reg.register("ugo", ip, None, None, 8, OnUserCap::Reject).unwrap();
     let c2 = reg.register("ugo", ip, None, None, 8, OnUserCap::Reject).unwrap();
     la.claim(&c1.info, 1, OnUserCap::EvictOldest).await.unwrap();
     lb.claim(&c2.info, 1, OnUserCap::EvictOldest).await.unwrap();
-    la.renew_all().await;
+    la.reassert(None, true).await;
     let until = Instant::now() + Duration::from_millis(700);
     while Instant::now() < until {
-        assert_eq!(redis.zcard("portcullis:lease:ugo"), 1, "the evicted lease came back");
+        assert_eq!(redis.zcard("portcullis:lease:{0}:ugo"), 1, "the evicted lease came back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let id = tokio::time::timeout(Duration::from_secs(2), evicted_on_a.recv()).await.unwrap().unwrap();
     assert_eq!(id, c1.info.id);
     // A claim of a member already held is idempotent: still one lease.
     lb.claim(&c2.info, 1, OnUserCap::EvictOldest).await.unwrap();
-    assert_eq!(redis.zcard("portcullis:lease:ugo"), 1);
+    assert_eq!(redis.zcard("portcullis:lease:{0}:ugo"), 1);
     sa.close();
     sb.close();
 }

@@ -27,14 +27,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
 use ::redis::Script;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{BanKey, BanReason, Bans, Change, Entry, Origin};
 use crate::config;
-use crate::redis_link::{RedisLink, BACKGROUND_TIMEOUT};
+use crate::redis_link::{Conn, RedisLink, BACKGROUND_TIMEOUT};
 
 pub const UNTIL_KEY: &str = "portcullis:{bans}:until";
 pub const META_KEY: &str = "portcullis:{bans}:meta";
@@ -180,7 +179,7 @@ fn parse_entry(until: f64, meta: Option<&str>) -> Option<Entry> {
     })
 }
 
-async fn push_changes(mut conn: MultiplexedConnection, bans: &Bans, batch: &[Change]) -> Result<(), ()> {
+async fn push_changes(mut conn: Conn, bans: &Bans, batch: &[Change]) -> Result<(), ()> {
     let mut push = PUSH.prepare_invoke();
     let mut lift = LIFT.prepare_invoke();
     let (mut pushes, mut lifts) = (Vec::new(), 0);
@@ -226,7 +225,7 @@ async fn call<T>(f: impl std::future::Future<Output = ::redis::RedisResult<T>>) 
 
 /// Reads the fleet's bans whole and reconciles (module doc). Returns the
 /// version it reconciled.
-async fn resync(mut conn: MultiplexedConnection, bans: &Bans, cfg: &config::Ban) -> Result<Option<i64>, ()> {
+async fn resync(mut conn: Conn, bans: &Bans, cfg: &config::Ban) -> Result<Option<i64>, ()> {
     let mut pull = PULL.prepare_invoke();
     for key in [UNTIL_KEY, META_KEY, VERSION_KEY] {
         pull.key(key);

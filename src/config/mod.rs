@@ -13,7 +13,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 mod ban;
+pub mod redis;
+
 pub use ban::*;
+pub use redis::RedisMode;
 
 pub const DEFAULT_PUBLIC: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
@@ -386,6 +389,17 @@ pub struct Revocation {
     /// Redis: the bound on every Redis call a handshake waits for (the
     /// per-user lease claim); past it `limits.on_cap_store_error` applies.
     pub redis_timeout_ms: u64,
+    /// Redis deployment: standalone, sentinel or cluster (see `redis`).
+    pub redis_mode: redis::RedisMode,
+    /// `host:port` of each sentinel (sentinel mode).
+    pub redis_sentinels: Vec<String>,
+    /// The master the sentinels monitor (sentinel mode).
+    pub redis_master_name: String,
+    /// `host:port` seeds of the cluster (cluster mode).
+    pub redis_cluster_nodes: Vec<String>,
+    /// PEM roots a `rediss://` server's certificate is verified against
+    /// (empty: the system's roots).
+    pub redis_ca_file: PathBuf,
 }
 
 pub const DEFAULT_LEASE_TTL_MS: u64 = 30_000;
@@ -399,6 +413,11 @@ impl Default for Revocation {
             redis_url: DEFAULT_REDIS_URL.into(),
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
             redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
+            redis_mode: redis::DEFAULT_REDIS_MODE,
+            redis_sentinels: Vec::new(),
+            redis_master_name: String::new(),
+            redis_cluster_nodes: Vec::new(),
+            redis_ca_file: PathBuf::new(),
         }
     }
 }
@@ -514,6 +533,11 @@ impl std::fmt::Debug for Revocation {
             .field("redis_url", &redacted_url(&self.redis_url))
             .field("lease_ttl_ms", &self.lease_ttl_ms)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("redis_mode", &self.redis_mode)
+            .field("redis_sentinels", &self.redis_sentinels)
+            .field("redis_master_name", &self.redis_master_name)
+            .field("redis_cluster_nodes", &self.redis_cluster_nodes)
+            .field("redis_ca_file", &self.redis_ca_file)
             .finish()
     }
 }
@@ -696,13 +720,7 @@ impl Config {
                 ));
             }
         }
-        if self.revocation.backend == RevocationBackend::Redis
-            && !(self.revocation.redis_url.starts_with("redis://")
-                || self.revocation.redis_url.starts_with("unix://")
-                || self.revocation.redis_url.starts_with("redis+unix://"))
-        {
-            return Err(invalid("revocation.redis_url", "must be a redis:// or unix:// URL"));
-        }
+        redis::validate(&self.revocation)?;
         if self.revocation.path.as_os_str().is_empty() {
             return Err(invalid("revocation.path", "must not be empty"));
         }

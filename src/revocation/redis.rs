@@ -8,8 +8,9 @@
 //! |---|---|---|
 //! | `portcullis:revocations` | sorted set | member: the revocation as JSON (`{"jti":"…"}` or `{"sub":"…","before":T}`); score: unix second it expires (see below) |
 //! | `portcullis:revoked` | channel | a member, published when it is first added |
-//! | `portcullis:lease:<sub>` | sorted set | one member per live connection of `sub` (see [`crate::session::leases`]) |
-//! | `portcullis:evicted:<sub>` | sorted set | lease members evicted lately: renewal never re-adds them |
+//! | `portcullis:lease:{<b>}:<sub>` | sorted set | one member per live connection of `sub`, in bucket `b` (see [`crate::session::leases`]) |
+//! | `portcullis:evicted:{<b>}:<sub>` | sorted set | lease members evicted lately: re-assertion never re-adds them |
+//! | `portcullis:hb:{<b>}` | hash | per instance, until when it vouches for its leases in bucket `b` |
 //! | `portcullis:evict` | channel | a lease member whose connection its owner must close (`evict_oldest`) |
 //!
 //! A revocation expires `auth.max_token_ttl_s` + `auth.leeway_s` after it
@@ -27,15 +28,37 @@
 //!
 //! # The link
 //!
-//! One task per instance (`sync_loop`) owns the connection: it opens a
-//! command connection and a subscription, **resyncs** (pulls the whole set
-//! into the mirror, then pushes and publishes every local revocation Redis
-//! lacks, such as those made while cut off), and only then declares the
-//! link up (`portcullis_store_up` 1). It pings both connections every
-//! second; a lost or silent connection, or [`crate::redis_link::FAILURES_DOWN`]
-//! failed calls in a row, take the link down (gauge 0, callers fall back at once) and the task
-//! reconnects with backoff and resyncs again. Messages published while the
-//! link was down are thus never needed: the resync reads the set itself.
+//! One task per instance (`sync_loop`) owns the connection: it finds the
+//! primary (the server holding `portcullis:revocations`: the URL's, the
+//! master the sentinels name, or that key's slot owner on a cluster; see
+//! [`crate::redis_link::target`]), opens a command connection and a
+//! subscription to it, **resyncs** (pulls the whole set into the mirror,
+//! then pushes and publishes every local revocation Redis lacks, such as
+//! those made while cut off), and only then declares the link up
+//! (`portcullis_store_up` 1). Every second it checks both connections and
+//! that the primary is still the master of that key (`ROLE`, and a keyed
+//! read that a moved slot answers with `MOVED`); a lost or silent
+//! connection, a demoted primary, a sentinel's `+switch-master`, or
+//! [`crate::redis_link::FAILURES_DOWN`] failed calls in a row take the link
+//! down (gauge 0, callers fall back at once) and the task reconnects with
+//! backoff and resyncs again. On a cluster, a change of the topology epoch
+//! (a failover elsewhere) resyncs and makes the leases re-assert.
+//!
+//! # Why pub/sub, and why nothing is lost
+//!
+//! The broadcast is plain pub/sub, at-most-once by design, because it is
+//! never the record: the sorted set is, and every way a message can be
+//! missed ends in a resync that reads the set. A subscriber that falls
+//! behind is disconnected by Redis (output buffer limit): a reconnect. A
+//! failover or a slot move: the health check sees it, a reconnect. A
+//! revocation acknowledged by a primary that died before replicating it:
+//! the instance that made it keeps it in its mirror and pushes it again at
+//! its own reconnect, which publishes it anew. Plain rather than sharded
+//! pub/sub: revocations come at human rates, so a cluster-wide broadcast
+//! costs nothing worth saving, and a plain subscription survives the key's
+//! slot moving between shards (a sharded one is dropped). A stream read
+//! from the last id would add a cursor per instance and trimming, and
+//! would still need the resync after a failover that lost its tail.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,8 +66,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
-use ::redis::io::tcp::TcpSettings;
-use ::redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, Msg, Script};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Msg, Script, Value};
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -52,8 +75,10 @@ use tokio::task::JoinHandle;
 use super::file::FileStore;
 use super::{Revocation, RevocationStore, StoreError};
 use crate::config::Config;
+use crate::config::RedisMode;
 use crate::metrics::Metrics;
-use crate::redis_link::{RedisLink, BACKGROUND_TIMEOUT, EVICT_CHANNEL};
+use crate::redis_link::target::{classify, connect as open_conn, LinkError, Target};
+use crate::redis_link::{cluster, sentinel, Conn, RedisLink, BACKGROUND_TIMEOUT, EVICT_CHANNEL};
 
 /// The sorted set of revocations.
 pub const REVOCATIONS_KEY: &str = "portcullis:revocations";
@@ -69,7 +94,9 @@ const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// A ping slower than this takes the link down.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bound on opening a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = crate::redis_link::target::CONNECT_TIMEOUT;
+/// A credentials or TLS error that persists is logged again this often.
+const FATAL_LOG_EVERY: Duration = Duration::from_secs(30);
 /// Bound on a whole resync (pull and push), which may move many entries.
 const RESYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnect backoff: doubles from the first to the second.
@@ -79,9 +106,6 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 const STARTUP_WAIT: Duration = Duration::from_secs(3);
 /// Revocations pushed per script call at a resync.
 const PUSH_CHUNK: usize = 256;
-/// Commands the multiplexed connection may queue (a handshake burst claims
-/// leases concurrently; the default of 50 would make them queue).
-const PIPELINE_BUFFER: usize = 4096;
 /// Channel messages handled together (one fsync for their revocations).
 const MESSAGE_BATCH: usize = 1024;
 
@@ -135,7 +159,13 @@ pub fn parse_member(m: &str) -> Option<Revocation> {
 }
 
 struct Inner {
-    client: Client,
+    /// What to connect to (mode, URL settings, TLS roots).
+    target: Arc<Target>,
+    /// On a cluster, the slot-aware connection the leases use (kept across
+    /// reconnections of the primary: it follows the topology itself).
+    cluster: tokio::sync::Mutex<Option<ClusterConnection>>,
+    /// Sentinel mode: `+switch-master` announcements of our master.
+    switches: Option<watch::Receiver<u64>>,
     /// The local mirror and write-through copy.
     file: FileStore,
     link: Arc<RedisLink>,
@@ -144,8 +174,9 @@ struct Inner {
     /// A revocation may be missing from Redis (a push failed): the next
     /// health tick resyncs.
     needs_push: AtomicBool,
-    /// Connection attempts so far (start-up waits for the first).
-    attempts: watch::Sender<u32>,
+    /// Connection attempts so far (start-up waits for the first), and the
+    /// last attempt's error if retrying cannot fix it (start-up refuses).
+    attempts: watch::Sender<(u32, Option<String>)>,
 }
 
 /// The Redis-backed [`RevocationStore`]; also hands out the fleet-wide
@@ -193,29 +224,49 @@ impl RedisStore {
     /// there yet the gateway serves from the local log and connects later.
     pub async fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<RedisStore, StoreError> {
         let rc = &cfg.revocation;
-        let client = client_for(&rc.redis_url)?;
+        let target = Arc::new(Target::from_config(rc).map_err(StoreError::Backend)?);
         let file = FileStore::open(&rc.path, cfg.auth.max_token_ttl_s)?;
         metrics.set_store_up(false);
-        let link = Arc::new(RedisLink::new(metrics, Duration::from_millis(rc.redis_timeout_ms)));
+        let buckets = if rc.redis_mode == RedisMode::Cluster { cluster::LEASE_BUCKETS } else { 1 };
+        let link = Arc::new(RedisLink::new(metrics, Duration::from_millis(rc.redis_timeout_ms), buckets));
+        let mut tasks = Vec::new();
+        let switches = if rc.redis_mode == RedisMode::Sentinel {
+            let (tx, rx) = watch::channel(0);
+            tasks.push(tokio::spawn(sentinel::watch(target.clone(), tx)));
+            Some(rx)
+        } else {
+            None
+        };
         let inner = Arc::new(Inner {
-            client,
+            target,
+            cluster: tokio::sync::Mutex::new(None),
+            switches,
             file,
             link: link.clone(),
             ttl_s: cfg.auth.max_token_ttl_s.saturating_add(cfg.auth.leeway_s),
             needs_push: AtomicBool::new(false),
-            attempts: watch::channel(0).0,
+            attempts: watch::channel((0, None)).0,
         });
         let mut attempts = inner.attempts.subscribe();
         let sync = tokio::spawn(sync_loop(inner.clone()));
-        let _ = tokio::time::timeout(STARTUP_WAIT, attempts.wait_for(|n| *n >= 1)).await;
+        tasks.push(sync);
+        let store = RedisStore { inner: inner.clone(), tasks: Arc::new(Tasks(std::sync::Mutex::new(tasks))) };
+        let first = tokio::time::timeout(STARTUP_WAIT, attempts.wait_for(|(n, _)| *n >= 1)).await;
+        if let Ok(Ok(a)) = first {
+            if let Some(fatal) = a.1.clone() {
+                // Wrong password, ACL, TLS roots: a start that cannot work.
+                store.close();
+                return Err(StoreError::Backend(fatal));
+            }
+        }
         if !inner.link.is_up() {
             tracing::warn!(
-                url = %redact(&rc.redis_url),
+                url = %inner.target.redacted,
                 "redis unreachable at start: serving revocations from the local log, per-user caps by \
                  limits.on_cap_store_error, until it connects"
             );
         }
-        Ok(RedisStore { inner, tasks: Arc::new(Tasks(std::sync::Mutex::new(vec![sync]))) })
+        Ok(store)
     }
 
     /// The link this store keeps up, for the leases to share.
@@ -246,25 +297,10 @@ impl RedisStore {
     }
 }
 
-/// The client for `revocation.redis_url` (no connection made yet); its
-/// error is what start-up and `check-config` report for a bad URL.
-pub fn client_for(url: &str) -> Result<Client, StoreError> {
-    let bad_url = |e: ::redis::RedisError| StoreError::Backend(format!("revocation.redis_url: {e}"));
-    // TCP_NODELAY: a lease claim is one small request a handshake waits
-    // for; Nagle would hold it back behind the previous one's ACK.
-    let info = url
-        .into_connection_info()
-        .map_err(bad_url)?
-        .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-    Client::open(info).map_err(bad_url)
-}
-
-/// `redis://user:password@host` → `redis://host` for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}{}", &url[..s + 3], &url[at + 1..]),
-        _ => url.to_string(),
-    }
+/// Checks `revocation.redis_url` and `redis_ca_file` without connecting;
+/// its error is what start-up and `check-config` report for them.
+pub fn check_target(rc: &crate::config::Revocation) -> Result<(), StoreError> {
+    Target::from_config(rc).map(|_| ()).map_err(StoreError::Backend)
 }
 
 #[async_trait::async_trait]
@@ -334,20 +370,24 @@ fn expiry(r: &Revocation, at: u64, ttl_s: u64) -> u64 {
 async fn sync_loop(inner: Arc<Inner>) {
     let mut backoff = BACKOFF.0;
     let mut was_up = true; // so the first failure is logged
+    let mut fatal_logged: Option<(String, tokio::time::Instant)> = None;
     loop {
-        let session = connect(&inner.client).await;
+        let session = connect(&inner).await;
+        let mut fatal = None;
         let up = match session {
-            Ok((conn, sink, stream)) => match resync(&inner, conn.clone()).await {
+            Ok(session) => match resync(&inner, session.conn.clone()).await {
                 Ok((learnt, pushed)) => {
-                    inner.link.set_up(conn.clone());
-                    inner.attempts.send_modify(|n| *n += 1);
+                    inner.link.set_up(session.commands.clone());
+                    inner.attempts.send_modify(|(n, _)| *n += 1);
                     inner.link.reconnected.notify_one();
-                    tracing::info!(learnt, pushed, "redis link up; revocations resynced");
+                    tracing::info!(learnt, pushed, primary = %session.addr, "redis link up; revocations resynced");
                     backoff = BACKOFF.0;
-                    watch_link(&inner, conn, sink, stream).await;
+                    fatal_logged = None;
+                    let why = watch_link(&inner, session).await;
                     inner.link.set_down();
                     inner.link.metrics.store_error("subscribe");
                     tracing::warn!(
+                        why,
                         "redis link lost: revocations served from the local mirror, per-user caps by \
                          limits.on_cap_store_error, until it reconnects"
                     );
@@ -362,7 +402,19 @@ async fn sync_loop(inner: Arc<Inner>) {
                     false
                 }
             },
-            Err(e) => {
+            Err(LinkError::Fatal(e)) => {
+                // Never a silent retry: logged at error, again while it lasts.
+                inner.link.metrics.store_error("subscribe");
+                let again =
+                    fatal_logged.as_ref().is_none_or(|(m, at)| *m != e || at.elapsed() >= FATAL_LOG_EVERY);
+                if again {
+                    tracing::error!(error = %e, "redis refused this instance's credentials or TLS; retrying");
+                    fatal_logged = Some((e.clone(), tokio::time::Instant::now()));
+                }
+                fatal = Some(e);
+                false
+            }
+            Err(LinkError::Retry(e)) => {
                 inner.link.metrics.store_error("subscribe");
                 if was_up {
                     tracing::warn!(error = %e, "redis unreachable; retrying");
@@ -372,34 +424,79 @@ async fn sync_loop(inner: Arc<Inner>) {
         };
         if !up {
             was_up = false;
-            inner.attempts.send_modify(|n| *n += 1);
+            inner.attempts.send_modify(|(n, f)| {
+                *n += 1;
+                *f = fatal;
+            });
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF.1);
     }
 }
 
-type Session = (MultiplexedConnection, PubSubSink, PubSubStream);
+/// One connection to the primary: its command connection and
+/// subscription, what the leases speak through, and its address.
+struct Session {
+    conn: MultiplexedConnection,
+    sink: PubSubSink,
+    stream: PubSubStream,
+    commands: Conn,
+    addr: String,
+}
 
-/// Opens the command connection and the subscription (subscribed before
-/// the resync reads the set, so nothing published in between is missed).
-async fn connect(client: &Client) -> Result<Session, String> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(None)
-        .set_pipeline_buffer_size(PIPELINE_BUFFER);
+/// Finds the primary, checks it is the master, and opens the command
+/// connection and the subscription (subscribed before the resync reads
+/// the set, so nothing published in between is missed); on a cluster,
+/// also the slot-aware connection if there is none yet.
+async fn connect(inner: &Inner) -> Result<Session, LinkError> {
+    let (client, addr) = inner.target.primary().await?;
+    let mut conn = open_conn(&client, &format!("connecting to {addr}")).await?;
     let opened = tokio::time::timeout(CONNECT_TIMEOUT * 2, async {
-        let conn = client.get_multiplexed_async_connection_with_config(&config).await?;
-        let (mut sink, stream) = client.get_async_pubsub().await?.split();
-        sink.subscribe(&[REVOKED_CHANNEL, EVICT_CHANNEL]).await?;
-        Ok::<_, ::redis::RedisError>((conn, sink, stream))
+        if !is_master(&mut conn).await.map_err(|e| classify("ROLE", &e))? {
+            return Err(LinkError::Retry(format!("{addr} is not a master (yet)")));
+        }
+        let (mut sink, stream) =
+            client.get_async_pubsub().await.map_err(|e| classify("subscribing", &e))?.split();
+        sink.subscribe(&[REVOKED_CHANNEL, EVICT_CHANNEL]).await.map_err(|e| classify("subscribing", &e))?;
+        Ok((sink, stream))
     })
     .await;
-    match opened {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("connect timed out".into()),
-    }
+    let (sink, stream) = match opened {
+        Ok(r) => r?,
+        Err(_) => return Err(LinkError::Retry(format!("{addr}: subscribe timed out"))),
+    };
+    let commands = if inner.target.mode == RedisMode::Cluster {
+        let mut slot = inner.cluster.lock().await;
+        if slot.is_none() {
+            *slot = Some(inner.target.cluster_connection().await?);
+        }
+        // Just set: `Some`.
+        Conn::Cluster(slot.clone().ok_or_else(|| LinkError::Retry("cluster connection".into()))?)
+    } else {
+        Conn::Single(conn.clone())
+    };
+    Ok(Session { conn, sink, stream, commands, addr })
+}
+
+/// Does the server answer `ROLE` as a master?
+async fn is_master(conn: &mut MultiplexedConnection) -> Result<bool, ::redis::RedisError> {
+    let role: Value = match ::redis::cmd("ROLE").query_async(conn).await {
+        Ok(v) => v,
+        // An ACL user without `ROLE` (it is in `@dangerous`): the check is
+        // left to the writes, which a replica answers with `READONLY`.
+        Err(e) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoPerm) => {
+            return Ok(true)
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(match role {
+        Value::Array(v) => match v.first() {
+            Some(Value::BulkString(b)) => b.as_slice() == b"master",
+            Some(Value::SimpleString(s)) => s == "master",
+            _ => false,
+        },
+        _ => false,
+    })
 }
 
 /// Pulls Redis's set into the mirror (kicking live connections it covers,
@@ -457,22 +554,23 @@ async fn resync(inner: &Inner, mut conn: MultiplexedConnection) -> Result<(usize
     }
 }
 
-/// Serves the subscription until the link is lost: messages into the
-/// mirror (or to the lease owner), and a ping of both connections every
-/// [`HEALTH_EVERY`] or as soon as a caller reports a failure.
-async fn watch_link(
-    inner: &Inner,
-    conn: MultiplexedConnection,
-    mut sink: PubSubSink,
-    mut stream: PubSubStream,
-) {
+/// Serves the subscription until the link is lost (returning why):
+/// messages into the mirror (or to the lease owner), and a health check
+/// every [`HEALTH_EVERY`] or as soon as a caller reports a failure.
+async fn watch_link(inner: &Inner, session: Session) -> &'static str {
+    let Session { conn, mut sink, mut stream, commands, .. } = session;
     let mut tick = tokio::time::interval(HEALTH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_resync = tokio::time::Instant::now();
+    let mut switches = inner.switches.clone();
+    if let Some(s) = switches.as_mut() {
+        s.mark_unchanged();
+    }
+    let mut epoch = None;
     loop {
         tokio::select! {
             msg = stream.next() => {
-                let Some(first) = msg else { return };
+                let Some(first) = msg else { return "subscription ended" };
                 // Take what else has arrived: a burst (another instance's
                 // resync pushing many) costs one fsync, not one each.
                 let mut batch = vec![first];
@@ -489,20 +587,51 @@ async fn watch_link(
                 }
                 on_messages(inner, &batch).await;
                 if ended {
-                    return;
+                    return "subscription ended";
                 }
+                continue;
+            }
+            changed = async {
+                match switches.as_mut() {
+                    Some(s) => s.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if changed.is_ok() {
+                    return "sentinel switched the master";
+                }
+                switches = None;
                 continue;
             }
             _ = tick.tick() => {}
             _ = inner.link.suspect.notified() => {}
         }
-        if !healthy(&conn, &mut sink).await {
-            return;
+        match healthy(&conn, &mut sink).await {
+            Health::Ok => {}
+            Health::Lost(why) => return why,
         }
         // Both connections answer: whatever callers reported was slowness,
         // not a lost link (their failures were counted); up, count cleared.
-        inner.link.set_up(conn.clone());
-        if inner.needs_push.load(Ordering::Acquire) || last_resync.elapsed() >= RESYNC_EVERY {
+        inner.link.set_up(commands.clone());
+        let mut resync_now =
+            inner.needs_push.load(Ordering::Acquire) || last_resync.elapsed() >= RESYNC_EVERY;
+        if inner.target.mode == RedisMode::Cluster {
+            let mut c = conn.clone();
+            if let Ok(Ok(e)) = tokio::time::timeout(HEALTH_TIMEOUT, cluster::epoch(&mut c)).await {
+                if epoch.is_some_and(|old| old != e) {
+                    // A failover or slot move somewhere: what the old
+                    // primaries had not replicated may be gone.
+                    tracing::info!(
+                        epoch = e,
+                        "redis cluster topology changed: leases re-asserted, revocations resynced"
+                    );
+                    inner.link.reconnected.notify_one();
+                    resync_now = true;
+                }
+                epoch = Some(e);
+            }
+        }
+        if resync_now {
             last_resync = tokio::time::Instant::now();
             match resync(inner, conn.clone()).await {
                 Ok((learnt, pushed)) if learnt + pushed > 0 => {
@@ -512,21 +641,39 @@ async fn watch_link(
                 Err(e) => {
                     inner.link.metrics.store_error("resync");
                     tracing::warn!(error = %e, "redis resync failed");
-                    return;
+                    return "resync failed";
                 }
             }
         }
     }
 }
 
-async fn healthy(conn: &MultiplexedConnection, sink: &mut PubSubSink) -> bool {
+enum Health {
+    Ok,
+    Lost(&'static str),
+}
+
+/// Both connections answer, and the primary is still the master of the
+/// revocations' key (a demoted one answers `ROLE` as a replica; a moved
+/// slot answers the keyed read with `MOVED`).
+async fn healthy(conn: &MultiplexedConnection, sink: &mut PubSubSink) -> Health {
     let mut c = conn.clone();
-    let pings = async {
-        ::redis::cmd("PING").query_async::<()>(&mut c).await?;
+    let checks = async {
+        if !is_master(&mut c).await? {
+            return Ok(Health::Lost("the primary is no longer a master"));
+        }
+        ::redis::cmd("EXISTS").arg(REVOCATIONS_KEY).query_async::<()>(&mut c).await?;
         sink.ping::<::redis::Value>().await?;
-        Ok::<(), ::redis::RedisError>(())
+        Ok::<Health, ::redis::RedisError>(Health::Ok)
     };
-    matches!(tokio::time::timeout(HEALTH_TIMEOUT, pings).await, Ok(Ok(())))
+    match tokio::time::timeout(HEALTH_TIMEOUT, checks).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::Moved) => {
+            Health::Lost("the revocations' slot moved")
+        }
+        Ok(Err(_)) => Health::Lost("a health check failed"),
+        Err(_) => Health::Lost("a health check timed out"),
+    }
 }
 
 async fn on_messages(inner: &Inner, batch: &[Msg]) {
@@ -574,11 +721,5 @@ mod tests {
         assert_eq!(expiry(&Revocation::Jti { jti: "a".into() }, 100, 50), 150);
         assert_eq!(expiry(&Revocation::Subject { sub: "s".into(), before: 300 }, 100, 50), 350);
         assert_eq!(expiry(&Revocation::Subject { sub: "s".into(), before: u64::MAX }, 1, 1), 253_402_300_799);
-    }
-
-    #[test]
-    fn urls_are_redacted_for_logs() {
-        assert_eq!(redact("redis://u:secret@h:6379/0"), "redis://h:6379/0");
-        assert_eq!(redact("unix:///tmp/r.sock"), "unix:///tmp/r.sock");
     }
 }

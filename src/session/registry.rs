@@ -136,6 +136,17 @@ pub struct Registry {
     caps: Option<Arc<dyn UserCaps>>,
     /// Every session's deadline.
     timers: Arc<Timers>,
+    /// Revocations an admin call is counting the closes of (see
+    /// [`Registry::revoke_counting`]): every path that kicks a connection
+    /// as `revoked` records it in each one that covers it. Short-lived
+    /// and few (one per `/admin/revoke` in flight).
+    counting: std::sync::Mutex<Vec<Arc<Counting>>>,
+}
+
+/// The connections one revocation closed, whichever path closed them.
+struct Counting {
+    r: Revocation,
+    ids: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 /// One subject's connection ids, oldest first. Most subjects hold a
@@ -232,6 +243,7 @@ impl Registry {
             closing: AtomicBool::new(false),
             caps,
             timers: Timers::new(),
+            counting: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -391,7 +403,27 @@ impl Registry {
     /// Kicks every live connection `r` covers; returns the ones this call
     /// kicked (not those some earlier kick had already closed).
     fn kick_covered(&self, r: &Revocation) -> Vec<Arc<ConnInfo>> {
-        self.covered(r).into_iter().filter(|c| c.kick(CloseReason::Revoked)).collect()
+        self.covered(r).into_iter().filter(|c| self.kick_revoked_conn(c)).collect()
+    }
+
+    /// Kicks `c` as `revoked` (any revocation path: the handler, the
+    /// broadcast, the re-check after a lagging broadcast); a first kick is
+    /// recorded for every revocation being counted that covers it.
+    pub fn kick_revoked_conn(&self, c: &Arc<ConnInfo>) -> bool {
+        if !c.kick(CloseReason::Revoked) {
+            return false;
+        }
+        // A poisoned lock only means a panicking counter; the list is intact.
+        let counting = self.counting.lock().unwrap_or_else(|e| e.into_inner());
+        for k in counting.iter().filter(|k| Self::covers(&k.r, c)) {
+            k.ids.lock().unwrap_or_else(|e| e.into_inner()).insert(c.id);
+        }
+        true
+    }
+
+    fn covers(r: &Revocation, c: &ConnInfo) -> bool {
+        r.matches(&c.sub, c.jti.as_deref(), c.iat)
+            || matches!(r, Revocation::Subject { sub, before } if **sub == *c.sub && c.since <= *before)
     }
 
     /// Live connections `r` covers. A subject revocation covers every
@@ -408,31 +440,35 @@ impl Registry {
         };
         ids.iter()
             .filter_map(|id| self.conns.get(id).map(|c| c.clone()))
-            .filter(|c| {
-                r.matches(&c.sub, c.jti.as_deref(), c.iat)
-                    || matches!(r, Revocation::Subject { sub, before } if **sub == *c.sub && c.since <= *before)
-            })
+            .filter(|c| Self::covers(r, c))
             .collect()
     }
 
     /// Records a revocation with `persist` (the store's `revoke`, which
     /// also broadcasts it, so the kicker task may close connections before
-    /// this returns) and kicks what it covers. Returns how many live
-    /// connections of this instance it closed, wherever the kick came from:
-    /// those it covered before `persist` and that are now closed as
-    /// `revoked`, plus those this call kicked itself.
+    /// this returns) and kicks what it covers. Returns exactly how many
+    /// live connections of this instance it closed, whichever path kicked
+    /// them: the count is registered before `persist`, and every kick as
+    /// `revoked` of a connection it covers is recorded in it
+    /// ([`kick_revoked_conn`](Self::kick_revoked_conn)), so neither a kick
+    /// by the broadcast that won the race nor a connection registered
+    /// while `persist` ran (and gone before this looked) is missed; a
+    /// connection an earlier revocation had already closed is not counted.
     pub async fn revoke_counting<E>(
         &self,
         r: &Revocation,
         persist: impl std::future::Future<Output = Result<(), E>>,
     ) -> Result<usize, E> {
-        let open: Vec<Arc<ConnInfo>> =
-            self.covered(r).into_iter().filter(|c| c.kicked_reason().is_none()).collect();
-        persist.await?;
-        let mut closed: std::collections::HashSet<u64> =
-            open.iter().filter(|c| c.kicked_reason() == Some(CloseReason::Revoked)).map(|c| c.id).collect();
-        closed.extend(self.kick_covered(r).iter().map(|c| c.id));
-        Ok(closed.len())
+        let counter = Arc::new(Counting { r: r.clone(), ids: Default::default() });
+        self.counting.lock().unwrap_or_else(|e| e.into_inner()).push(counter.clone());
+        let persisted = persist.await;
+        if persisted.is_ok() {
+            self.kick_covered(r);
+        }
+        self.counting.lock().unwrap_or_else(|e| e.into_inner()).retain(|k| !Arc::ptr_eq(k, &counter));
+        persisted?;
+        let n = counter.ids.lock().unwrap_or_else(|e| e.into_inner()).len();
+        Ok(n)
     }
 
     /// Every live connection, optionally of one subject, oldest first.
@@ -571,7 +607,7 @@ mod tests {
         let rev = Revocation::Subject { sub: "u".into(), before: 200 };
         // The store's broadcast kicks one before the handler counts.
         let persist = async {
-            a.info.kick(CloseReason::Revoked);
+            r.kick_revoked_conn(&a.info);
             Ok::<(), ()>(())
         };
         assert_eq!(r.revoke_counting(&rev, persist).await, Ok(2));

@@ -1,7 +1,19 @@
 //! The Redis link: one command connection per instance, shared by the
 //! revocation store ([`crate::revocation::redis`], which owns the link's
-//! life: connect, resync, health pings, reconnect) and the per-user leases
+//! life: connect, resync, health checks, reconnect) and the per-user leases
 //! ([`crate::session::leases`]), so neither imports the other.
+//!
+//! # Deployments
+//!
+//! [`target`] turns `[revocation]` into what to dial: the URL's server
+//! (standalone), the master the sentinels name ([`sentinel`]), or a
+//! cluster ([`cluster`]); [`tls`] loads `redis_ca_file`. Whatever the mode,
+//! the revocation store keeps a *primary* connection (and its
+//! subscription) to the one server that holds the `{portcullis}` hash
+//! slot, and checks every second that it is still that slot's master
+//! (`ROLE`, and a keyed read, which a moved slot answers with `MOVED`); the
+//! leases speak through [`Conn`]: that same connection, or on a cluster a
+//! slot-aware cluster connection.
 //!
 //! # Slow calls and a down link
 //!
@@ -23,11 +35,54 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use ::redis::aio::{ConnectionLike, MultiplexedConnection};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, Pipeline, RedisFuture, Value};
 use arc_swap::ArcSwapOption;
 use tokio::sync::{broadcast, Notify};
 
 use crate::metrics::Metrics;
+
+pub mod cluster;
+pub mod sentinel;
+pub mod target;
+pub mod tls;
+
+/// A command connection: one server's, or a cluster's (which routes each
+/// command, script included, by the slot of its first key).
+#[derive(Clone)]
+pub enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
 
 /// Where `evict_oldest` names a lease whose connection must close.
 pub const EVICT_CHANNEL: &str = "portcullis:evict";
@@ -44,7 +99,7 @@ pub struct RedisLink {
     /// The command connection while the link is up; `None` while down, so
     /// callers (a handshake's lease claim) fall back at once instead of
     /// waiting for a timeout each.
-    conn: ArcSwapOption<MultiplexedConnection>,
+    conn: ArcSwapOption<Conn>,
     pub metrics: Arc<Metrics>,
     /// Poked by a caller whose command failed: the owner pings now.
     pub suspect: Notify,
@@ -60,11 +115,14 @@ pub struct RedisLink {
     pub evicted: broadcast::Sender<u64>,
     /// `revocation.redis_timeout_ms`: the bound on a handshake's call.
     pub timeout: Duration,
+    /// Lease buckets (hash tags) users are spread over: 1 on one server,
+    /// [`cluster::LEASE_BUCKETS`] on a cluster (see `session::leases`).
+    pub buckets: u32,
 }
 
 impl RedisLink {
     /// A link that is down until its owner connects it.
-    pub fn new(metrics: Arc<Metrics>, timeout: Duration) -> RedisLink {
+    pub fn new(metrics: Arc<Metrics>, timeout: Duration, buckets: u32) -> RedisLink {
         RedisLink {
             conn: ArcSwapOption::empty(),
             metrics,
@@ -74,11 +132,12 @@ impl RedisLink {
             node: format!("{:016x}", rand::random::<u64>()),
             evicted: broadcast::channel(EVICTION_CAPACITY).0,
             timeout,
+            buckets: buckets.max(1),
         }
     }
 
     /// The command connection, or `None` while the link is down.
-    pub fn conn(&self) -> Option<MultiplexedConnection> {
+    pub fn conn(&self) -> Option<Conn> {
         self.conn.load_full().map(|c| (*c).clone())
     }
 
@@ -87,7 +146,7 @@ impl RedisLink {
     }
 
     /// The owner connected, or a ping answered: callers may use Redis.
-    pub fn set_up(&self, c: MultiplexedConnection) {
+    pub fn set_up(&self, c: Conn) {
         self.failures.store(0, Ordering::Relaxed);
         self.conn.store(Some(Arc::new(c)));
         self.metrics.set_store_up(true);
@@ -156,7 +215,7 @@ mod tests {
 
     #[test]
     fn one_failure_does_not_take_the_link_down_three_in_a_row_do() {
-        let link = RedisLink::new(Arc::new(Metrics::new()), Duration::from_millis(100));
+        let link = RedisLink::new(Arc::new(Metrics::new()), Duration::from_millis(100), 1);
         // Not connected: up is simulated by the failure count alone here.
         link.failed("lease_claim");
         link.succeeded();
