@@ -33,6 +33,9 @@ pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
 pub const HANDSHAKE_PRESSURE: &str = "portcullis_handshake_pressure";
 pub const HANDSHAKE_DEADLINE: &str = "portcullis_handshake_deadline_seconds";
 pub const FD_EXHAUSTED_TOTAL: &str = "portcullis_fd_exhausted_total";
+pub const JWKS_FETCHES_TOTAL: &str = "portcullis_jwks_fetches_total";
+pub const JWKS_KEYS: &str = "portcullis_jwks_keys";
+pub const JWKS_AGE: &str = "portcullis_jwks_age_seconds";
 
 /// Every `portcullis_*` name above: the reference documentation is checked
 /// against this list (`tests/reference.rs`).
@@ -55,6 +58,9 @@ pub const NAMES: &[&str] = &[
     HANDSHAKE_PRESSURE,
     HANDSHAKE_DEADLINE,
     FD_EXHAUSTED_TOTAL,
+    JWKS_FETCHES_TOTAL,
+    JWKS_KEYS,
+    JWKS_AGE,
 ];
 
 /// Handshake latency: from accept to the verdict; sub-millisecond refusals
@@ -91,6 +97,25 @@ pub enum LoginOutcome {
     RateLimited,
 }
 
+/// The result of one request to an identity provider (JWKS or discovery).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JwksFetch {
+    Ok,
+    NotModified,
+    Error,
+}
+
+impl JwksFetch {
+    pub const ALL: [JwksFetch; 3] = [JwksFetch::Ok, JwksFetch::NotModified, JwksFetch::Error];
+    pub const fn label(self) -> &'static str {
+        match self {
+            JwksFetch::Ok => "ok",
+            JwksFetch::NotModified => "not_modified",
+            JwksFetch::Error => "error",
+        }
+    }
+}
+
 /// Operations of a shared store whose failures are counted.
 pub const STORE_OPS: [&str; 6] =
     ["revoke", "resync", "subscribe", "lease_claim", "lease_renew", "lease_release"];
@@ -123,6 +148,9 @@ pub struct Metrics {
     pressure: Gauge,
     deadline: Gauge,
     fd_exhausted: Counter,
+    jwks_fetches: Vec<Counter>,
+    jwks_keys: Gauge,
+    jwks_age: Gauge,
 }
 
 impl Default for Metrics {
@@ -172,6 +200,18 @@ impl Metrics {
             FD_EXHAUSTED_TOTAL,
             None,
             "Sockets accepted and closed through the reserve descriptor at EMFILE.",
+        );
+
+        describe(
+            JWKS_FETCHES_TOTAL,
+            None,
+            "Requests to identity providers (JWKS and discovery documents) by result.",
+        );
+        describe(JWKS_KEYS, None, "Usable verification keys fetched from identity providers.");
+        describe(
+            JWKS_AGE,
+            None,
+            "Seconds since the last successful key fetch, the oldest over identity providers.",
         );
 
         let process = metrics_process::Collector::default();
@@ -234,6 +274,12 @@ impl Metrics {
             pressure: gauge(HANDSHAKE_PRESSURE, &[]),
             deadline: gauge(HANDSHAKE_DEADLINE, &[]),
             fd_exhausted: counter(FD_EXHAUSTED_TOTAL, &[]),
+            jwks_fetches: JwksFetch::ALL
+                .iter()
+                .map(|r| counter(JWKS_FETCHES_TOTAL, &[("result", r.label())]))
+                .collect(),
+            jwks_keys: gauge(JWKS_KEYS, &[]),
+            jwks_age: gauge(JWKS_AGE, &[]),
             process,
             handle,
             recorder,
@@ -264,6 +310,17 @@ impl Metrics {
     pub fn set_handshake_pressure(&self, pressure: f64, deadline: Duration) {
         self.pressure.set(pressure);
         self.deadline.set(deadline.as_secs_f64());
+    }
+
+    pub fn jwks_fetch(&self, result: JwksFetch) {
+        self.jwks_fetches[result as usize].increment(1);
+    }
+
+    /// Fetched keys in force and the age of the oldest set (0 without any
+    /// identity provider).
+    pub fn set_jwks(&self, keys: usize, age: Duration) {
+        self.jwks_keys.set(keys as f64);
+        self.jwks_age.set(age.as_secs_f64().floor());
     }
 
     pub fn fd_exhausted(&self) {
