@@ -414,7 +414,7 @@ impl Provider {
                 if let Some(why) = st.failing.take() {
                     tracing::info!(event = "jwks", source = self.spec.source.name(), was = %why, "identity provider keys fetched again");
                 }
-                self.next_refresh(max_age)
+                next_refresh(max_age, self.spec.refresh)
             }
             Err(why) => {
                 st.failures = st.failures.saturating_add(1);
@@ -432,16 +432,6 @@ impl Provider {
                 }
                 backoff(st.failures).min(self.spec.refresh.max(BACKOFF_FIRST))
             }
-        }
-    }
-
-    /// When to refetch after a success: the provider's `max-age`, raised
-    /// to the floor, never later than `jwks_refresh_s`.
-    fn next_refresh(&self, max_age: Option<u64>) -> Duration {
-        let floor = Duration::from_secs(MIN_MAX_AGE_S);
-        match max_age {
-            Some(s) => Duration::from_secs(s).max(floor).min(self.spec.refresh),
-            None => self.spec.refresh,
         }
     }
 
@@ -538,6 +528,17 @@ impl Provider {
     }
 }
 
+/// When to refetch after a success: the provider's `max-age`, raised to
+/// [`MIN_MAX_AGE_S`], never later than `jwks_refresh_s` (which wins even
+/// below the floor: the operator's explicit choice).
+pub fn next_refresh(max_age: Option<u64>, refresh: Duration) -> Duration {
+    let floor = Duration::from_secs(MIN_MAX_AGE_S);
+    match max_age {
+        Some(s) => Duration::from_secs(s).max(floor).min(refresh),
+        None => refresh,
+    }
+}
+
 /// Exponential backoff with ±20 % jitter (so a fleet restarted together
 /// does not retry in step).
 fn backoff(failures: u32) -> Duration {
@@ -590,6 +591,16 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_age_bounded_by_floor_and_refresh() {
+        let five_min = Duration::from_secs(300);
+        assert_eq!(next_refresh(None, five_min), five_min);
+        assert_eq!(next_refresh(Some(0), five_min), Duration::from_secs(30));
+        assert_eq!(next_refresh(Some(60), five_min), Duration::from_secs(60));
+        assert_eq!(next_refresh(Some(86_400), five_min), five_min);
+        assert_eq!(next_refresh(Some(0), Duration::from_secs(2)), Duration::from_secs(2));
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
