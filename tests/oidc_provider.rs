@@ -4,7 +4,7 @@
 //! gateway discovers its JWKS from `auth.oidc_issuer` and verifies the token.
 //!
 //! Skipped, with a message, when `node` or the package is not installed:
-//! `npm ci --prefix scripts/oidc-provider` installs it.
+//! `npm install --prefix scripts/oidc-provider` installs it.
 
 mod common;
 
@@ -19,7 +19,7 @@ use tokio::process::Command;
 const AUDIENCE: &str = "urn:portcullis:gateway";
 
 fn skip(why: &str) {
-    eprintln!("SKIPPED oidc_provider: {why}; install with `npm ci --prefix scripts/oidc-provider`");
+    eprintln!("SKIPPED oidc_provider: {why}; install with `npm install --prefix scripts/oidc-provider`");
 }
 
 #[tokio::test]
