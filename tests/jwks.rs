@@ -662,3 +662,33 @@ async fn check_config_fetches_once_and_names_the_key() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("auth.jwks_url") && out.contains("not a JWKS"), "{out}");
 }
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_provider_and_starts_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let (k1, k2) = (Key::ec("k1"), Key::ec("k2"));
+    let (idp1, idp2) = (Idp::https(&pki, &[&k1]).await, Idp::https(&pki, &[&k2]).await);
+    let cfg = idp_config(dir.path(), &pki, &idp1.jwks_url());
+    let (gw, shared) = start_shared(cfg.clone()).await;
+    assert_eq!(status(&gw, &k1.sign(json!({}))).await, 101);
+
+    // Same sources: the keys stay, nothing is refetched.
+    shared.reload(cfg.clone()).unwrap();
+    assert_eq!(status(&gw, &k1.sign(json!({}))).await, 101);
+    assert_eq!(idp1.requests(), 1);
+    assert_eq!(readyz(&gw).await.1["keys"], "ok");
+
+    // Another URL: a new provider, fetching at once.
+    let mut moved = cfg;
+    moved.auth.jwks_url = idp2.jwks_url();
+    shared.reload(moved).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while idp2.requests() == 0 || gw.metric("portcullis_jwks_keys").await != 1.0 {
+        assert!(Instant::now() < deadline, "the new provider did not fetch");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(&gw, &k2.sign(json!({}))).await, 101);
+    assert_eq!(status(&gw, &k1.sign(json!({}))).await, 401, "the old provider's keys are gone");
+    gw.stop().await;
+}
