@@ -442,7 +442,13 @@ impl Provider {
             Source::Oidc(issuer) => {
                 if !on_demand || st.jwks_uri.is_none() {
                     match self.discover(issuer).await {
-                        Ok(uri) => st.jwks_uri = Some(uri),
+                        Ok(uri) => {
+                            // A validator is only good for the URL it came from.
+                            if st.jwks_uri.as_ref() != Some(&uri) {
+                                st.etag = None;
+                            }
+                            st.jwks_uri = Some(uri);
+                        }
                         // A known jwks_uri still serves; the error is logged
                         // by the caller only if the JWKS fails too.
                         Err(e) if st.jwks_uri.is_some() => {
