@@ -9,11 +9,15 @@
 //!    allocating; it refuses only what 4–6 would surely refuse, with the
 //!    same reason (no cache lookup: a refused token is never cached), and
 //!    leaves everything else, valid tokens first, to them;
-//! 4. cache: a hit skips 5–7 (the SHA-256 of the token is the key);
-//! 5. header: `alg` must be allowed and a key must serve it (with `kid`),
-//!    else refused without verifying any signature;
+//! 4. cache: a hit skips 5–7 (the SHA-256 of the token is the key), unless
+//!    the fetched key that verified it has since been removed;
+//! 5. realm and header: the unverified `iss` picks the realm (an
+//!    `[[auth.issuers]]` entry or the top level, `realm.rs`); `alg` must be
+//!    allowed there and one of its keys must serve it (with `kid`), else
+//!    refused without verifying any signature; a `kid` the fetched keys lack
+//!    waits, bounded, for one shared refetch (`provider/`);
 //! 6. signature and registered claims, by `jsonwebtoken` with one
-//!    [`Validation`] per algorithm family (`exp` and `nbf` always, leeway
+//!    `Validation` per algorithm family (`exp` and `nbf` always, leeway
 //!    from config, `iss` / `aud` only when configured — `validate_aud` is
 //!    off otherwise, so a token's `aud` is ignored);
 //! 7. our own claim rules: `sub` a non-empty string, `iat` numeric and not in
