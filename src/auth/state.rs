@@ -232,3 +232,102 @@ impl State {
         Ok(Some((alg, key, simple)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::auth::jwt::JwtAuthenticator;
+    use crate::auth::keys::tests::fixture;
+    use crate::auth::AuthRefusal;
+    use crate::config::{Auth, IssuerEntry};
+    use crate::metrics::Metrics;
+    use crate::reject::Reject;
+    use crate::revocation::file::FileStore;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    /// An authenticator whose providers never fetch (no runtime): what the
+    /// precheck decides must not depend on keys it has not got.
+    fn authn(cfg: &Auth, dir: &std::path::Path) -> JwtAuthenticator {
+        let store = Arc::new(FileStore::open(&dir.join("rev.log"), 3600).unwrap());
+        JwtAuthenticator::new(cfg, &BTreeMap::new(), store, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn token(alg: Algorithm, kid: Option<&str>, exp_in: i64, key: &EncodingKey) -> String {
+        let now = crate::clock::unix_now() as i64;
+        let mut h = Header::new(alg);
+        h.kid = kid.map(str::to_owned);
+        let claims = serde_json::json!({ "sub": "u", "iat": now - 100, "exp": now + exp_in });
+        jsonwebtoken::encode(&h, &claims, key).unwrap()
+    }
+
+    #[test]
+    fn with_fetched_keys_the_precheck_refuses_only_what_needs_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let hs = EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+        let wrong = EncodingKey::from_secret(b"another-secret-another-secret-!!").unwrap();
+        let ec = EncodingKey::from_ec_pem(&std::fs::read(fixture("ec256.key")).unwrap()).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(&std::fs::read(fixture("rsa.key")).unwrap()).unwrap();
+        let invalid = Some(AuthRefusal::Reason(Reject::InvalidToken));
+
+        // Top level: a secret and a provider.
+        let cfg = Auth {
+            algorithms: vec!["HS256".into(), "ES256".into()],
+            hmac_secret: SECRET.into(),
+            jwks_url: "https://idp.example/jwks".into(),
+            leeway_s: 0,
+            ..Auth::default()
+        };
+        let a = authn(&cfg, dir.path());
+        assert_eq!(a.precheck("garbage"), invalid);
+        assert_eq!(a.precheck(&token(Algorithm::RS256, None, 60, &rsa)), invalid, "RS256 not allowed");
+        // HMAC is never a provider's: still decided here.
+        assert_eq!(a.precheck(&token(Algorithm::HS256, Some("k"), 60, &wrong)), invalid);
+        assert_eq!(
+            a.precheck(&token(Algorithm::HS256, None, -10, &hs)),
+            Some(AuthRefusal::Reason(Reject::ExpiredToken))
+        );
+        // An ES256 kid may arrive with a refetch: not decided.
+        assert_eq!(a.precheck(&token(Algorithm::ES256, Some("new"), 60, &ec)), None);
+        assert_eq!(a.precheck(&token(Algorithm::ES256, None, -10, &ec)), None);
+
+        // Entries: the realm depends on the claims, so only the header decides.
+        let cfg = Auth {
+            issuers: vec![IssuerEntry {
+                issuer: "https://a.example".into(),
+                jwks_url: "https://a.example/jwks".into(),
+                algorithms: vec!["ES256".into()],
+                ..IssuerEntry::default()
+            }],
+            ..cfg
+        };
+        let a = authn(&cfg, dir.path());
+        assert_eq!(a.precheck("garbage"), invalid);
+        assert_eq!(a.precheck(&token(Algorithm::RS256, None, 60, &rsa)), invalid);
+        assert_eq!(a.precheck(&token(Algorithm::HS256, None, 60, &wrong)), None);
+        assert_eq!(a.precheck(&token(Algorithm::ES256, Some("k"), 60, &ec)), None);
+    }
+
+    #[tokio::test]
+    async fn without_keys_the_full_path_refuses_and_does_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let ec = EncodingKey::from_ec_pem(&std::fs::read(fixture("ec256.key")).unwrap()).unwrap();
+        let cfg = Auth {
+            algorithms: vec!["ES256".into()],
+            // Port 9 on loopback: nothing listens; fetches fail at once.
+            jwks_url: "http://127.0.0.1:9/jwks".into(),
+            jwks_timeout_ms: 200,
+            ..Auth::default()
+        };
+        let a = authn(&cfg, dir.path());
+        let t0 = std::time::Instant::now();
+        assert_eq!(
+            a.verify_token(&token(Algorithm::ES256, Some("k"), 60, &ec)).await,
+            Err(Reject::InvalidToken)
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_millis(1000), "{:?}", t0.elapsed());
+        assert_eq!(a.keys_status(), crate::auth::jwt::KeysStatus::None);
+    }
+}
