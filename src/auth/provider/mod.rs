@@ -288,6 +288,9 @@ struct FetchState {
     failing: Option<String>,
     /// Whether keys were ever installed (the first success is logged).
     ever: bool,
+    /// The discovery error while the known `jwks_uri` still serves (logged
+    /// once per change, like `failing`).
+    discovery_failing: Option<String>,
 }
 
 impl Provider {
@@ -443,16 +446,30 @@ impl Provider {
                 if !on_demand || st.jwks_uri.is_none() {
                     match self.discover(issuer).await {
                         Ok(uri) => {
+                            if st.discovery_failing.take().is_some() {
+                                tracing::info!(
+                                    event = "jwks",
+                                    source = issuer.as_str(),
+                                    "discovery document read again"
+                                );
+                            }
                             // A validator is only good for the URL it came from.
                             if st.jwks_uri.as_ref() != Some(&uri) {
                                 st.etag = None;
                             }
                             st.jwks_uri = Some(uri);
                         }
-                        // A known jwks_uri still serves; the error is logged
-                        // by the caller only if the JWKS fails too.
+                        // A known jwks_uri still serves: logged here, once.
                         Err(e) if st.jwks_uri.is_some() => {
-                            tracing::debug!(source = issuer.as_str(), error = %e, "discovery failed; the known jwks_uri is used")
+                            if st.discovery_failing.as_deref() != Some(e.as_str()) {
+                                tracing::warn!(
+                                    event = "jwks",
+                                    source = issuer.as_str(),
+                                    error = %e,
+                                    "discovery document not read; the known jwks_uri is used"
+                                );
+                                st.discovery_failing = Some(e);
+                            }
                         }
                         Err(e) => return Err(e),
                     }
