@@ -692,3 +692,34 @@ async fn a_reload_keeps_an_unchanged_provider_and_starts_a_new_one() {
     assert_eq!(status(&gw, &k1.sign(json!({}))).await, 401, "the old provider's keys are gone");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_self_signed_provider_certificate_can_be_its_own_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca_file = dir.path().join("self-signed.pem");
+    std::fs::write(&ca_file, ck.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let server =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .unwrap();
+    let pki = Pki { ca_file, server: Arc::new(server) };
+    let k1 = Key::rsa("k1");
+    let idp = Idp::https(&pki, &[&k1]).await;
+    let gw = start(idp_config(dir.path(), &pki, &idp.jwks_url())).await;
+    assert_eq!(status(&gw, &k1.sign(json!({}))).await, 101);
+    gw.stop().await;
+
+    // Without it, the system roots do not trust the provider: no keys.
+    let mut cfg = idp_config(dir.path(), &pki, &idp.jwks_url());
+    cfg.auth.jwks_ca_file = PathBuf::new();
+    cfg.auth.jwks_timeout_ms = 100;
+    let gw = start(cfg).await;
+    assert_eq!(readyz(&gw).await.1["keys"], "none");
+    assert_eq!(status(&gw, &k1.sign(json!({}))).await, 401);
+    gw.stop().await;
+}
