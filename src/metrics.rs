@@ -205,7 +205,7 @@ impl Metrics {
         describe(
             JWKS_FETCHES_TOTAL,
             None,
-            "Requests to identity providers (JWKS and discovery documents) by result.",
+            "Key fetches from identity providers (one per JWKS request, or a discovery that left none to make), by result.",
         );
         describe(JWKS_KEYS, None, "Usable verification keys fetched from identity providers.");
         describe(

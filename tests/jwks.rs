@@ -542,6 +542,8 @@ async fn oidc_discovery_enforces_the_issuer() {
     cfg.auth.oidc_issuer = idp.base.clone();
     let gw = start(cfg).await;
     assert_eq!(idp.discovery_requests.load(Ordering::SeqCst), 1);
+    // One key fetch: the discovery request is not one.
+    assert_eq!(gw.metric(FETCH_OK).await, 1.0);
     assert_eq!(status(&gw, &k1.sign(json!({ "iss": idp.base }))).await, 101);
     for bad in
         [json!({ "iss": format!("{}/", idp.base) }), json!({ "iss": "https://evil.example" }), json!({})]
@@ -558,6 +560,8 @@ async fn oidc_discovery_enforces_the_issuer() {
     let gw = start(cfg).await;
     assert_eq!(readyz(&gw).await.1["keys"], "none");
     assert_eq!(status(&gw, &k1.sign(json!({ "iss": idp.base }))).await, 401);
+    assert!(gw.metric(FETCH_ERROR).await >= 1.0);
+    assert_eq!(idp.requests(), 0, "no JWKS fetched from a document naming another issuer");
     gw.stop().await;
 }
 

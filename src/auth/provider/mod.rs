@@ -471,7 +471,11 @@ impl Provider {
                                 st.discovery_failing = Some(e);
                             }
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            // No JWKS to fetch: this attempt failed.
+                            self.metrics.jwks_fetch(JwksFetch::Error);
+                            return Err(e);
+                        }
                     }
                 }
                 st.jwks_uri.clone().unwrap_or_default()
@@ -514,7 +518,6 @@ impl Provider {
             Ok(Answer::NotModified { .. }) => Err("304 to an unconditional request".into()),
             Err(e) => Err(e.to_string()),
         };
-        self.metrics.jwks_fetch(if parsed.is_ok() { JwksFetch::Ok } else { JwksFetch::Error });
         parsed.map_err(|e| format!("{url}: {e}"))
     }
 
