@@ -4,6 +4,10 @@
 //! forged HS256 token refused by the precheck (synchronous, no allocation)
 //! and by the full path.
 //!
+//! Then ES256 with the key fetched from an identity provider (a JWKS served
+//! on loopback by the bench itself): miss, hit, and a made-up `kid` once
+//! the refetch window is closed (what each token of a flood costs).
+//!
 //! Run with `cargo bench --bench auth`.
 
 use std::collections::BTreeMap;
@@ -103,5 +107,71 @@ fn precheck(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, verify, precheck);
+/// Serves `body` as the answer to every request on a loopback port (one
+/// request per connection); returns the URL and a request counter.
+async fn jwks_server(body: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body.as_bytes()).await;
+        }
+    });
+    (url, count)
+}
+
+fn fetched(c: &mut Criterion) {
+    use jsonwebtoken::{jwk::Jwk, Algorithm, EncodingKey, Header};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let store = Arc::new(MemStore(RevocationSet::default(), broadcast::channel(16).0));
+    let pem = std::fs::read(fixture("ec256.key")).expect("fixture");
+    let key = EncodingKey::from_ec_pem(&pem).expect("EC key");
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).expect("jwk");
+    jwk.common.key_id = Some("bench".into());
+    let body = serde_json::json!({ "keys": [jwk] }).to_string();
+    let (url, requests) = rt.block_on(jwks_server(body));
+    let cfg = Auth { algorithms: vec!["ES256".into()], jwks_url: url, ..Auth::default() };
+    let auth = rt.block_on(async {
+        let a = JwtAuthenticator::new(&cfg, &BTreeMap::new(), store, Arc::new(Metrics::new()))
+            .expect("authenticator");
+        assert!(a.wait_for_keys(Duration::from_secs(5)).await, "keys fetched");
+        a
+    });
+    let now = portcullis::clock::unix_now();
+    let claims = serde_json::json!({ "sub": "bench-user", "iat": now, "exp": now + 3600 });
+    let sign = |kid: &str| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(&h, &claims, &key).expect("token")
+    };
+    let token = sign("bench");
+    let made_up = sign("made-up");
+    // The first unknown kid spends the window's one refetch.
+    rt.block_on(auth.verify_token(&made_up)).unwrap_err();
+    let before = requests.load(std::sync::atomic::Ordering::Relaxed);
+
+    let mut g = c.benchmark_group("token_verify/ES256_fetched");
+    g.bench_function("miss", |b| b.iter(|| auth.verify_uncached(black_box(&token)).expect("valid")));
+    rt.block_on(auth.verify_token(&token)).expect("valid");
+    g.bench_function("hit", |b| b.iter(|| rt.block_on(auth.verify_token(black_box(&token))).expect("valid")));
+    g.bench_function("unknown_kid_window_closed", |b| {
+        b.iter(|| rt.block_on(auth.verify_token(black_box(&made_up))).unwrap_err())
+    });
+    g.finish();
+    let after = requests.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("provider requests during the unknown-kid benchmark: {}", after - before);
+}
+
+criterion_group!(benches, verify, precheck, fetched);
 criterion_main!(benches);

@@ -29,6 +29,13 @@ if [ ! -x "$HOME/.local/bin/wstest" ] && [ -n "$PY2" ]; then
   "$PY2" -m pip install -q --user autobahntestsuite
 fi
 
+# The certified OpenID provider (Node's `oidc-provider`) for
+# tests/oidc_provider.rs, which skips with a message without it.
+if command -v npm >/dev/null 2>&1 && [ ! -d scripts/oidc-provider/node_modules/oidc-provider ]; then
+  npm install --prefix scripts/oidc-provider --no-audit --no-fund --silent \
+    || echo "test.sh: oidc-provider not installed; tests/oidc_provider.rs will skip"
+fi
+
 shift_args=()
 if [ "${1:-}" = "--" ]; then shift; shift_args=("$@"); fi
 

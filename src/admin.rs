@@ -87,6 +87,9 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
+            if let Some(j) = &shared.jwt {
+                j.publish_key_metrics();
+            }
             let mut r = text(StatusCode::OK, shared.metrics.render());
             r.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
@@ -105,6 +108,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                     "connections": shared.caps.total(),
                     "handshaking": shared.slots.total(),
                     "store": if shared.store_up() { "up" } else { "down" },
+                    "keys": shared.keys_status().label(),
                 }),
             )
         }

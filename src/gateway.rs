@@ -64,7 +64,7 @@ impl Shared {
             let tls = crate::tls::acceptor(&new.listen)?;
             let signer = self.login.as_ref().map(|_| Login::prepare(&new.auth)).transpose()?;
             let auth = match &self.jwt {
-                Some(_) => Some(JwtAuthenticator::prepare(&new.auth, &new.upstream.claim_headers)?),
+                Some(jwt) => Some(jwt.prepare_reload(&new.auth, &new.upstream.claim_headers)?),
                 None => None,
             };
             if let (Some(jwt), Some(auth)) = (&self.jwt, auth) {
@@ -110,6 +110,8 @@ pub fn preflight(cfg: &Config, jwt: bool) -> Result<(), StartError> {
     crate::revocation::file::check_path(&cfg.revocation.path)?;
     if jwt {
         JwtAuthenticator::prepare(&cfg.auth, &cfg.upstream.claim_headers)?;
+        // What `serve` fetches before it binds, fetched once.
+        crate::auth::provider::check::check(&cfg.auth)?;
     }
     if cfg.auth.login.enabled {
         Login::load(&cfg.auth)?;
@@ -205,6 +207,18 @@ impl Gateway {
                 (j.clone(), Some(j))
             }
         };
+        if let Some(j) = &jwt {
+            // Keys from identity providers before binding; without them
+            // within jwks_timeout_ms × 3, start anyway, not ready.
+            let within = std::time::Duration::from_millis(cfg.auth.jwks_timeout_ms.saturating_mul(3));
+            if !j.wait_for_keys(within).await {
+                tracing::warn!(
+                    event = "jwks",
+                    keys = j.keys_status().label(),
+                    "starting without keys from every identity provider; not ready until they arrive"
+                );
+            }
+        }
         let login = if cfg.auth.login.enabled { Some(Login::load(&cfg.auth)?) } else { None };
         let upstream = if cfg.upstream.url == "echo" { None } else { UpstreamUrl::parse(&cfg.upstream.url) };
         let tls = crate::tls::acceptor(&cfg.listen)?;

@@ -36,6 +36,9 @@ pub const FD_EXHAUSTED_TOTAL: &str = "portcullis_fd_exhausted_total";
 pub const BANS: &str = "portcullis_bans";
 pub const BANS_TOTAL: &str = "portcullis_bans_total";
 pub const BAN_DRY_RUN_TOTAL: &str = "portcullis_ban_dry_run_total";
+pub const JWKS_FETCHES_TOTAL: &str = "portcullis_jwks_fetches_total";
+pub const JWKS_KEYS: &str = "portcullis_jwks_keys";
+pub const JWKS_AGE: &str = "portcullis_jwks_age_seconds";
 
 /// Every `portcullis_*` name above: the reference documentation is checked
 /// against this list (`tests/reference.rs`).
@@ -61,6 +64,9 @@ pub const NAMES: &[&str] = &[
     BANS,
     BANS_TOTAL,
     BAN_DRY_RUN_TOTAL,
+    JWKS_FETCHES_TOTAL,
+    JWKS_KEYS,
+    JWKS_AGE,
 ];
 
 /// Handshake latency: from accept to the verdict; sub-millisecond refusals
@@ -118,6 +124,25 @@ pub enum LoginOutcome {
     RateLimited,
 }
 
+/// The result of one request to an identity provider (JWKS or discovery).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JwksFetch {
+    Ok,
+    NotModified,
+    Error,
+}
+
+impl JwksFetch {
+    pub const ALL: [JwksFetch; 3] = [JwksFetch::Ok, JwksFetch::NotModified, JwksFetch::Error];
+    pub const fn label(self) -> &'static str {
+        match self {
+            JwksFetch::Ok => "ok",
+            JwksFetch::NotModified => "not_modified",
+            JwksFetch::Error => "error",
+        }
+    }
+}
+
 /// Operations of a shared store whose failures are counted.
 pub const STORE_OPS: [&str; 7] =
     ["revoke", "resync", "subscribe", "lease_claim", "lease_renew", "lease_release", "ban_sync"];
@@ -154,6 +179,9 @@ pub struct Metrics {
     /// By [`BanStarted`], in its order.
     bans_total: [Counter; 3],
     ban_dry_run: Counter,
+    jwks_fetches: Vec<Counter>,
+    jwks_keys: Gauge,
+    jwks_age: Gauge,
 }
 
 impl Default for Metrics {
@@ -211,6 +239,17 @@ impl Metrics {
             BAN_DRY_RUN_TOTAL,
             None,
             "Bans that strikes would have started, with ban.dry_run set (nothing refused).",
+        );
+        describe(
+            JWKS_FETCHES_TOTAL,
+            None,
+            "Key fetches from identity providers (one per JWKS request, or a discovery that left none to make), by result.",
+        );
+        describe(JWKS_KEYS, None, "Usable verification keys fetched from identity providers.");
+        describe(
+            JWKS_AGE,
+            None,
+            "Seconds since the last successful key fetch, the oldest over identity providers.",
         );
 
         let process = metrics_process::Collector::default();
@@ -276,6 +315,12 @@ impl Metrics {
             bans: gauge(BANS, &[]),
             bans_total: BanStarted::ALL.map(|c| counter(BANS_TOTAL, &[("reason", c.label())])),
             ban_dry_run: counter(BAN_DRY_RUN_TOTAL, &[]),
+            jwks_fetches: JwksFetch::ALL
+                .iter()
+                .map(|r| counter(JWKS_FETCHES_TOTAL, &[("result", r.label())]))
+                .collect(),
+            jwks_keys: gauge(JWKS_KEYS, &[]),
+            jwks_age: gauge(JWKS_AGE, &[]),
             process,
             handle,
             recorder,
@@ -306,6 +351,17 @@ impl Metrics {
     pub fn set_handshake_pressure(&self, pressure: f64, deadline: Duration) {
         self.pressure.set(pressure);
         self.deadline.set(deadline.as_secs_f64());
+    }
+
+    pub fn jwks_fetch(&self, result: JwksFetch) {
+        self.jwks_fetches[result as usize].increment(1);
+    }
+
+    /// Fetched keys in force and the age of the oldest set (0 without any
+    /// identity provider).
+    pub fn set_jwks(&self, keys: usize, age: Duration) {
+        self.jwks_keys.set(keys as f64);
+        self.jwks_age.set(age.as_secs_f64().floor());
     }
 
     pub fn fd_exhausted(&self) {

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admit::{Caps, RateLimiter, Slots};
-use crate::auth::jwt::JwtAuthenticator;
+use crate::auth::jwt::{JwtAuthenticator, KeysStatus};
 use crate::auth::Authenticator;
 use crate::ban::Bans;
 use crate::config::Config;
@@ -64,8 +64,15 @@ impl Shared {
             self.store_up() || cfg.limits.on_cap_store_error == crate::config::OnCapStoreError::Local;
         !self.draining.load(Ordering::Acquire)
             && store_ok
+            && self.keys_status() != KeysStatus::None
             && self.caps.total() < cfg.limits.max_connections
             && self.slots.total() < cfg.limits.max_handshakes
+    }
+
+    /// Keys to verify with: `None` while identity providers are configured
+    /// and none has delivered keys (a custom authenticator: `Ok`).
+    pub fn keys_status(&self) -> KeysStatus {
+        self.jwt.as_ref().map_or(KeysStatus::Ok, |j| j.keys_status())
     }
 
     /// Is the revocation store reachable? Always for the embedded file; for

@@ -182,6 +182,41 @@ fn token_refusals_allocate_nothing() {
 }
 
 #[test]
+fn token_refusals_allocate_nothing_with_keys_from_a_provider() {
+    // Keys may also come from an identity provider (here one that is down:
+    // the gateway starts not ready and retries in the background, which
+    // the fewest-of-several-windows count leaves out). Tokens refused
+    // without any key are still refused on arrival, allocation-free.
+    let _serial = serial();
+    let gw = Counted::start(|c| {
+        c.auth.algorithms = vec!["HS256".into(), "ES256".into()];
+        c.auth.jwks_url = "http://127.0.0.1:9/jwks".into();
+        c.auth.jwks_timeout_ms = 50;
+    });
+    let forged = {
+        let t = common::token("alice");
+        let (signed, _) = t.rsplit_once('.').unwrap();
+        format!("{signed}.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+    };
+    let expired = common::token_with(json!({ "iat": common::now() - 7200, "exp": common::now() - 3600 }));
+    // An algorithm not allowed: refused from its header.
+    let rs256 = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln";
+    let cases = [
+        ("invalid_token", request(&[("Authorization", "Bearer not-a-jwt")])),
+        ("invalid_token", request(&[("Authorization", &format!("Bearer {rs256}"))])),
+        ("invalid_token", request(&[("Authorization", &format!("Bearer {forged}"))])),
+        ("expired_token", request(&[("Authorization", &format!("Bearer {expired}"))])),
+    ];
+    for (reason, req) in &cases {
+        let before = gw.rejected(reason);
+        let allocations = fewest_allocations(&gw, req, 401, 200);
+        assert_eq!(allocations, 0, "{reason}: allocations in every window of 200 refusals");
+        assert!(gw.rejected(reason) - before >= 250.0, "{reason}: each refusal counted");
+    }
+    gw.stop();
+}
+
+#[test]
 fn rate_limited_refusals_allocate_nothing() {
     let _serial = serial();
     let gw = Counted::start(|c| {

@@ -31,6 +31,9 @@ pub struct Verified {
     pub jti: Option<String>,
     /// Claim headers for upstream, computed once at verification.
     pub forward: Vec<(String, String)>,
+    /// The fetched key that verified it (`None`: a static key); a hit is
+    /// only good while its provider still publishes that key.
+    pub key: Option<crate::auth::provider::KeyRef>,
 }
 
 // Kept here for the modules that still import it from here; the clock
@@ -89,6 +92,11 @@ impl TokenCache {
         self.inner.insert(key, v).await;
     }
 
+    /// Drops one entry (its key was removed).
+    pub async fn invalidate(&self, key: &CacheKey) {
+        self.inner.invalidate(key).await;
+    }
+
     /// Drops every entry (keys or validation rules changed).
     pub fn clear(&self) {
         self.inner.invalidate_all();
@@ -117,6 +125,7 @@ mod tests {
             iat: None,
             jti: None,
             forward: Vec::new(),
+            key: None,
         })
     }
 

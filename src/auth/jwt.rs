@@ -9,11 +9,15 @@
 //!    allocating; it refuses only what 4–6 would surely refuse, with the
 //!    same reason (no cache lookup: a refused token is never cached), and
 //!    leaves everything else, valid tokens first, to them;
-//! 4. cache: a hit skips 5–7 (the SHA-256 of the token is the key);
-//! 5. header: `alg` must be allowed and a key must serve it (with `kid`),
-//!    else refused without verifying any signature;
+//! 4. cache: a hit skips 5–7 (the SHA-256 of the token is the key), unless
+//!    the fetched key that verified it has since been removed;
+//! 5. realm and header: the unverified `iss` picks the realm (an
+//!    `[[auth.issuers]]` entry or the top level, `realm.rs`); `alg` must be
+//!    allowed there and one of its keys must serve it (with `kid`), else
+//!    refused without verifying any signature; a `kid` the fetched keys lack
+//!    waits, bounded, for one shared refetch (`provider/`);
 //! 6. signature and registered claims, by `jsonwebtoken` with one
-//!    [`Validation`] per algorithm family (`exp` and `nbf` always, leeway
+//!    `Validation` per algorithm family (`exp` and `nbf` always, leeway
 //!    from config, `iss` / `aud` only when configured — `validate_aud` is
 //!    off otherwise, so a token's `aud` is ignored);
 //! 7. our own claim rules: `sub` a non-empty string, `iat` numeric and not in
@@ -29,17 +33,19 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use arc_swap::ArcSwap;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use super::cache::{TokenCache, Verified};
-use super::keys::{allowed_algorithms, KeySet};
-use super::precheck::{self, Decoded};
+use super::provider::{Pool, Provider};
+use super::realm::Pick;
+use super::state::State;
 use super::{carrier, AuthRefusal, Authenticator, Identity};
 use crate::clock::unix_now;
-use crate::config::{self, Carrier, ConfigError};
+use crate::config::{self, ConfigError};
 use crate::handshake::{HeadView, RequestHead};
 use crate::metrics::Metrics;
 use crate::reject::Reject;
@@ -49,157 +55,7 @@ use crate::revocation::SharedStore;
 /// JWT is near it, and it bounds the work (base64, JSON) an attacker buys.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
-/// Room for an HMAC tag (at most 64 bytes); a signature segment that does not
-/// fit decodes to something longer than any tag, so it cannot match.
-const TAG_BYTES: usize = 96;
-
-/// A leeway above this is a misconfiguration (and would overflow
-/// `now - leeway` arithmetic inside `jsonwebtoken`).
-pub const MAX_LEEWAY_S: u64 = 86_400;
-
-/// Everything a verification depends on, swapped whole on reload.
-struct State {
-    keys: KeySet,
-    /// `auth.algorithms`, parsed.
-    allowed: Vec<Algorithm>,
-    /// One `Validation` per family present in `allowed`: `jsonwebtoken`
-    /// refuses a `Validation` whose algorithms span families.
-    validations: Vec<(AlgorithmFamily, Validation)>,
-    carriers: Vec<Carrier>,
-    cookie_name: String,
-    /// (claim, header) pairs to forward upstream.
-    claim_headers: Vec<(String, String)>,
-    leeway: u64,
-    max_ttl: u64,
-    /// Verified claims; part of the state so a reload starts empty.
-    cache: TokenCache,
-}
-
-impl State {
-    fn build(cfg: &config::Auth, claim_headers: &BTreeMap<String, String>) -> Result<State, ConfigError> {
-        if cfg.leeway_s > MAX_LEEWAY_S {
-            return Err(ConfigError::Invalid {
-                key: "auth.leeway_s",
-                msg: format!("at most {MAX_LEEWAY_S}"),
-            });
-        }
-        let allowed = allowed_algorithms(cfg)?;
-        let keys = KeySet::load(cfg)?;
-        let mut validations = Vec::new();
-        for family in [AlgorithmFamily::Hmac, AlgorithmFamily::Rsa, AlgorithmFamily::Ec, AlgorithmFamily::Ed]
-        {
-            let algs: Vec<Algorithm> =
-                family.algorithms().iter().copied().filter(|a| allowed.contains(a)).collect();
-            if let Some(&first) = algs.first() {
-                let mut v = Validation::new(first);
-                v.algorithms = algs;
-                v.leeway = cfg.leeway_s;
-                v.validate_exp = true;
-                v.validate_nbf = true;
-                let mut required = vec!["exp", "sub"];
-                // A configured check must also require the claim:
-                // `jsonwebtoken` passes a token that simply omits it.
-                if !cfg.issuer.is_empty() {
-                    v.set_issuer(&[&cfg.issuer]);
-                    required.push("iss");
-                }
-                if cfg.audience.is_empty() {
-                    v.validate_aud = false;
-                } else {
-                    v.set_audience(&[&cfg.audience]);
-                    v.validate_aud = true;
-                    required.push("aud");
-                }
-                v.set_required_spec_claims(&required);
-                validations.push((family, v));
-            }
-        }
-        Ok(State {
-            keys,
-            allowed,
-            validations,
-            carriers: cfg.carriers.clone(),
-            cookie_name: cfg.cookie_name.clone(),
-            claim_headers: claim_headers.iter().map(|(c, h)| (c.clone(), h.clone())).collect(),
-            leeway: cfg.leeway_s,
-            max_ttl: cfg.max_token_ttl_s,
-            cache: TokenCache::new(cfg.cache_capacity),
-        })
-    }
-
-    fn validation(&self, family: AlgorithmFamily) -> Option<&Validation> {
-        self.validations.iter().find(|(f, _)| *f == family).map(|(_, v)| v)
-    }
-
-    /// The precheck past the size check: a refusal [`JwtAuthenticator::verify_with`]
-    /// would surely give, and why (for the debug log), or `None` when it
-    /// cannot tell. Its steps follow that function's.
-    fn precheck(&self, token: &str) -> Option<(Reject, &'static str)> {
-        let invalid = |why| Some((Reject::InvalidToken, why));
-        let Some(parts) = precheck::split(token) else {
-            return invalid("not three segments");
-        };
-        let (alg, key, simple) = match precheck::with_decoded(parts.header, |h| self.precheck_header(h)) {
-            Ok(found) => found?,
-            Err(why) => return invalid(why),
-        };
-        let validation = self.validation(alg.family()).filter(|v| v.algorithms.contains(&alg))?;
-        if alg.family() != AlgorithmFamily::Hmac {
-            // Asymmetric signatures cost what the full path pays anyway.
-            return None;
-        }
-        let secret = key.try_get_as_bytes().ok()?;
-        let mut tag = [0u8; TAG_BYTES];
-        let signed = match precheck::decode(parts.signature, &mut tag) {
-            Decoded::Bytes(t) => precheck::hmac_matches(alg, secret, parts.message, t)?,
-            Decoded::Invalid | Decoded::TooLong => false,
-        };
-        if !signed {
-            return invalid("bad signature");
-        }
-        // A good signature on a header `jsonwebtoken` might still refuse:
-        // its verdict is not ours to guess.
-        if !simple {
-            return None;
-        }
-        let expired = precheck::with_decoded(parts.payload, |claims| match claims {
-            Decoded::Bytes(c) => Ok(precheck::surely_expired(c, validation, unix_now())),
-            Decoded::Invalid => Err("undecodable claims"),
-            Decoded::TooLong => Ok(false),
-        });
-        match expired {
-            Ok(expired) => expired.then_some((Reject::ExpiredToken, "expired")),
-            Err(why) => invalid(why),
-        }
-    }
-
-    /// The header step of [`State::precheck`]: `Err(why)` for a surely
-    /// invalid token; else the algorithm, its key and whether
-    /// `jsonwebtoken` surely parses the header, or `None` (cannot tell).
-    fn precheck_header(
-        &self,
-        header: Decoded<'_>,
-    ) -> Result<Option<(Algorithm, &DecodingKey, bool)>, &'static str> {
-        let header = match header {
-            Decoded::Bytes(b) => precheck::scan_header(b),
-            Decoded::Invalid => return Err("undecodable header"),
-            Decoded::TooLong => return Ok(None),
-        };
-        // From here on `alg` and `kid` are what `decode_header` would read,
-        // if it reads the header at all; when it does not, the refusal is
-        // `invalid_token` all the same.
-        let (alg, kid, simple) = match header {
-            precheck::Header::Fields { alg, kid, simple } => (alg, kid, simple),
-            precheck::Header::Invalid => return Err("undecodable header"),
-            precheck::Header::Unknown => return Ok(None),
-        };
-        let Some(alg) = precheck::algorithm(alg).filter(|a| self.allowed.contains(a)) else {
-            return Err("algorithm not allowed");
-        };
-        let key = self.keys.select(alg, kid).ok_or("no key for alg/kid")?;
-        Ok(Some((alg, key, simple)))
-    }
-}
+pub use super::state::MAX_LEEWAY_S;
 
 /// Keys and rules loaded by [`JwtAuthenticator::prepare`], not yet in force.
 pub struct PreparedAuth(State);
@@ -210,11 +66,36 @@ pub struct PreparedAuth(State);
 struct Refused {
     reason: Reject,
     told: Option<&'static str>,
+    /// The token's `kid` is unknown to this provider: a refetch may bring
+    /// it (the caller asks, then verifies once more).
+    refetch: Option<Arc<Provider>>,
 }
 
 impl From<Reject> for Refused {
     fn from(reason: Reject) -> Self {
-        Refused { reason, told: None }
+        Refused { reason, told: None, refetch: None }
+    }
+}
+
+/// Whether the gateway holds keys to verify with (`/readyz` `"keys"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeysStatus {
+    /// Every configured source has keys (static keys always do).
+    Ok,
+    /// Some identity providers have delivered keys, some not yet.
+    Partial,
+    /// Identity providers are configured and none has delivered keys yet:
+    /// not ready.
+    None,
+}
+
+impl KeysStatus {
+    pub const fn label(self) -> &'static str {
+        match self {
+            KeysStatus::Ok => "ok",
+            KeysStatus::Partial => "partial",
+            KeysStatus::None => "none",
+        }
     }
 }
 
@@ -231,6 +112,9 @@ impl From<Refused> for AuthRefusal {
 pub struct JwtAuthenticator {
     /// Keys, rules and cache; replaced whole by [`JwtAuthenticator::reload`].
     state: ArcSwap<State>,
+    /// Identity providers by source, shared by successive states so a
+    /// reload that keeps a source keeps its keys and schedule.
+    pool: Pool,
     /// Revocations, consulted on every handshake (not part of the reloadable
     /// state: revocations outlive key rotations).
     store: SharedStore,
@@ -242,7 +126,7 @@ impl std::fmt::Debug for JwtAuthenticator {
         let st = self.state.load();
         f.debug_struct("JwtAuthenticator")
             .field("algorithms", &st.allowed)
-            .field("keys", &st.keys.len())
+            .field("keys", &st.key_count())
             .field("cache", &st.cache)
             .finish()
     }
@@ -275,8 +159,10 @@ impl JwtAuthenticator {
         store: SharedStore,
         metrics: Arc<Metrics>,
     ) -> Result<JwtAuthenticator, ConfigError> {
-        let state = State::build(cfg, claim_headers)?;
-        Ok(JwtAuthenticator { state: ArcSwap::from_pointee(state), store, metrics })
+        let pool = Pool::default();
+        let state = State::build(cfg, claim_headers, &pool, &metrics)?;
+        state.providers.iter().for_each(Provider::start);
+        Ok(JwtAuthenticator { state: ArcSwap::from_pointee(state), pool, store, metrics })
     }
 
     /// Replaces keys (PEM, JWKS, secret), validation rules, carriers and
@@ -287,7 +173,7 @@ impl JwtAuthenticator {
         cfg: &config::Auth,
         claim_headers: &BTreeMap<String, String>,
     ) -> Result<(), ConfigError> {
-        let prepared = JwtAuthenticator::prepare(cfg, claim_headers)?;
+        let prepared = self.prepare_reload(cfg, claim_headers)?;
         self.install(prepared);
         Ok(())
     }
@@ -299,12 +185,54 @@ impl JwtAuthenticator {
         cfg: &config::Auth,
         claim_headers: &BTreeMap<String, String>,
     ) -> Result<PreparedAuth, ConfigError> {
-        Ok(PreparedAuth(State::build(cfg, claim_headers)?))
+        let metrics = Arc::new(Metrics::new());
+        Ok(PreparedAuth(State::build(cfg, claim_headers, &Pool::default(), &metrics)?))
+    }
+
+    /// As [`prepare`](Self::prepare), for this authenticator: identity
+    /// providers whose source is unchanged are kept (with their keys), new
+    /// ones start fetching when installed.
+    pub fn prepare_reload(
+        &self,
+        cfg: &config::Auth,
+        claim_headers: &BTreeMap<String, String>,
+    ) -> Result<PreparedAuth, ConfigError> {
+        Ok(PreparedAuth(State::build(cfg, claim_headers, &self.pool, &self.metrics)?))
     }
 
     /// The infallible half of [`reload`](Self::reload).
     pub fn install(&self, prepared: PreparedAuth) {
+        prepared.0.providers.iter().for_each(Provider::start);
         self.state.store(Arc::new(prepared.0));
+    }
+
+    /// Waits until every identity provider in force has delivered keys, at
+    /// most `within` (start-up: the gateway fetches before it binds).
+    /// Whether they all have.
+    pub async fn wait_for_keys(&self, within: Duration) -> bool {
+        let st = self.state.load_full();
+        let waits = st.providers.iter().map(|p| p.wait_for_keys(within));
+        futures_util::future::join_all(waits).await.into_iter().all(|ok| ok)
+    }
+
+    /// Whether keys are held to verify with (see [`KeysStatus`]).
+    pub fn keys_status(&self) -> KeysStatus {
+        let st = self.state.load();
+        let with_keys = st.providers.iter().filter(|p| !p.keys().is_empty()).count();
+        match with_keys {
+            n if n == st.providers.len() => KeysStatus::Ok,
+            0 => KeysStatus::None,
+            _ => KeysStatus::Partial,
+        }
+    }
+
+    /// Sets `portcullis_jwks_keys` and `portcullis_jwks_age_seconds` from
+    /// the providers in force (called before each scrape).
+    pub fn publish_key_metrics(&self) {
+        let st = self.state.load();
+        let keys = st.providers.iter().map(|p| p.keys().len()).sum();
+        let age = st.providers.iter().map(|p| p.age()).max().unwrap_or_default();
+        self.metrics.set_jwks(keys, age);
     }
 
     /// Verifies `token` (cache, signature, claims, revocation) as the
@@ -337,11 +265,25 @@ impl JwtAuthenticator {
         }
         let key = TokenCache::key(token);
         if let Some(v) = st.cache.get(&key).await {
-            self.metrics.auth_cache(true);
-            return Ok(v);
+            // Verified with a fetched key the provider has since removed:
+            // dropped, and verified afresh (which refuses it).
+            let held =
+                v.key.is_none_or(|r| st.providers.get(r.provider as usize).is_some_and(|p| p.holds(r.id)));
+            if held {
+                self.metrics.auth_cache(true);
+                return Ok(v);
+            }
+            st.cache.invalidate(&key).await;
         }
         self.metrics.auth_cache(false);
-        let v = Arc::new(self.verify_with(st, token)?);
+        let v = match self.verify_with(st, token, false) {
+            Err(Refused { refetch: Some(p), .. }) => {
+                p.refetch_unknown_kid().await;
+                self.verify_with(st, token, true)
+            }
+            other => other,
+        };
+        let v = Arc::new(v?);
         st.cache.insert(key, v.clone()).await;
         Ok(v)
     }
@@ -392,10 +334,12 @@ impl JwtAuthenticator {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Err(Reject::InvalidToken);
         }
-        self.verify_with(&self.state.load(), token).map_err(|r| r.reason)
+        self.verify_with(&self.state.load(), token, true).map_err(|r| r.reason)
     }
 
-    fn verify_with(&self, st: &State, token: &str) -> Result<Verified, Refused> {
+    /// Signature and claims. `after_refetch`: an unknown `kid` is final
+    /// (else it is returned as a refusal that asks for a refetch).
+    fn verify_with(&self, st: &State, token: &str, after_refetch: bool) -> Result<Verified, Refused> {
         let refuse = |why: &str| {
             tracing::debug!(why, "token refused");
             Refused::from(Reject::InvalidToken)
@@ -403,21 +347,29 @@ impl JwtAuthenticator {
         // Claim rules a token's issuer can act on: the client is told.
         let told = |why: &'static str| {
             tracing::debug!(why, "token refused");
-            Refused { reason: Reject::InvalidToken, told: Some(why) }
+            Refused { reason: Reject::InvalidToken, told: Some(why), refetch: None }
         };
         // Header only: a few hundred nanoseconds, and enough to refuse a
         // disallowed algorithm (`none` does not even parse) or an unknown
         // `kid` without touching a signature.
         let header = jsonwebtoken::decode_header(token).map_err(|_| refuse("undecodable header"))?;
-        if !st.allowed.contains(&header.alg) {
+        // The token's `iss` picks the realm: only its keys and rules apply.
+        let realm = st.realms.for_token(token);
+        if !realm.allowed.contains(&header.alg) {
             return Err(refuse("algorithm not allowed"));
         }
-        let key =
-            st.keys.select(header.alg, header.kid.as_deref()).ok_or_else(|| refuse("no key for alg/kid"))?;
-        let validation = st.validation(header.alg.family()).ok_or_else(|| refuse("algorithm not allowed"))?;
+        let chosen = match realm.pick(header.alg, header.kid.as_deref(), after_refetch) {
+            Pick::Key(k) => k,
+            Pick::UnknownKid(p) => {
+                return Err(Refused { reason: Reject::InvalidToken, told: None, refetch: Some(p.clone()) })
+            }
+            Pick::None => return Err(refuse("no key for alg/kid")),
+        };
+        let validation =
+            realm.validation(header.alg.family()).ok_or_else(|| refuse("algorithm not allowed"))?;
 
         let started = tokio::time::Instant::now();
-        let decoded = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation);
+        let decoded = jsonwebtoken::decode::<Map<String, Value>>(token, chosen.key(), validation);
         self.metrics.token_verify(started.elapsed());
         let claims = match decoded {
             Ok(d) => d.claims,
@@ -471,7 +423,15 @@ impl JwtAuthenticator {
                 forward.push((header.clone(), text));
             }
         }
-        Ok(Verified { sub, exp, expires_at: exp.saturating_add(st.leeway), iat, jti, forward })
+        Ok(Verified {
+            sub,
+            exp,
+            expires_at: exp.saturating_add(st.leeway),
+            iat,
+            jti,
+            forward,
+            key: chosen.key_ref(),
+        })
     }
 }
 
@@ -502,9 +462,12 @@ impl Authenticator for JwtAuthenticator {
 mod tests {
     use super::*;
     use crate::auth::keys::tests::{fixture, jwk};
+    use crate::auth::precheck;
+    use crate::config::Carrier;
     use crate::revocation::{Revocation, RevocationSet, RevocationStore, StoreError};
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
+    use jsonwebtoken::{Algorithm, AlgorithmFamily};
     use jsonwebtoken::{EncodingKey, Header};
     use proptest::prelude::*;
     use serde_json::json;

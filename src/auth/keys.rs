@@ -30,14 +30,18 @@ const MIN_HMAC_SECRET_BYTES: usize = 32;
 
 /// A decoding key and the algorithms it may verify.
 #[derive(Clone, Debug)]
-struct ServingKey {
+pub(crate) struct ServingKey {
     key: DecodingKey,
     /// Never empty, never mixing families: both checked at load.
     algorithms: Vec<Algorithm>,
 }
 
 impl ServingKey {
-    fn serves(&self, alg: Algorithm) -> Option<&DecodingKey> {
+    pub(crate) fn key(&self) -> &DecodingKey {
+        &self.key
+    }
+
+    pub(crate) fn serves(&self, alg: Algorithm) -> Option<&DecodingKey> {
         // The family comparison is redundant with `algorithms` (built per
         // family) but costs nothing and keeps the invariant local.
         (self.algorithms.contains(&alg) && self.key.family() == alg.family()).then_some(&self.key)
@@ -179,7 +183,7 @@ fn load_public_key(path: &Path, allowed: &[Algorithm]) -> Result<ServingKey, Con
 
 /// What a JWK may verify: its type's algorithms, narrowed to its `alg` when
 /// it names one, and to `allowed`. `Err` explains why it is unusable.
-fn jwk_serving_key(jwk: &Jwk, allowed: &[Algorithm]) -> Result<ServingKey, String> {
+pub(crate) fn jwk_serving_key(jwk: &Jwk, allowed: &[Algorithm]) -> Result<ServingKey, String> {
     if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
         return Err("an encryption key (use=enc)".into());
     }
@@ -323,6 +327,10 @@ impl KeySet {
                 .any(|k| k.serves(*alg).is_some());
             if !served {
                 let msg = format!("{alg:?} is allowed but no configured key verifies it");
+                // Keys fetched from a provider may serve it (config/jwks.rs).
+                if crate::config::jwks::top_level_fetches(cfg) {
+                    continue;
+                }
                 if set.jwks_configured {
                     tracing::warn!("auth.algorithms: {msg}");
                 } else {
@@ -351,6 +359,17 @@ impl KeySet {
         static_key
             .and_then(|k| k.serves(alg))
             .or_else(|| self.jwks_anonymous.iter().find_map(|k| k.serves(alg)))
+    }
+
+    /// With `auth.jwks_file`: its key of `kid`, if it has one (then that
+    /// key and no other decides, whatever it serves).
+    pub(crate) fn file_kid(&self, kid: &str) -> Option<&ServingKey> {
+        self.jwks.get(kid).filter(|_| self.jwks_configured)
+    }
+
+    /// Whether `auth.jwks_file` is configured.
+    pub(crate) fn has_jwks_file(&self) -> bool {
+        self.jwks_configured
     }
 
     /// How many keys are loaded (for the reload log line).

@@ -11,7 +11,10 @@ pub mod carrier;
 pub mod jwt;
 pub mod keys;
 mod precheck;
+pub mod provider;
+mod realm;
 pub mod sign;
+mod state;
 
 use std::net::SocketAddr;
 

@@ -13,9 +13,11 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 mod ban;
+pub mod jwks;
 pub mod redis;
 
 pub use ban::*;
+pub use jwks::IssuerEntry;
 pub use redis::RedisMode;
 
 pub const DEFAULT_PUBLIC: &str = "127.0.0.1:8080";
@@ -323,6 +325,13 @@ pub struct Auth {
     pub allowed_origins: Vec<String>,
     pub cache_capacity: u64,
     pub login: Login,
+    /// Keys fetched from identity providers (`config/jwks.rs`).
+    pub jwks_url: String,
+    pub oidc_issuer: String,
+    pub jwks_refresh_s: u64,
+    pub jwks_timeout_ms: u64,
+    pub jwks_ca_file: PathBuf,
+    pub issuers: Vec<IssuerEntry>,
 }
 
 impl Default for Auth {
@@ -343,6 +352,12 @@ impl Default for Auth {
             allowed_origins: Vec::new(),
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             login: Login::default(),
+            jwks_url: String::new(),
+            oidc_issuer: String::new(),
+            jwks_refresh_s: jwks::DEFAULT_JWKS_REFRESH_S,
+            jwks_timeout_ms: jwks::DEFAULT_JWKS_TIMEOUT_MS,
+            jwks_ca_file: PathBuf::new(),
+            issuers: Vec::new(),
         }
     }
 }
@@ -515,6 +530,12 @@ impl std::fmt::Debug for Auth {
             .field("allowed_origins", &self.allowed_origins)
             .field("cache_capacity", &self.cache_capacity)
             .field("login", &self.login)
+            .field("jwks_url", &self.jwks_url)
+            .field("oidc_issuer", &self.oidc_issuer)
+            .field("jwks_refresh_s", &self.jwks_refresh_s)
+            .field("jwks_timeout_ms", &self.jwks_timeout_ms)
+            .field("jwks_ca_file", &self.jwks_ca_file)
+            .field("issuers", &self.issuers)
             .finish()
     }
 }
@@ -661,19 +682,28 @@ impl Config {
         if !a.hmac_secret.is_empty() && !a.hmac_secret_file.as_os_str().is_empty() {
             return Err(invalid("auth.hmac_secret", "set hmac_secret or hmac_secret_file, not both"));
         }
-        if a.algorithms.iter().any(|alg| alg.starts_with("HS")) && !has_secret {
+        // With `[[auth.issuers]]` alone, the top level verifies nothing.
+        let top_level = !jwks::top_level_off(a);
+        if top_level && a.algorithms.iter().any(|alg| alg.starts_with("HS")) && !has_secret {
             return Err(invalid(
                 "auth.hmac_secret",
                 "an HS algorithm is allowed but no secret is set (hmac_secret or hmac_secret_file)",
             ));
         }
         let asym = a.algorithms.iter().any(|alg| !alg.starts_with("HS"));
-        if asym && a.public_key_file.as_os_str().is_empty() && a.jwks_file.as_os_str().is_empty() {
+        if top_level
+            && asym
+            && a.public_key_file.as_os_str().is_empty()
+            && a.jwks_file.as_os_str().is_empty()
+            && !jwks::top_level_fetches(a)
+        {
             return Err(invalid(
                 "auth.public_key_file",
-                "an asymmetric algorithm is allowed but neither public_key_file nor jwks_file is set",
+                "an asymmetric algorithm is allowed but none of public_key_file, jwks_file, \
+                 jwks_url or oidc_issuer is set",
             ));
         }
+        jwks::validate(a)?;
         if a.carriers.is_empty() {
             return Err(invalid("auth.carriers", "needs at least one carrier"));
         }
