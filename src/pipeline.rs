@@ -388,6 +388,12 @@ where
         Ok(s) => s,
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
+    // Echo mode is the endpoint: it answers a `permessage-deflate` offer
+    // itself (a backend answers its own in proxy mode).
+    let echo_deflate = match shared.upstream {
+        None => session::deflate::negotiate(head.headers_named("sec-websocket-extensions")),
+        Some(_) => None,
+    };
     // Owned: the head goes to the upstream stage, which drops it early.
     let key = String::from(key);
     let mut upstream = match upstream(shared, cfg, ctx, head, &identity).await {
@@ -395,7 +401,8 @@ where
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
     let mut protocol = upstream.as_mut().and_then(|b| b.protocol.take());
-    let extensions = upstream.as_ref().and_then(|b| b.extensions.clone());
+    let deflate = echo_deflate.is_some();
+    let extensions = upstream.as_ref().and_then(|b| b.extensions.clone()).or(echo_deflate.map(Box::from));
     if identity.carrier == Some(Carrier::Subprotocol) {
         protocol = Some("bearer".into());
     }
@@ -406,6 +413,7 @@ where
         limits: live.limits.clone(),
         heartbeat: live.heartbeat.clone(),
         metrics: shared.metrics.clone(),
+        deflate,
     };
     Ok(Some(Upgraded { ws, upstream, params, slot }))
 }

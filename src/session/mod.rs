@@ -31,6 +31,7 @@
 //! never counted silent: a stalled backend is `upstream_stalled`, not the
 //! client's `pong_timeout`.
 
+pub mod deflate;
 pub mod echo;
 pub mod leases;
 pub mod registry;
@@ -129,6 +130,8 @@ pub struct Params {
     pub limits: Limits,
     pub heartbeat: Heartbeat,
     pub metrics: Arc<Metrics>,
+    /// Echo mode agreed `permessage-deflate` with the client (`deflate`).
+    pub deflate: bool,
 }
 
 /// Converts a unix-seconds instant to tokio time.
@@ -481,7 +484,7 @@ impl<C> Drop for Session<C> {
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     fn new(client: Client<C>, upstream: Upstream, p: Params) -> Session<C> {
-        let Params { info, expires_at, limits, heartbeat, metrics } = p;
+        let Params { info, expires_at, limits, heartbeat, metrics, deflate } = p;
         let start = info.timers().now();
         let Client { io, rest } = client;
         let max_message = limits.max_message_bytes as u64;
@@ -491,7 +494,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                 let from_up = Filter::new(Rules { from_client: false, deflate: b.deflate, max_message });
                 (Mode::Proxy(Box::new(Proxy { up: Side::new(b.tcp), from_client, from_up })), b.rest)
             }
-            None => (Mode::Echo(Echo::new(max_message)), Box::default()),
+            None => (Mode::Echo(Echo::new(max_message, deflate)), Box::default()),
         };
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NEVER - 1);
         let t = Tuning {
@@ -1013,6 +1016,9 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                         echo::Refusal::InvalidUtf8 => {
                             (CloseReason::Error, g(1007, "invalid_utf8"), Goodbye::Nothing)
                         }
+                        echo::Refusal::BadDeflate => {
+                            (CloseReason::Error, g(1007, "invalid_deflate"), Goodbye::Nothing)
+                        }
                         echo::Refusal::Protocol(why) => {
                             tracing::debug!(why, "client protocol error");
                             (CloseReason::Error, g(1002, "protocol_error"), Goodbye::Nothing)
@@ -1219,6 +1225,7 @@ mod tests {
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
             metrics: metrics.clone(),
+            deflate: false,
         };
         let (a, _b) = pair().await;
         let echo = run(Client { io: a, rest: Vec::new() }, None, params());
