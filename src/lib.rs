@@ -36,6 +36,8 @@ pub mod auth;
 pub mod client_addr;
 pub mod clock;
 pub mod config;
+pub mod connect;
+pub mod demo;
 pub mod early;
 pub mod events;
 pub mod fdlimit;

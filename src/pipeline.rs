@@ -364,6 +364,10 @@ where
     // The live config: allowed origins and limits may have been reloaded
     // since accept.
     let live = shared.config.load_full();
+    if crate::demo::is_page_request(shared.as_ref(), &head) {
+        crate::demo::serve(&live, &mut io).await;
+        return Ok(None);
+    }
     let key = match validate(&live, &head) {
         Ok(k) => k,
         Err(r) => return Err(refuse(&mut io, r, None).await),
