@@ -122,6 +122,8 @@ pub struct Inflater {
     pub ended: bool,
     /// A fragment of the echo has been sent: the next is a continuation.
     pub sent: bool,
+    /// The echo waits for the client's side; the rest of the input is held.
+    pub paused: bool,
 }
 
 impl std::fmt::Debug for Inflater {
@@ -141,7 +143,7 @@ impl Inflater {
             }
             None => InflateState::new_boxed(DataFormat::Raw),
         };
-        Inflater { state: Some(state), ended: false, sent: false }
+        Inflater { state: Some(state), ended: false, sent: false, paused: false }
     }
 
     /// Inflates from `input` into `out`: (bytes consumed, bytes written,
@@ -270,7 +272,7 @@ mod tests {
 
     impl BitWriter {
         fn bit(&mut self, b: u32) {
-            if self.n % 8 == 0 {
+            if self.n.is_multiple_of(8) {
                 self.out.push(0);
             }
             if b != 0 {

@@ -55,6 +55,9 @@ pub enum Action<'a> {
     MessageEnd(u64),
     /// A pong arrived (life).
     Pong,
+    /// Has the client's side room for more of a compressed message's
+    /// echo (`false` pauses the inflating until the session resumes it)?
+    Room,
     /// The client closed with this code (or none); the reply is the
     /// session's to send. Nothing after it is read.
     Close(Option<u16>),
@@ -153,6 +156,11 @@ impl Echo {
         mut input: &[u8],
         on: &mut impl FnMut(Action<'_>) -> bool,
     ) -> Result<bool, Refusal> {
+        if self.paused() {
+            // Not the session's way (it resumes first), but the order holds.
+            self.buf.extend_from_slice(input);
+            return Ok(true);
+        }
         loop {
             if let Some(h) = self.frame {
                 if input.is_empty() {
@@ -160,10 +168,11 @@ impl Echo {
                 }
                 if self.inflater.is_some() {
                     let n = usize::try_from(h.len - self.got).unwrap_or(usize::MAX).min(input.len());
-                    if !self.inflate_piece(&input[..n], h, on)? {
-                        return Ok(false);
+                    match self.inflate_piece(&input[..n], h, on)? {
+                        Step::Go => input = &input[n..],
+                        Step::Stop => return Ok(false),
+                        Step::Paused(taken) => return Ok(self.pause(&input[taken..])),
                     }
-                    input = &input[n..];
                     continue;
                 }
                 if self.streaming {
@@ -274,8 +283,12 @@ impl Echo {
             self.got = 0;
             if self.inflater.is_some() {
                 // Counted as it inflates; an empty frame ends at once.
-                if h.len == 0 && !self.inflate_piece(&[], h, on)? {
-                    return Ok(false);
+                if h.len == 0 {
+                    match self.inflate_piece(&[], h, on)? {
+                        Step::Go => {}
+                        Step::Stop => return Ok(false),
+                        Step::Paused(_) => return Ok(self.pause(input)),
+                    }
                 }
                 continue;
             }
@@ -310,83 +323,152 @@ impl Echo {
     /// A piece of a compressed frame's payload (masked, as received):
     /// inflated into the per-thread buffer, whatever came out echoed as a
     /// fragment of its own, and the message ended with its last frame.
+    /// Paused (with how much of `masked` it took) once the client's side
+    /// stops taking the echo.
     fn inflate_piece(
         &mut self,
         masked: &[u8],
         h: Header,
         on: &mut impl FnMut(Action<'_>) -> bool,
-    ) -> Result<bool, Refusal> {
+    ) -> Result<Step, Refusal> {
         UNMASKED.with(|cell| {
             // Not re-entered: `on` never feeds an echo.
-            let Ok(mut out) = cell.try_borrow_mut() else { return Ok(false) };
+            let Ok(mut out) = cell.try_borrow_mut() else { return Ok(Step::Stop) };
             let out = out.buf();
             // Inflated bytes in `out`, after room for their frame's header.
             let mut filled = 0;
             let mut chunk = [0u8; 4096];
+            let mut taken = 0;
             for piece in masked.chunks(chunk.len()) {
                 let c = &mut chunk[..piece.len()];
                 c.copy_from_slice(piece);
                 if let Some(m) = h.mask {
                     frame::apply_mask(c, m, self.got);
                 }
+                match self.inflate_into(c, out, &mut filled, true, on)? {
+                    Inflated::Done => {}
+                    Inflated::Stop => return Ok(Step::Stop),
+                    Inflated::Paused(used) => {
+                        self.got += used as u64;
+                        let go = filled == 0 || self.emit(out, filled, false, on)?;
+                        return Ok(if go { Step::Paused(taken + used) } else { Step::Stop });
+                    }
+                }
                 self.got += piece.len() as u64;
-                if !self.inflate_into(c, out, &mut filled, on)? {
-                    return Ok(false);
+                taken += piece.len();
+            }
+            // What the inflater still holds from this input.
+            match self.inflate_into(&[], out, &mut filled, true, on)? {
+                Inflated::Done => {}
+                Inflated::Stop => return Ok(Step::Stop),
+                Inflated::Paused(_) => {
+                    let go = filled == 0 || self.emit(out, filled, false, on)?;
+                    return Ok(if go { Step::Paused(masked.len()) } else { Step::Stop });
                 }
             }
             if self.got < h.len || !h.fin {
                 if self.got == h.len {
                     self.frame = None;
                 }
-                return if filled > 0 { self.emit(out, filled, false, on) } else { Ok(true) };
+                let go = filled == 0 || self.emit(out, filled, false, on)?;
+                return Ok(if go { Step::Go } else { Step::Stop });
             }
-            if !self.inflate_into(&TAIL, out, &mut filled, on)? || !self.emit(out, filled, true, on)? {
-                return Ok(false);
+            // The tail's output is what the inflater still holds: not paused.
+            if self.inflate_into(&TAIL, out, &mut filled, false, on)? != Inflated::Done
+                || !self.emit(out, filled, true, on)?
+            {
+                return Ok(Step::Stop);
             }
             self.frame = None;
             self.message = None;
             // The inflater goes back to the thread's spare.
             self.inflater = None;
-            Ok(on(Action::MessageEnd(std::mem::take(&mut self.message_bytes))))
+            let go = on(Action::MessageEnd(std::mem::take(&mut self.message_bytes)));
+            Ok(if go { Step::Go } else { Step::Stop })
         })
     }
 
     /// Inflates `input` into `out` after its `filled` bytes, echoing a
     /// fragment each time `out` is full; every byte that comes out is
-    /// counted against the limit before more is inflated.
+    /// counted against the limit before more is inflated. With `may_pause`,
+    /// it pauses after a full buffer that the client's side did not take.
     fn inflate_into(
         &mut self,
-        mut input: &[u8],
+        input: &[u8],
         out: &mut [u8],
         filled: &mut usize,
+        may_pause: bool,
         on: &mut impl FnMut(Action<'_>) -> bool,
-    ) -> Result<bool, Refusal> {
+    ) -> Result<Inflated, Refusal> {
         let room = out.len() - MAX_HEADER_BYTES;
+        let mut used = 0;
         loop {
             if *filled == room {
                 if !self.emit(out, *filled, false, on)? {
-                    return Ok(false);
+                    return Ok(Inflated::Stop);
                 }
                 *filled = 0;
+                // More may come out of what it took: pause while the
+                // client's side is backed up.
+                if may_pause && !on(Action::Room) {
+                    return Ok(Inflated::Paused(used));
+                }
             }
-            let Some(inf) = self.inflater.as_mut() else { return Ok(true) };
+            let Some(inf) = self.inflater.as_mut() else { return Ok(Inflated::Done) };
             if inf.ended {
                 // A final block came: what follows is the sender's tail.
-                return Ok(true);
+                return Ok(Inflated::Done);
             }
             let at = MAX_HEADER_BYTES + *filled;
-            let (used, wrote, end) = inf.run(input, &mut out[at..]).map_err(|_| Refusal::BadDeflate)?;
+            let (n, wrote, end) = inf.run(&input[used..], &mut out[at..]).map_err(|_| Refusal::BadDeflate)?;
             inf.ended = end;
-            input = &input[used..];
+            used += n;
             *filled += wrote;
             self.message_bytes += wrote as u64;
             if self.message_bytes > u64::from(self.max_message) {
                 return Err(Refusal::TooBig);
             }
-            if used == 0 && wrote == 0 {
-                return if input.is_empty() || end { Ok(true) } else { Err(Refusal::BadDeflate) };
+            if n == 0 && wrote == 0 {
+                return if used == input.len() || end {
+                    Ok(Inflated::Done)
+                } else {
+                    Err(Refusal::BadDeflate)
+                };
             }
         }
+    }
+
+    /// True while a compressed message's input waits for the client's side
+    /// to take more of its echo: the session calls [`Echo::resume`], not
+    /// `feed`, and reads nothing more from the client meanwhile.
+    pub fn paused(&self) -> bool {
+        self.inflater.as_ref().is_some_and(|i| i.paused)
+    }
+
+    /// Goes on where a pause stopped: first what the inflater holds (and
+    /// the end of its frame), then the input kept.
+    pub fn resume(&mut self, on: &mut impl FnMut(Action<'_>) -> bool) -> Result<bool, Refusal> {
+        let Some(inf) = self.inflater.as_mut() else { return Ok(true) };
+        inf.paused = false;
+        let pending = std::mem::take(&mut self.buf);
+        if let Some(h) = self.frame {
+            match self.inflate_piece(&[], h, on)? {
+                Step::Go => {}
+                Step::Stop => return Ok(false),
+                Step::Paused(_) => return Ok(self.pause(&pending)),
+            }
+        }
+        self.feed(&pending, on)
+    }
+
+    /// Keeps `rest`, the input not yet taken, until [`Echo::resume`]: in
+    /// the buffer a compressed frame leaves unused.
+    fn pause(&mut self, rest: &[u8]) -> bool {
+        self.buf = rest.to_vec();
+        if let Some(inf) = self.inflater.as_mut() {
+            inf.paused = true;
+        }
+        true
     }
 
     /// Echoes the `filled` inflated bytes in `out` as one frame: the
@@ -486,6 +568,25 @@ impl Echo {
         }
         Ok(())
     }
+}
+
+/// How a compressed frame's piece went.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Go,
+    /// The caller (or a close) stopped it.
+    Stop,
+    /// Paused after taking this many bytes of the piece.
+    Paused(usize),
+}
+
+/// How inflating one chunk went.
+#[derive(Debug, PartialEq, Eq)]
+enum Inflated {
+    Done,
+    Stop,
+    /// Paused after this many bytes of the chunk.
+    Paused(usize),
 }
 
 /// RSV1 in [`Header::rsv`]: a compressed message's first frame.
@@ -788,5 +889,44 @@ mod tests {
         // Uncompressed messages still pass with the extension agreed.
         let (out, _, r) = run_with(&mut Echo::new(100, true), &masked(true, TEXT, b"plain"), 100);
         assert_eq!((frames(&out), r), (vec![(true, TEXT, 0, b"plain".to_vec())], Ok(true)));
+    }
+
+    #[test]
+    fn a_backed_up_client_pauses_the_inflating_and_resume_finishes_in_order() {
+        // 3 MiB inflating from a few KiB, then a plain message behind it.
+        let big: Vec<u8> = (0..3u32 << 20).map(|i| (i / 1000) as u8).collect();
+        let mut input = compressed(true, BINARY, true, &deflated(&big));
+        input.extend(masked(true, TEXT, b"after"));
+        let mut e = Echo::new(4 << 20, true);
+        let mut out = Vec::new();
+        let mut ends = 0;
+        // The client's side never has room: every full buffer pauses.
+        let mut on = |a: Action<'_>| match a {
+            Action::Send(b) => {
+                out.extend_from_slice(b);
+                true
+            }
+            Action::Room => false,
+            Action::MessageEnd(_) => {
+                ends += 1;
+                true
+            }
+            _ => true,
+        };
+        assert_eq!(e.feed(&input, &mut on), Ok(true));
+        let mut pauses = 0;
+        while e.paused() {
+            pauses += 1;
+            assert!(e.buf.len() <= input.len(), "only the input is kept");
+            assert_eq!(e.resume(&mut on), Ok(true));
+        }
+        // A pause every one or two buffers (64 KiB) echoed: 48 of them.
+        assert!((24..=48).contains(&pauses), "{pauses}");
+        assert_eq!(ends, 2);
+        let f = frames(&out);
+        let echoed: Vec<u8> = f[..f.len() - 1].iter().flat_map(|x| x.3.clone()).collect();
+        assert_eq!(echoed, big);
+        assert_eq!(f.last().unwrap(), &(true, TEXT, 0, b"after".to_vec()));
+        assert!(e.inflater.is_none() && e.buf.capacity() == 0);
     }
 }

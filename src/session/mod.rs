@@ -612,8 +612,20 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
         }
         match &self.mode {
             Mode::Proxy(p) => p.up.out.len() < self.t.max_out || p.up.broken,
-            Mode::Echo(_) => self.client.out.len() < self.t.max_out,
+            // A paused compressed message is resumed, not read past.
+            Mode::Echo(e) => self.client.out.len() < self.t.max_out && !e.paused(),
         }
+    }
+
+    /// Echo mode: a compressed message paused for the client's side goes
+    /// on once little waits for it. True if it did.
+    fn resume_echo(&mut self, now: Ms, cx: &mut Context<'_>) -> bool {
+        let Mode::Echo(e) = &self.mode else { return false };
+        if !e.paused() || self.client.out.len() >= SCRATCH_BYTES || !self.client.readable() {
+            return false;
+        }
+        self.client_bytes(&[], now, Some(cx));
+        true
     }
 
     fn can_read_up(&self) -> bool {
@@ -789,6 +801,10 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     /// caller re-evaluates its deadlines), `Pending` once nothing moves.
     fn poll_io(&mut self, cx: &mut Context<'_>, now: Ms, parked: &mut Parked) -> Poll<()> {
         let mut moved = self.poll_writes(cx, now);
+        if self.resume_echo(now, cx) {
+            self.poll_writes(cx, now);
+            moved = true;
+        }
         let read = SCRATCH.with(|cell| {
             // Not re-entered: nothing below reads a socket through it.
             let Ok(mut scratch) = cell.try_borrow_mut() else { return false };
@@ -895,13 +911,16 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
 
     /// Bytes from the client: parsed, checked, and relayed or answered.
     /// With `cx`, relayed bytes are written at once where they can be.
+    /// Empty `data`: echo mode resumes a paused compressed message.
     fn client_bytes(&mut self, data: &[u8], now: Ms, mut cx: Option<&mut Context<'_>>) {
         // Any byte proves the client alive.
-        self.ping_sent = NEVER;
-        if self.next_ping <= now {
-            self.next_ping = now + u64::from(self.t.ping_interval);
+        if !data.is_empty() {
+            self.ping_sent = NEVER;
+            if self.next_ping <= now {
+                self.next_ping = now + u64::from(self.t.ping_interval);
+            }
+            self.info.touch(now);
         }
-        self.info.touch(now);
         if self.client.draining() {
             return;
         }
@@ -970,7 +989,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                 }
             }
             Mode::Echo(echo) => {
-                let r = echo.feed(data, &mut |a| match a {
+                let resume = data.is_empty() && echo.paused();
+                let mut on = |a: Action<'_>| match a {
                     Action::MessageStart => {
                         if open && !rate.allow(per_s, now) {
                             ended = Some(gateway_close(CloseReason::MsgRate));
@@ -996,6 +1016,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                         true
                     }
                     Action::Pong => true,
+                    // Inflating goes on while little waits for the client.
+                    Action::Room => client.out.len() < SCRATCH_BYTES,
                     Action::Close(code) => {
                         client.got_close = true;
                         if !client.sent_close {
@@ -1007,7 +1029,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                         }
                         false
                     }
-                });
+                };
+                let r = if resume { echo.resume(&mut on) } else { echo.feed(data, &mut on) };
                 if let Err(refusal) = r {
                     client.drain_until = now + DRAIN_GRACE;
                     let g = |code, text| Goodbye::Close(Some(code), text);
