@@ -130,3 +130,29 @@ async fn refusals_name_the_http_status_and_usage_errors_exit_2() {
     assert_eq!(r.status, 1, "{}", r.err);
     assert!(r.err.contains(&format!("connecting to 127.0.0.1:{}", free.port())), "{}", r.err);
 }
+
+#[tokio::test]
+async fn wss_trusts_the_given_ca_and_refuses_an_unknown_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("gw.crt"), dir.path().join("gw.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut cfg = config(dir.path());
+    cfg.listen.tls_cert_file = cert.clone();
+    cfg.listen.tls_key_file = key;
+    let gw = start(cfg).await;
+    let url = format!("wss://localhost:{}/", gw.public.port());
+    let t = token("tls");
+    let r =
+        connect(&["--token", &t, "--ca", cert.to_str().unwrap(), &url], "secure\n", false, async {}).await;
+    assert_eq!((r.status, r.out.as_str(), r.err.trim()), (0, "secure\n", "closed: 1000"));
+    // Another CA: the handshake fails, exit 1, naming TLS.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let other_file = dir.path().join("other.crt");
+    std::fs::write(&other_file, other.cert.pem()).unwrap();
+    let r = connect(&["--token", &t, "--ca", other_file.to_str().unwrap(), &url], "", false, async {}).await;
+    assert_eq!(r.status, 1, "{}", r.err);
+    assert!(r.err.contains("TLS handshake"), "{}", r.err);
+    gw.stop().await;
+}

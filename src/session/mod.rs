@@ -621,7 +621,13 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     /// on once little waits for it. True if it did.
     fn resume_echo(&mut self, now: Ms, cx: &mut Context<'_>) -> bool {
         let Mode::Echo(e) = &self.mode else { return false };
-        if !e.paused() || self.client.out.len() >= SCRATCH_BYTES || !self.client.readable() {
+        // A draining client's bytes are dropped unparsed: nothing to resume
+        // (and resuming would not clear the pause).
+        if !e.paused()
+            || self.client.out.len() >= SCRATCH_BYTES
+            || !self.client.readable()
+            || self.client.draining()
+        {
             return false;
         }
         self.client_bytes(&[], now, Some(cx));
