@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
-const MAX_MESSAGE: usize = 4 << 20;
+const MAX_MESSAGE: usize = 8 << 20;
 
 /// A masked client frame of any length; `rsv1` marks it compressed.
 fn frame(opcode: u8, rsv1: bool, payload: &[u8]) -> Vec<u8> {
@@ -85,7 +85,7 @@ fn status_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
 }
 
-/// The binary with `limits.max_message_bytes` = 4 MiB; its public address.
+/// The binary with `limits.max_message_bytes` = 8 MiB; its public address.
 fn gateway(dir: &std::path::Path) -> (ChildProc, SocketAddr) {
     let path = dir.join("g.toml");
     std::fs::write(
@@ -147,8 +147,8 @@ async fn a_compression_bomb_closes_1009_without_the_memory_growing() {
     assert!(frames.iter().all(|&(op, rsv, _)| rsv == 0 && (op == 0x1 || op == 0x0)), "{frames:?}");
     assert_eq!(frames.iter().map(|f| f.2).sum::<usize>(), text.len());
 
-    // 256 MiB of zeros in about a quarter of a MiB on the wire, against a
-    // 4 MiB limit.
+    // 256 MiB of zeros in about a quarter of a MiB on the wire, against an
+    // 8 MiB limit.
     let bomb = deflated(&vec![0u8; 256 << 20]);
     assert!(bomb.len() < 300 << 10, "{}", bomb.len());
     let before = status_kb(pid, "VmHWM:");
@@ -163,8 +163,10 @@ async fn a_compression_bomb_closes_1009_without_the_memory_growing() {
         "gateway peak RSS: {before} kB before the bomb, {after} kB after (limit {} kB)",
         MAX_MESSAGE >> 10
     );
-    // Inflated into fixed buffers: the peak moves by a new thread's
-    // buffers at most (about 200 kB), far from the 4 MiB the limit allows.
-    assert!(after - before < 1024, "peak RSS grew by {} kB", after - before);
+    // Inflated into fixed buffers: the peak moves by what a worker thread
+    // touches the first time it serves such a connection (its buffers and
+    // allocator pages: 0.5 to 1 MB here), far from the 8 MiB that holding
+    // the message up to the limit would cost.
+    assert!(after - before < 2048, "peak RSS grew by {} kB", after - before);
     drop(proc);
 }
