@@ -33,8 +33,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest message accepted from the server.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
-/// CA bundles tried for `wss://` when `--ca` is not given (Debian and
-/// Alpine, Fedora, then `SSL_CERT_FILE`).
+/// CA bundles tried for `wss://` when neither `--ca` nor `SSL_CERT_FILE`
+/// names one: Debian, Ubuntu and Alpine; Fedora and RHEL.
 const SYSTEM_BUNDLES: [&str; 2] = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
 
 /// What `connect` was asked to do.
