@@ -84,6 +84,9 @@ fn verdict(shared: &Shared, cfg: &Config, client: SocketAddr, bytes: &[u8]) -> R
     if head.method() == "POST" && head.path() == "/login" && cfg.auth.login.enabled {
         return Ok(());
     }
+    if crate::demo::is_page_request(shared, &head) {
+        return Ok(());
+    }
     pipeline::validate(cfg, &head)?;
     // Stage 4: only what the authenticator can refuse without I/O.
     match shared.auth.refuse_early(&head) {

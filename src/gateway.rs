@@ -248,6 +248,7 @@ impl Gateway {
             tls: ArcSwap::from_pointee(tls),
             log_limiter: Default::default(),
             draining: AtomicBool::new(false),
+            demo_page: AtomicBool::new(false),
             fd_exhausted_logged: AtomicBool::new(false),
             file_store,
             redis,
@@ -261,6 +262,12 @@ impl Gateway {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr().unwrap_or(self.shared.config.load().listen.admin)
+    }
+
+    /// Serves the demo page at `GET /` without an upgrade (`serve --demo`
+    /// only: the page hands a token to whoever asks).
+    pub fn serve_demo_page(&self) {
+        self.shared.demo_page.store(true, Ordering::Relaxed);
     }
 
     pub fn shared(&self) -> Arc<Shared> {

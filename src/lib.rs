@@ -27,7 +27,8 @@
 //! Around it: [`config`] (every key and default), [`reject`] (every reason),
 //! [`metrics`] (every metric name), [`events`] (metric + log line per
 //! verdict), [`admin`] (the admin plane), [`login`] (`POST /login`),
-//! [`gateway`] (state, start-up, reload, drain).
+//! [`gateway`] (state, start-up, reload, drain), [`demo`] (the demo's
+//! page), [`connect`] (the `portcullis connect` client).
 // `deny`, not `forbid`: `sockopt` holds the one audited exception.
 #![deny(unsafe_code)]
 
@@ -38,6 +39,8 @@ pub mod ban;
 pub mod client_addr;
 pub mod clock;
 pub mod config;
+pub mod connect;
+pub mod demo;
 pub mod early;
 pub mod events;
 pub mod fdlimit;

@@ -60,6 +60,22 @@ enum Cmd {
     HashPassword,
     /// Validate a configuration file.
     CheckConfig { file: PathBuf },
+    /// A minimal WebSocket client: stdin lines are sent as text, messages
+    /// received are printed; the close code becomes the exit status
+    /// (0 for 1000; docs/reference.md lists the others).
+    Connect {
+        /// `ws://host:port/path` or `wss://…`.
+        url: String,
+        /// Sent as `Authorization: Bearer <token>`.
+        #[arg(long)]
+        token: Option<String>,
+        /// An extra request header, `'Name: value'` (repeatable).
+        #[arg(long = "header", short = 'H', value_name = "'K: V'")]
+        headers: Vec<String>,
+        /// CA certificates (PEM) for `wss://`, instead of the system's.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -81,11 +97,42 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Connect { url, token, headers, ca } = cli.cmd {
+        return connect(portcullis::connect::Options { url, token, headers, ca });
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("portcullis: error: {}", one_line(&e));
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `portcullis connect`: how the connection ended on stderr, and as the
+/// exit status.
+fn connect(opts: portcullis::connect::Options) -> ExitCode {
+    use portcullis::connect;
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let ended = rt.block_on(connect::run(&opts, stdin, tokio::io::stdout()));
+    // Not waiting for the blocking read of stdin: the server may end the
+    // connection while a terminal's stdin is still open.
+    rt.shutdown_background();
+    match ended {
+        Ok(outcome) => {
+            eprintln!("{outcome}");
+            ExitCode::from(connect::exit_code(&outcome))
+        }
+        Err(e) => {
+            eprintln!("portcullis: error: {e}");
+            ExitCode::from(connect::error_exit_code(&e))
         }
     }
 }
@@ -148,6 +195,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        // Dispatched in `main`, for its own exit statuses.
+        Cmd::Connect { .. } => Ok(()),
         Cmd::Serve { config, demo, public, admin } => {
             // Before the config: the default `limits.max_connections` is
             // derived from the limit in force.
@@ -198,6 +247,25 @@ fn demo_config(dir: &std::path::Path) -> Config {
     cfg
 }
 
+/// How to run this binary again from a shell: `portcullis` when that
+/// name on `PATH` is this binary, else its full path (quoted if needed),
+/// so that the banner's `try:` line works as pasted (after `cargo run`,
+/// the binary is not on `PATH`).
+fn self_command() -> String {
+    let Ok(exe) = std::env::current_exe() else { return "portcullis".into() };
+    let same = |p: &std::path::Path| p.canonicalize().ok() == exe.canonicalize().ok();
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| same(&d.join("portcullis"))));
+    let shown = exe.display().to_string();
+    if on_path {
+        "portcullis".into()
+    } else if shown.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)) {
+        shown
+    } else {
+        format!("'{}'", shown.replace('\'', "'\\''"))
+    }
+}
+
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
@@ -222,9 +290,16 @@ async fn serve(cfg: Config, path: Option<PathBuf>, demo: bool) -> anyhow::Result
         eprintln!("listening public={public} admin={admin}");
     }
     if demo {
-        let token = portcullis::auth::sign::mint(&cfg.auth, "demo", Duration::from_secs(3600), None)?;
+        gateway.serve_demo_page();
+        let token = portcullis::auth::sign::mint(
+            &cfg.auth,
+            portcullis::demo::SUB,
+            portcullis::demo::TOKEN_TTL,
+            None,
+        )?;
         eprintln!("token: {token}");
-        eprintln!("try: websocat -H 'Authorization: Bearer {token}' ws://{public}/");
+        eprintln!("open: http://{public}/");
+        eprintln!("try: {} connect --token {token} ws://{public}/", self_command());
         eprintln!("metrics: curl http://{admin}/metrics");
     }
     let shared = gateway.shared();

@@ -386,6 +386,10 @@ where
     // The live config: allowed origins and limits may have been reloaded
     // since accept.
     let live = shared.config.load_full();
+    if crate::demo::is_page_request(shared.as_ref(), &head) {
+        crate::demo::serve(&live, &mut io).await;
+        return Ok(None);
+    }
     let key = match validate(&live, &head) {
         Ok(k) => k,
         Err(r) => return Err(refuse(&mut io, r, None).await),
@@ -410,6 +414,12 @@ where
         Ok(s) => s,
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
+    // Echo mode is the endpoint: it answers a `permessage-deflate` offer
+    // itself (a backend answers its own in proxy mode).
+    let echo_deflate = match shared.upstream {
+        None => session::deflate::negotiate(head.headers_named("sec-websocket-extensions")),
+        Some(_) => None,
+    };
     // Owned: the head goes to the upstream stage, which drops it early.
     let key = String::from(key);
     let mut upstream = match upstream(shared, cfg, ctx, head, &identity).await {
@@ -417,7 +427,8 @@ where
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
     let mut protocol = upstream.as_mut().and_then(|b| b.protocol.take());
-    let extensions = upstream.as_ref().and_then(|b| b.extensions.clone());
+    let deflate = echo_deflate.is_some();
+    let extensions = upstream.as_ref().and_then(|b| b.extensions.clone()).or(echo_deflate.map(Box::from));
     if identity.carrier == Some(Carrier::Subprotocol) {
         protocol = Some("bearer".into());
     }
@@ -428,6 +439,7 @@ where
         limits: live.limits.clone(),
         heartbeat: live.heartbeat.clone(),
         metrics: shared.metrics.clone(),
+        deflate,
     };
     Ok(Some(Upgraded { ws, upstream, params, slot }))
 }

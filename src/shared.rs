@@ -45,6 +45,9 @@ pub struct Shared {
     pub log_limiter: crate::events::LogLimiter,
     /// Set at SIGTERM: `/readyz` answers 503 from then on.
     pub draining: AtomicBool,
+    /// `serve --demo`: `GET /` without an upgrade answers the demo page
+    /// (`demo`). Off unless [`crate::Gateway::serve_demo_page`] is called.
+    pub demo_page: AtomicBool,
     /// Whether the current episode of descriptor exhaustion was logged
     /// (once per episode, not per socket).
     pub fd_exhausted_logged: AtomicBool,

@@ -10,7 +10,13 @@
 //! as it is handed to the writer. A binary frame cannot fail half way, so
 //! it streams back as it arrives and is never held whole: memory returns
 //! after a large message either way.
+//!
+//! With `permessage-deflate` agreed (`deflate`), a message whose first
+//! frame has RSV1 set is inflated as it arrives, into a per-thread buffer,
+//! and echoed uncompressed in fragments of what came out (at most one per
+//! read and buffer): its size limit applies to the inflated bytes.
 
+use super::deflate::{Inflater, TAIL};
 use crate::relay::frame::{
     self, Header, BINARY, CLOSE, CONTINUATION, MAX_CONTROL_PAYLOAD, MAX_HEADER_BYTES, PING, PONG, TEXT,
 };
@@ -34,6 +40,8 @@ pub enum Refusal {
     InvalidUtf8,
     /// 1009.
     TooBig,
+    /// 1007: a compressed message that does not inflate.
+    BadDeflate,
 }
 
 /// What the endpoint asks of the session, in order.
@@ -47,6 +55,9 @@ pub enum Action<'a> {
     MessageEnd(u64),
     /// A pong arrived (life).
     Pong,
+    /// Has the client's side room for more of a compressed message's
+    /// echo (`false` pauses the inflating until the session resumes it)?
+    Room,
     /// The client closed with this code (or none); the reply is the
     /// session's to send. Nothing after it is read.
     Close(Option<u16>),
@@ -96,7 +107,10 @@ impl Utf8 {
 /// The endpoint's state. Idle, it holds no allocation.
 #[derive(Debug)]
 pub struct Echo {
-    max_message: u64,
+    /// `limits.max_message_bytes` (validated to at most 1 GiB; a larger
+    /// one built in code is held at 4 GiB): 4 bytes, so that `deflate`
+    /// fits where the other 4 were and an idle echo stays 88 bytes.
+    max_message: u32,
     /// Between frames, a header or control frame split across reads; in a
     /// text frame, its payload so far, unmasked. One buffer serves both:
     /// they are never held at once.
@@ -108,14 +122,21 @@ pub struct Echo {
     streaming: bool,
     /// Opcode of the open message (TEXT or BINARY), if one is open.
     message: Option<u8>,
+    /// Payload bytes of the open message so far: as received, or as
+    /// inflated for a compressed one.
     message_bytes: u64,
     utf8: Utf8,
+    /// `permessage-deflate` was agreed at the upgrade.
+    deflate: bool,
+    /// The open message is compressed: its inflater, held only while it
+    /// is open.
+    inflater: Option<Box<Inflater>>,
 }
 
 impl Echo {
-    pub fn new(max_message: u64) -> Echo {
+    pub fn new(max_message: u64, deflate: bool) -> Echo {
         Echo {
-            max_message,
+            max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
             buf: Vec::new(),
             frame: None,
             got: 0,
@@ -123,6 +144,8 @@ impl Echo {
             message: None,
             message_bytes: 0,
             utf8: Utf8::default(),
+            deflate,
+            inflater: None,
         }
     }
 
@@ -133,10 +156,24 @@ impl Echo {
         mut input: &[u8],
         on: &mut impl FnMut(Action<'_>) -> bool,
     ) -> Result<bool, Refusal> {
+        if self.paused() {
+            // Not the session's way (it resumes first), but the order holds.
+            self.buf.extend_from_slice(input);
+            return Ok(true);
+        }
         loop {
             if let Some(h) = self.frame {
                 if input.is_empty() {
                     return Ok(true);
+                }
+                if self.inflater.is_some() {
+                    let n = usize::try_from(h.len - self.got).unwrap_or(usize::MAX).min(input.len());
+                    match self.inflate_piece(&input[..n], h, on)? {
+                        Step::Go => input = &input[n..],
+                        Step::Stop => return Ok(false),
+                        Step::Paused(taken) => return Ok(self.pause(&input[taken..])),
+                    }
+                    continue;
                 }
                 if self.streaming {
                     let n = usize::try_from(h.len - self.got).unwrap_or(usize::MAX).min(input.len());
@@ -238,10 +275,24 @@ impl Echo {
                 }
                 self.message = Some(h.opcode);
                 self.utf8 = Utf8::default();
+                if h.rsv & RSV1 != 0 {
+                    self.inflater = Some(Box::new(Inflater::start()));
+                }
             }
-            self.message_bytes += h.len;
             self.frame = Some(h);
             self.got = 0;
+            if self.inflater.is_some() {
+                // Counted as it inflates; an empty frame ends at once.
+                if h.len == 0 {
+                    match self.inflate_piece(&[], h, on)? {
+                        Step::Go => {}
+                        Step::Stop => return Ok(false),
+                        Step::Paused(_) => return Ok(self.pause(input)),
+                    }
+                }
+                continue;
+            }
+            self.message_bytes += h.len;
             if self.message == Some(BINARY) {
                 self.streaming = true;
                 // The header leaves with the first payload bytes; an empty
@@ -267,6 +318,179 @@ impl Echo {
     /// into the stream toward the client.
     pub fn at_boundary(&self) -> bool {
         !self.streaming
+    }
+
+    /// A piece of a compressed frame's payload (masked, as received):
+    /// inflated into the per-thread buffer, whatever came out echoed as a
+    /// fragment of its own, and the message ended with its last frame.
+    /// Paused (with how much of `masked` it took) once the client's side
+    /// stops taking the echo.
+    fn inflate_piece(
+        &mut self,
+        masked: &[u8],
+        h: Header,
+        on: &mut impl FnMut(Action<'_>) -> bool,
+    ) -> Result<Step, Refusal> {
+        UNMASKED.with(|cell| {
+            // Not re-entered: `on` never feeds an echo.
+            let Ok(mut out) = cell.try_borrow_mut() else { return Ok(Step::Stop) };
+            let out = out.buf();
+            // Inflated bytes in `out`, after room for their frame's header.
+            let mut filled = 0;
+            let mut chunk = [0u8; 4096];
+            let mut taken = 0;
+            for piece in masked.chunks(chunk.len()) {
+                let c = &mut chunk[..piece.len()];
+                c.copy_from_slice(piece);
+                if let Some(m) = h.mask {
+                    frame::apply_mask(c, m, self.got);
+                }
+                match self.inflate_into(c, out, &mut filled, true, on)? {
+                    Inflated::Done => {}
+                    Inflated::Stop => return Ok(Step::Stop),
+                    Inflated::Paused(used) => {
+                        self.got += used as u64;
+                        let go = filled == 0 || self.emit(out, filled, false, on)?;
+                        return Ok(if go { Step::Paused(taken + used) } else { Step::Stop });
+                    }
+                }
+                self.got += piece.len() as u64;
+                taken += piece.len();
+            }
+            // What the inflater still holds from this input.
+            match self.inflate_into(&[], out, &mut filled, true, on)? {
+                Inflated::Done => {}
+                Inflated::Stop => return Ok(Step::Stop),
+                Inflated::Paused(_) => {
+                    let go = filled == 0 || self.emit(out, filled, false, on)?;
+                    return Ok(if go { Step::Paused(masked.len()) } else { Step::Stop });
+                }
+            }
+            if self.got < h.len || !h.fin {
+                if self.got == h.len {
+                    self.frame = None;
+                }
+                let go = filled == 0 || self.emit(out, filled, false, on)?;
+                return Ok(if go { Step::Go } else { Step::Stop });
+            }
+            // The tail's output is what the inflater still holds: not paused.
+            if self.inflate_into(&TAIL, out, &mut filled, false, on)? != Inflated::Done
+                || !self.emit(out, filled, true, on)?
+            {
+                return Ok(Step::Stop);
+            }
+            self.frame = None;
+            self.message = None;
+            // The inflater goes back to the thread's spare.
+            self.inflater = None;
+            let go = on(Action::MessageEnd(std::mem::take(&mut self.message_bytes)));
+            Ok(if go { Step::Go } else { Step::Stop })
+        })
+    }
+
+    /// Inflates `input` into `out` after its `filled` bytes, echoing a
+    /// fragment each time `out` is full; every byte that comes out is
+    /// counted against the limit before more is inflated. With `may_pause`,
+    /// it pauses after a full buffer that the client's side did not take.
+    fn inflate_into(
+        &mut self,
+        input: &[u8],
+        out: &mut [u8],
+        filled: &mut usize,
+        may_pause: bool,
+        on: &mut impl FnMut(Action<'_>) -> bool,
+    ) -> Result<Inflated, Refusal> {
+        let room = out.len() - MAX_HEADER_BYTES;
+        let mut used = 0;
+        loop {
+            if *filled == room {
+                if !self.emit(out, *filled, false, on)? {
+                    return Ok(Inflated::Stop);
+                }
+                *filled = 0;
+                // More may come out of what it took: pause while the
+                // client's side is backed up.
+                if may_pause && !on(Action::Room) {
+                    return Ok(Inflated::Paused(used));
+                }
+            }
+            let Some(inf) = self.inflater.as_mut() else { return Ok(Inflated::Done) };
+            if inf.ended {
+                // A final block came: what follows is the sender's tail.
+                return Ok(Inflated::Done);
+            }
+            let at = MAX_HEADER_BYTES + *filled;
+            let (n, wrote, end) = inf.run(&input[used..], &mut out[at..]).map_err(|_| Refusal::BadDeflate)?;
+            inf.ended = end;
+            used += n;
+            *filled += wrote;
+            self.message_bytes += wrote as u64;
+            if self.message_bytes > u64::from(self.max_message) {
+                return Err(Refusal::TooBig);
+            }
+            if n == 0 && wrote == 0 {
+                return if used == input.len() || end {
+                    Ok(Inflated::Done)
+                } else {
+                    Err(Refusal::BadDeflate)
+                };
+            }
+        }
+    }
+
+    /// True while a compressed message's input waits for the client's side
+    /// to take more of its echo: the session calls [`Echo::resume`], not
+    /// `feed`, and reads nothing more from the client meanwhile.
+    pub fn paused(&self) -> bool {
+        self.inflater.as_ref().is_some_and(|i| i.paused)
+    }
+
+    /// Goes on where a pause stopped: first what the inflater holds (and
+    /// the end of its frame), then the input kept.
+    pub fn resume(&mut self, on: &mut impl FnMut(Action<'_>) -> bool) -> Result<bool, Refusal> {
+        let Some(inf) = self.inflater.as_mut() else { return Ok(true) };
+        inf.paused = false;
+        let pending = std::mem::take(&mut self.buf);
+        if let Some(h) = self.frame {
+            match self.inflate_piece(&[], h, on)? {
+                Step::Go => {}
+                Step::Stop => return Ok(false),
+                Step::Paused(_) => return Ok(self.pause(&pending)),
+            }
+        }
+        self.feed(&pending, on)
+    }
+
+    /// Keeps `rest`, the input not yet taken, until [`Echo::resume`]: in
+    /// the buffer a compressed frame leaves unused.
+    fn pause(&mut self, rest: &[u8]) -> bool {
+        self.buf = rest.to_vec();
+        if let Some(inf) = self.inflater.as_mut() {
+            inf.paused = true;
+        }
+        true
+    }
+
+    /// Echoes the `filled` inflated bytes in `out` as one frame: the
+    /// message's opcode first, continuations after.
+    fn emit(
+        &mut self,
+        out: &mut [u8],
+        filled: usize,
+        fin: bool,
+        on: &mut impl FnMut(Action<'_>) -> bool,
+    ) -> Result<bool, Refusal> {
+        let data = &out[MAX_HEADER_BYTES..MAX_HEADER_BYTES + filled];
+        if self.message == Some(TEXT) && (!self.utf8.feed(data) || (fin && !self.utf8.complete())) {
+            return Err(Refusal::InvalidUtf8);
+        }
+        let Some(inf) = self.inflater.as_mut() else { return Ok(true) };
+        let opcode = if inf.sent { CONTINUATION } else { self.message.unwrap_or(BINARY) };
+        inf.sent = true;
+        let (head, n) = frame::header(fin, opcode, filled as u64, None);
+        let start = MAX_HEADER_BYTES - n;
+        out[start..MAX_HEADER_BYTES].copy_from_slice(&head[..n]);
+        Ok(on(Action::Send(&out[start..MAX_HEADER_BYTES + filled])))
     }
 
     /// A streamed frame has passed whole.
@@ -300,8 +524,13 @@ impl Echo {
     }
 
     fn check(&self, h: &Header) -> Result<(), Refusal> {
-        if h.rsv != 0 {
-            return Err(Refusal::Protocol("RSV bits set without an extension"));
+        let compressed_start = h.rsv == RSV1 && self.deflate && matches!(h.opcode, TEXT | BINARY);
+        if h.rsv != 0 && !compressed_start {
+            return Err(Refusal::Protocol(if self.deflate {
+                "RSV bits set other than RSV1 on a message's first frame"
+            } else {
+                "RSV bits set without an extension"
+            }));
         }
         if !matches!(h.opcode, 0x0..=0x2 | 0x8..=0xA) {
             return Err(Refusal::Protocol("reserved opcode"));
@@ -324,12 +553,44 @@ impl Echo {
             _ => {}
         }
         debug_assert!(h.opcode == CONTINUATION || h.opcode == TEXT || h.opcode == BINARY);
-        if self.message_bytes.saturating_add(h.len) > self.max_message {
+        if compressed_start || (h.opcode == CONTINUATION && self.inflater.is_some()) {
+            // The limit is on what inflates (counted as it does); a frame
+            // is refused at once only if even stored blocks (5 bytes of
+            // overhead per 64 KiB) could not bring it under the limit.
+            let max = u64::from(self.max_message);
+            if h.len > max + max / 8192 + 1024 {
+                return Err(Refusal::TooBig);
+            }
+            return Ok(());
+        }
+        if self.message_bytes.saturating_add(h.len) > u64::from(self.max_message) {
             return Err(Refusal::TooBig);
         }
         Ok(())
     }
 }
+
+/// How a compressed frame's piece went.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Go,
+    /// The caller (or a close) stopped it.
+    Stop,
+    /// Paused after taking this many bytes of the piece.
+    Paused(usize),
+}
+
+/// How inflating one chunk went.
+#[derive(Debug, PartialEq, Eq)]
+enum Inflated {
+    Done,
+    Stop,
+    /// Paused after this many bytes of the chunk.
+    Paused(usize),
+}
+
+/// RSV1 in [`Header::rsv`]: a compressed message's first frame.
+const RSV1: u8 = 0b100;
 
 /// The echo's header for a client frame: same FIN, opcode and length, no mask.
 fn echo_header(h: &Header) -> ([u8; MAX_HEADER_BYTES], usize) {
@@ -378,7 +639,7 @@ mod tests {
     }
 
     fn run(input: &[u8], step: usize) -> (Vec<u8>, Vec<String>, Result<bool, Refusal>) {
-        let mut e = Echo::new(1 << 20);
+        let mut e = Echo::new(1 << 20, false);
         let mut out = Vec::new();
         let mut log = Vec::new();
         let mut r = Ok(true);
@@ -438,7 +699,7 @@ mod tests {
     fn binary_frames_stream_back_without_being_held() {
         let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         let input = masked(true, BINARY, &payload);
-        let mut e = Echo::new(1 << 20);
+        let mut e = Echo::new(1 << 20, false);
         let mut out = Vec::new();
         let mut mid = false;
         for piece in input.chunks(3000) {
@@ -477,7 +738,195 @@ mod tests {
         for c in cases {
             assert!(matches!(run(&c, 3).2, Err(Refusal::Protocol(_))), "{c:?}");
         }
-        let mut e = Echo::new(10);
+        let mut e = Echo::new(10, false);
         assert_eq!(e.feed(&masked(true, BINARY, &[0; 11]), &mut |_| true), Err(Refusal::TooBig));
+    }
+
+    /// A compressed frame as a client sends it: RSV1 on the first frame,
+    /// the sender's tail removed (RFC 7692 §7.2.1).
+    fn compressed(fin: bool, opcode: u8, rsv1: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = masked(fin, opcode, payload);
+        if rsv1 {
+            f[0] |= 0x40;
+        }
+        f
+    }
+
+    /// `data` compressed as one sync-flushed stream, tail removed.
+    fn deflated(data: &[u8]) -> Vec<u8> {
+        use miniz_oxide::deflate::core::{
+            compress, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush,
+        };
+        let mut c = CompressorOxide::new(create_comp_flags_from_zip_params(6, -15, 0));
+        let mut out = vec![0u8; data.len() + 1024];
+        let (_, _, n) = compress(&mut c, data, &mut out, TDEFLFlush::Sync);
+        out.truncate(n);
+        assert_eq!(out[n - 4..], TAIL);
+        out.truncate(n - 4);
+        out
+    }
+
+    fn run_with(e: &mut Echo, input: &[u8], step: usize) -> (Vec<u8>, Vec<String>, Result<bool, Refusal>) {
+        let mut out = Vec::new();
+        let mut log = Vec::new();
+        let mut r = Ok(true);
+        for piece in input.chunks(step) {
+            r = e.feed(piece, &mut |a| {
+                match a {
+                    Action::Send(b) => out.extend_from_slice(b),
+                    other => log.push(format!("{other:?}")),
+                }
+                true
+            });
+            if r != Ok(true) {
+                break;
+            }
+        }
+        (out, log, r)
+    }
+
+    /// Reads the echoed frames back: (fin, opcode, rsv, payload) each.
+    fn frames(mut out: &[u8]) -> Vec<(bool, u8, u8, Vec<u8>)> {
+        let mut v = Vec::new();
+        while let Ok(Some(h)) = frame::parse(out) {
+            let end = h.size + h.len as usize;
+            v.push((h.fin, h.opcode, h.rsv, out[h.size..end].to_vec()));
+            out = &out[end..];
+        }
+        assert!(out.is_empty(), "trailing bytes");
+        v
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_and_echoed_uncompressed_at_any_split() {
+        let text = "caf\u{e9} ".repeat(5000);
+        let z = deflated(text.as_bytes());
+        // In two fragments, a ping between them, then an uncompressed message.
+        let (a, b) = z.split_at(z.len() / 3);
+        let mut input = compressed(false, TEXT, true, a);
+        input.extend(masked(true, PING, b"p"));
+        input.extend(compressed(true, CONTINUATION, false, b));
+        input.extend(masked(true, BINARY, b"plain"));
+        for step in [1, 7, 1000, 1 << 20] {
+            let mut e = Echo::new(1 << 20, true);
+            let (out, log, r) = run_with(&mut e, &input, step);
+            assert_eq!(r, Ok(true), "step {step}");
+            assert_eq!(
+                log,
+                vec![
+                    "MessageStart".to_string(),
+                    format!("MessageEnd({})", text.len()),
+                    "MessageStart".into(),
+                    "MessageEnd(5)".into()
+                ]
+            );
+            let f = frames(&out);
+            assert!(f.iter().all(|(_, _, rsv, _)| *rsv == 0), "echoed uncompressed");
+            let mut message = Vec::new();
+            let mut pong = false;
+            for (i, (fin, op, _, p)) in f.iter().enumerate() {
+                match *op {
+                    PONG => pong = true,
+                    BINARY => assert_eq!((*fin, &p[..]), (true, &b"plain"[..])),
+                    TEXT => {
+                        assert_eq!(i, 0);
+                        message.extend_from_slice(p);
+                    }
+                    CONTINUATION => message.extend_from_slice(p),
+                    _ => panic!("opcode {op}"),
+                }
+            }
+            assert!(pong);
+            assert_eq!(String::from_utf8(message).unwrap(), text, "step {step}");
+            assert!(e.inflater.is_none() && e.buf.capacity() == 0, "nothing held after the message");
+        }
+        // A small message in one read is one frame.
+        let mut e = Echo::new(1 << 20, true);
+        let (out, _, _) = run_with(&mut e, &compressed(true, TEXT, true, &deflated(b"hi")), 100);
+        assert_eq!(frames(&out), vec![(true, TEXT, 0, b"hi".to_vec())]);
+        // An empty compressed message (RFC 7692 §7.2.3.6: a lone 0x00).
+        let (out, _, r) = run_with(&mut e, &compressed(true, BINARY, true, &[0x00]), 100);
+        assert_eq!((frames(&out), r), (vec![(true, BINARY, 0, vec![])], Ok(true)));
+    }
+
+    #[test]
+    fn a_compression_bomb_is_too_big_within_one_buffer() {
+        // 64 MiB of zeros in about 64 KiB on the wire, against a 1 MiB limit.
+        let bomb = deflated(&vec![0u8; 64 << 20]);
+        assert!(bomb.len() < 100 << 10, "{}", bomb.len());
+        let input = compressed(true, BINARY, true, &bomb);
+        let mut e = Echo::new(1 << 20, true);
+        let (out, _, r) = run_with(&mut e, &input, 16 << 10);
+        assert_eq!(r, Err(Refusal::TooBig));
+        // Echoed up to the limit (plus at most one buffer), never held.
+        assert!(out.len() <= (1 << 20) + UNMASKED_BYTES, "{}", out.len());
+        assert_eq!(e.buf.capacity(), 0);
+    }
+
+    #[test]
+    fn compression_rules_are_enforced() {
+        let z = deflated(b"hello");
+        // RSV1 without the extension; on a continuation; RSV2 with it.
+        assert!(matches!(run(&compressed(true, TEXT, true, &z), 100).2, Err(Refusal::Protocol(_))));
+        let mut bad = compressed(false, TEXT, true, &z);
+        bad.extend(compressed(true, CONTINUATION, true, b""));
+        assert!(matches!(run_with(&mut Echo::new(100, true), &bad, 100).2, Err(Refusal::Protocol(_))));
+        let mut rsv2 = masked(true, TEXT, b"x");
+        rsv2[0] |= 0x20;
+        assert!(matches!(run_with(&mut Echo::new(100, true), &rsv2, 100).2, Err(Refusal::Protocol(_))));
+        // RSV1 on a control frame.
+        let mut ping = masked(true, PING, b"");
+        ping[0] |= 0x40;
+        assert!(matches!(run_with(&mut Echo::new(100, true), &ping, 100).2, Err(Refusal::Protocol(_))));
+        // Not DEFLATE (block type 3 is reserved).
+        let r = run_with(&mut Echo::new(100, true), &compressed(true, BINARY, true, &[0xFF, 0xFF]), 100).2;
+        assert_eq!(r, Err(Refusal::BadDeflate));
+        // Invalid UTF-8 once inflated.
+        let r =
+            run_with(&mut Echo::new(100, true), &compressed(true, TEXT, true, &deflated(&[0xC3, 0x28])), 100)
+                .2;
+        assert_eq!(r, Err(Refusal::InvalidUtf8));
+        // Uncompressed messages still pass with the extension agreed.
+        let (out, _, r) = run_with(&mut Echo::new(100, true), &masked(true, TEXT, b"plain"), 100);
+        assert_eq!((frames(&out), r), (vec![(true, TEXT, 0, b"plain".to_vec())], Ok(true)));
+    }
+
+    #[test]
+    fn a_backed_up_client_pauses_the_inflating_and_resume_finishes_in_order() {
+        // 3 MiB inflating from a few KiB, then a plain message behind it.
+        let big: Vec<u8> = (0..3u32 << 20).map(|i| (i / 1000) as u8).collect();
+        let mut input = compressed(true, BINARY, true, &deflated(&big));
+        input.extend(masked(true, TEXT, b"after"));
+        let mut e = Echo::new(4 << 20, true);
+        let mut out = Vec::new();
+        let mut ends = 0;
+        // The client's side never has room: every full buffer pauses.
+        let mut on = |a: Action<'_>| match a {
+            Action::Send(b) => {
+                out.extend_from_slice(b);
+                true
+            }
+            Action::Room => false,
+            Action::MessageEnd(_) => {
+                ends += 1;
+                true
+            }
+            _ => true,
+        };
+        assert_eq!(e.feed(&input, &mut on), Ok(true));
+        let mut pauses = 0;
+        while e.paused() {
+            pauses += 1;
+            assert!(e.buf.len() <= input.len(), "only the input is kept");
+            assert_eq!(e.resume(&mut on), Ok(true));
+        }
+        // A pause every one or two buffers (64 KiB) echoed: 48 of them.
+        assert!((24..=48).contains(&pauses), "{pauses}");
+        assert_eq!(ends, 2);
+        let f = frames(&out);
+        let echoed: Vec<u8> = f[..f.len() - 1].iter().flat_map(|x| x.3.clone()).collect();
+        assert_eq!(echoed, big);
+        assert_eq!(f.last().unwrap(), &(true, TEXT, 0, b"after".to_vec()));
+        assert!(e.inflater.is_none() && e.buf.capacity() == 0);
     }
 }

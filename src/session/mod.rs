@@ -31,6 +31,7 @@
 //! never counted silent: a stalled backend is `upstream_stalled`, not the
 //! client's `pong_timeout`.
 
+pub mod deflate;
 pub mod echo;
 pub mod leases;
 pub mod registry;
@@ -129,6 +130,8 @@ pub struct Params {
     pub limits: Limits,
     pub heartbeat: Heartbeat,
     pub metrics: Arc<Metrics>,
+    /// Echo mode agreed `permessage-deflate` with the client (`deflate`).
+    pub deflate: bool,
 }
 
 /// Converts a unix-seconds instant to tokio time.
@@ -481,7 +484,7 @@ impl<C> Drop for Session<C> {
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     fn new(client: Client<C>, upstream: Upstream, p: Params) -> Session<C> {
-        let Params { info, expires_at, limits, heartbeat, metrics } = p;
+        let Params { info, expires_at, limits, heartbeat, metrics, deflate } = p;
         let start = info.timers().now();
         let Client { io, rest } = client;
         let max_message = limits.max_message_bytes as u64;
@@ -491,7 +494,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                 let from_up = Filter::new(Rules { from_client: false, deflate: b.deflate, max_message });
                 (Mode::Proxy(Box::new(Proxy { up: Side::new(b.tcp), from_client, from_up })), b.rest)
             }
-            None => (Mode::Echo(Echo::new(max_message)), Box::default()),
+            None => (Mode::Echo(Echo::new(max_message, deflate)), Box::default()),
         };
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NEVER - 1);
         let t = Tuning {
@@ -609,8 +612,26 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
         }
         match &self.mode {
             Mode::Proxy(p) => p.up.out.len() < self.t.max_out || p.up.broken,
-            Mode::Echo(_) => self.client.out.len() < self.t.max_out,
+            // A paused compressed message is resumed, not read past.
+            Mode::Echo(e) => self.client.out.len() < self.t.max_out && !e.paused(),
         }
+    }
+
+    /// Echo mode: a compressed message paused for the client's side goes
+    /// on once little waits for it. True if it did.
+    fn resume_echo(&mut self, now: Ms, cx: &mut Context<'_>) -> bool {
+        let Mode::Echo(e) = &self.mode else { return false };
+        // A draining client's bytes are dropped unparsed: nothing to resume
+        // (and resuming would not clear the pause).
+        if !e.paused()
+            || self.client.out.len() >= SCRATCH_BYTES
+            || !self.client.readable()
+            || self.client.draining()
+        {
+            return false;
+        }
+        self.client_bytes(&[], now, Some(cx));
+        true
     }
 
     fn can_read_up(&self) -> bool {
@@ -786,6 +807,10 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
     /// caller re-evaluates its deadlines), `Pending` once nothing moves.
     fn poll_io(&mut self, cx: &mut Context<'_>, now: Ms, parked: &mut Parked) -> Poll<()> {
         let mut moved = self.poll_writes(cx, now);
+        if self.resume_echo(now, cx) {
+            self.poll_writes(cx, now);
+            moved = true;
+        }
         let read = SCRATCH.with(|cell| {
             // Not re-entered: nothing below reads a socket through it.
             let Ok(mut scratch) = cell.try_borrow_mut() else { return false };
@@ -892,13 +917,16 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
 
     /// Bytes from the client: parsed, checked, and relayed or answered.
     /// With `cx`, relayed bytes are written at once where they can be.
+    /// Empty `data`: echo mode resumes a paused compressed message.
     fn client_bytes(&mut self, data: &[u8], now: Ms, mut cx: Option<&mut Context<'_>>) {
         // Any byte proves the client alive.
-        self.ping_sent = NEVER;
-        if self.next_ping <= now {
-            self.next_ping = now + u64::from(self.t.ping_interval);
+        if !data.is_empty() {
+            self.ping_sent = NEVER;
+            if self.next_ping <= now {
+                self.next_ping = now + u64::from(self.t.ping_interval);
+            }
+            self.info.touch(now);
         }
-        self.info.touch(now);
         if self.client.draining() {
             return;
         }
@@ -967,7 +995,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                 }
             }
             Mode::Echo(echo) => {
-                let r = echo.feed(data, &mut |a| match a {
+                let resume = data.is_empty() && echo.paused();
+                let mut on = |a: Action<'_>| match a {
                     Action::MessageStart => {
                         if open && !rate.allow(per_s, now) {
                             ended = Some(gateway_close(CloseReason::MsgRate));
@@ -993,6 +1022,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                         true
                     }
                     Action::Pong => true,
+                    // Inflating goes on while little waits for the client.
+                    Action::Room => client.out.len() < SCRATCH_BYTES,
                     Action::Close(code) => {
                         client.got_close = true;
                         if !client.sent_close {
@@ -1004,7 +1035,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                         }
                         false
                     }
-                });
+                };
+                let r = if resume { echo.resume(&mut on) } else { echo.feed(data, &mut on) };
                 if let Err(refusal) = r {
                     client.drain_until = now + DRAIN_GRACE;
                     let g = |code, text| Goodbye::Close(Some(code), text);
@@ -1012,6 +1044,9 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
                         echo::Refusal::TooBig => gateway_close(CloseReason::MessageTooBig),
                         echo::Refusal::InvalidUtf8 => {
                             (CloseReason::Error, g(1007, "invalid_utf8"), Goodbye::Nothing)
+                        }
+                        echo::Refusal::BadDeflate => {
+                            (CloseReason::Error, g(1007, "invalid_deflate"), Goodbye::Nothing)
                         }
                         echo::Refusal::Protocol(why) => {
                             tracing::debug!(why, "client protocol error");
@@ -1219,6 +1254,7 @@ mod tests {
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
             metrics: metrics.clone(),
+            deflate: false,
         };
         let (a, _b) = pair().await;
         let echo = run(Client { io: a, rest: Vec::new() }, None, params());
