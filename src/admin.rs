@@ -1,6 +1,6 @@
 //! The admin plane, on its own listener (loopback by default):
 //! `/metrics`, `/healthz`, `/readyz`, `POST /admin/revoke`,
-//! `GET /admin/connections`. With `admin.token` set, `/admin/*` requires
+//! `GET /admin/connections`, `POST /admin/upgrade`. With `admin.token` set, `/admin/*` requires
 //! `Authorization: Bearer <token>`, compared in constant time.
 
 use std::convert::Infallible;
@@ -119,6 +119,16 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
             }
             match (req.method(), p) {
                 (&Method::POST, "/admin/revoke") => revoke(shared, req).await,
+                (&Method::POST, "/admin/upgrade") => match crate::upgrade::request(shared, "admin") {
+                    Ok(()) => json(StatusCode::ACCEPTED, &serde_json::json!({ "upgrade": "started" })),
+                    Err(crate::shared::UpgradeRefused::Running) => {
+                        json(StatusCode::CONFLICT, &serde_json::json!({ "error": "an upgrade is already running" }))
+                    }
+                    Err(crate::shared::UpgradeRefused::Unavailable) => json(
+                        StatusCode::NOT_IMPLEMENTED,
+                        &serde_json::json!({ "error": "this process cannot upgrade itself (not the portcullis binary)" }),
+                    ),
+                },
                 (&Method::GET, "/admin/connections") => {
                     // A bad escape matches no subject rather than listing everyone.
                     let sub = req.uri().query().and_then(|q| query_param(q, "sub"));

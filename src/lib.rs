@@ -26,8 +26,9 @@
 //! Around it: [`config`] (every key and default), [`reject`] (every reason),
 //! [`metrics`] (every metric name), [`events`] (metric + log line per
 //! verdict), [`admin`] (the admin plane), [`login`] (`POST /login`),
-//! [`gateway`] (state, start-up, reload, drain).
-// `deny`, not `forbid`: `sockopt` holds the one audited exception.
+//! [`gateway`] (state, start-up, reload, drain), [`upgrade`] (the binary replaced with every
+//! live connection kept: `session::handover` pauses, `upgrade` carries them over).
+// `deny`, not `forbid`: `sockopt` and `upgrade::fdpass` hold the audited exceptions.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -56,6 +57,7 @@ pub mod session;
 pub mod shared;
 mod sockopt;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 pub use config::Config;

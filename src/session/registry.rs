@@ -581,6 +581,11 @@ impl Registry {
         self.conns.len()
     }
 
+    /// Is connection `id` still registered?
+    pub fn contains(&self, id: u64) -> bool {
+        self.conns.contains_key(&id)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
     }

@@ -1,0 +1,529 @@
+//! The binary upgraded with every live connection kept (SIGUSR2, or
+//! `POST /admin/upgrade`).
+//!
+//! The old process starts the binary at the path it was started from, with
+//! the same arguments (so the configuration file is read as it is now),
+//! and a `SOCK_SEQPACKET` socket inherited as `PORTCULLIS_UPGRADE_FD`.
+//! Over it, in order:
+//!
+//! ```text
+//! old → new  PREAMBLE  format version, session clock, instance  + listener fds
+//! new → old  HELLO     built its gateway on them (config, keys, store)
+//!            (old pauses every session: `session::handover`)
+//! old → new  FDS …     socket descriptors, ≤ 253 per message
+//! old → new  DATA … END   the state stream (`state`)
+//! new → old  READY     every session checked and rebuilt, none running
+//! old → new  COMMIT    kicks that landed on paused sessions meanwhile
+//! new → old  COMMITTED — then, and only then, it touches a socket
+//! ```
+//!
+//! Until COMMITTED the old process still owns everything: its sessions are
+//! paused, not gone, and their sockets untouched. Any failure before it
+//! (the new process does not start, exits, refuses the format, says nothing
+//! within `listen.upgrade_timeout_s`, or is killed mid-transfer) kills the
+//! new process and resumes every paused session where it stopped. After
+//! it, the old process's sessions end without a byte, its listeners stop,
+//! and it drains what could not move (TLS) and exits.
+//!
+//! The new process answers COMMITTED before any I/O, so a COMMITTED that
+//! never arrives means no socket was touched. (One that arrives after the
+//! old process gave up on it would be late by the deadline; the old
+//! process kills the new one before resuming, so at worst the sessions it
+//! had begun are lost, never duplicated silently.)
+//!
+//! Accepting never stops: the listeners are the same sockets in both
+//! processes, so a connection waits in the kernel's queue for whichever
+//! accepts it.
+
+pub mod fdpass;
+pub mod notify;
+pub mod state;
+
+use std::ffi::OsString;
+use std::os::fd::{OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fdpass::{Channel, MAX_FDS, MAX_MESSAGE};
+use state::{Moved, Preamble, StateError};
+
+use crate::admit::IpKey;
+use crate::client_addr::is_trusted;
+use crate::reject::CloseReason;
+use crate::session::handover::{self, Parked};
+use crate::shared::{Shared, UpgradeRefused};
+
+/// The variable naming the inherited hand-over socket.
+pub const FD_ENV: &str = "PORTCULLIS_UPGRADE_FD";
+/// Fault injection for the test suite only: `kill-after-state` makes the
+/// new process kill itself (SIGKILL) once the state has arrived, the
+/// middle of a transfer. Ignored unless it names a known fault.
+pub const FAULT_ENV: &str = "PORTCULLIS_UPGRADE_FAULT";
+
+const PREAMBLE: u8 = b'P';
+const HELLO: u8 = b'H';
+const FDS: u8 = b'F';
+const DATA: u8 = b'D';
+const END: u8 = b'E';
+const READY: u8 = b'R';
+const COMMIT: u8 = b'C';
+const COMMITTED: u8 = b'K';
+const REFUSED: u8 = b'X';
+
+/// How long paused sessions may take to answer (each answers at its next
+/// poll, at once; this bounds a runtime too busy to poll them).
+const PAUSE_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("starting {exe}: {source}")]
+    Spawn {
+        exe: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("hand-over socket: {0}")]
+    Channel(#[from] std::io::Error),
+    #[error("the new process exited before taking over")]
+    Exited,
+    #[error("the new process refused: {0}")]
+    Refused(String),
+    #[error("not taken over within listen.upgrade_timeout_s ({0} s)")]
+    Timeout(u64),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("hand-over protocol: {0}")]
+    Protocol(&'static str),
+}
+
+/// How this process was started, to start its successor the same way.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// By path, not by `/proc/self/exe`: a package upgrade that replaced
+    /// the file is picked up (the running image's inode is the old one).
+    pub exe: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl Launch {
+    /// Read at start, before anything can change the working directory:
+    /// `argv[0]` when it is a path (made absolute), else the executable
+    /// as resolved now.
+    pub fn from_start() -> std::io::Result<Launch> {
+        let mut argv = std::env::args_os();
+        let arg0 = argv.next().map(PathBuf::from).unwrap_or_default();
+        let exe = if arg0.components().count() > 1 {
+            std::env::current_dir()?.join(arg0)
+        } else {
+            std::env::current_exe()?
+        };
+        Ok(Launch { exe, args: argv.collect() })
+    }
+}
+
+fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(1 + body.len());
+    m.push(kind);
+    m.extend_from_slice(body);
+    m
+}
+
+/// One message before `deadline`: its kind and body. The other side's
+/// exit is [`UpgradeError::Exited`]; its refusal, [`UpgradeError::Refused`].
+fn recv(
+    ch: &Channel,
+    deadline: Instant,
+    timeout_s: u64,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<(u8, Vec<u8>), UpgradeError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(UpgradeError::Timeout(timeout_s));
+    }
+    ch.set_timeout(Some(left))?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let n = match ch.recv(&mut buf, fds) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(UpgradeError::Timeout(timeout_s)),
+        Err(e) => return Err(e.into()),
+    };
+    if n == 0 {
+        return Err(UpgradeError::Exited);
+    }
+    buf.truncate(n);
+    let kind = buf.remove(0);
+    if kind == REFUSED {
+        return Err(UpgradeError::Refused(String::from_utf8_lossy(&buf).into_owned()));
+    }
+    Ok((kind, buf))
+}
+
+fn expect(got: (u8, Vec<u8>), kind: u8, what: &'static str) -> Result<Vec<u8>, UpgradeError> {
+    if got.0 == kind {
+        Ok(got.1)
+    } else {
+        Err(UpgradeError::Protocol(what))
+    }
+}
+
+/// Runs in blocking code: the hand-over is a handful of system calls per
+/// batch, and blocking threads keep it off the runtime's workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, UpgradeError> + Send + 'static,
+) -> Result<T, UpgradeError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| UpgradeError::Protocol("hand-over task failed"))?
+}
+
+// ---------------------------------------------------------------- old side
+
+/// The old process's upgrader: waits for requests and runs them one at a
+/// time, until one commits.
+pub async fn serve(shared: Arc<Shared>, launch: Launch, listeners: (RawFd, RawFd)) {
+    shared.upgrade.set_available();
+    loop {
+        shared.upgrade.requested().await;
+        let ok = upgrade_once(&shared, &launch, listeners).await;
+        if ok {
+            shared.upgrade.commit();
+            return;
+        }
+        shared.upgrade.finished();
+    }
+}
+
+/// Asks for an upgrade (SIGUSR2, `POST /admin/upgrade`); a refusal is logged.
+pub fn request(shared: &Shared, from: &'static str) -> Result<(), UpgradeRefused> {
+    let r = shared.upgrade.request();
+    match r {
+        Ok(()) => tracing::info!(event = "upgrade_requested", from, "binary upgrade requested"),
+        Err(UpgradeRefused::Running) => {
+            tracing::warn!(event = "upgrade_refused", from, reason = "running", "upgrade refused: one is already running")
+        }
+        Err(UpgradeRefused::Unavailable) => tracing::warn!(
+            event = "upgrade_refused",
+            from,
+            reason = "unavailable",
+            "upgrade refused: this process was not started by the portcullis binary's serve"
+        ),
+    }
+    r
+}
+
+/// What one attempt moved.
+struct Outcome {
+    moved: usize,
+    stayed: usize,
+}
+
+async fn upgrade_once(shared: &Arc<Shared>, launch: &Launch, listeners: (RawFd, RawFd)) -> bool {
+    let started = Instant::now();
+    let timeout_s = shared.config.load().listen.upgrade_timeout_s;
+    let deadline = started + Duration::from_secs(timeout_s);
+    let mut parked = Vec::new();
+    let mut asked = Vec::new();
+    let mut child = None;
+    let result = attempt(shared, launch, listeners, deadline, timeout_s, &mut child, &mut asked, &mut parked).await;
+    let ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(o) => {
+            // Their sessions end without a byte: the new process has them.
+            for p in &parked {
+                p.info.moved_away();
+            }
+            shared.metrics.upgrade(true);
+            tracing::info!(
+                event = "upgrade",
+                result = "ok",
+                moved = o.moved,
+                stayed = o.stayed,
+                ms,
+                pid = child.as_ref().map(|c: &std::process::Child| c.id()),
+                "binary upgraded: the new process has the listeners and the moved connections"
+            );
+            true
+        }
+        Err(e) => {
+            if let Some(mut c) = child {
+                // Dead before anything resumes: it can touch no socket after.
+                let _ = c.kill();
+                let _ = tokio::task::spawn_blocking(move || c.wait()).await;
+            }
+            // Paused or only asked, every one goes on where it stopped.
+            for c in &asked {
+                c.resume();
+            }
+            drop(shared.registry.handover.take());
+            shared.metrics.upgrade(false);
+            tracing::error!(
+                event = "upgrade",
+                result = "error",
+                moved = 0,
+                stayed = shared.registry.len(),
+                ms,
+                error = %e,
+                "binary upgrade failed; this process keeps every connection and serves on"
+            );
+            false
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    shared: &Arc<Shared>,
+    launch: &Launch,
+    listeners: (RawFd, RawFd),
+    deadline: Instant,
+    timeout_s: u64,
+    child: &mut Option<std::process::Child>,
+    asked: &mut Vec<Arc<crate::session::registry::ConnInfo>>,
+    parked: &mut Vec<Parked>,
+) -> Result<Outcome, UpgradeError> {
+    let (mine, theirs) = fdpass::pair()?;
+    fdpass::set_cloexec(theirs.raw_fd(), false)?;
+    let spawned = std::process::Command::new(&launch.exe)
+        .args(&launch.args)
+        .env(FD_ENV, theirs.raw_fd().to_string())
+        .spawn();
+    // Ours closes now: the new process's exit then reads as the end.
+    drop(theirs);
+    *child = Some(spawned.map_err(|source| UpgradeError::Spawn { exe: launch.exe.display().to_string(), source })?);
+    let ch = Arc::new(mine);
+
+    let preamble = state::encode_preamble(&Preamble {
+        clock_ms: shared.registry.clock_ms(),
+        wall_ms: crate::clock::unix_ms(),
+        instance: shared.registry.instance().to_string(),
+    });
+    ch.send(&message(PREAMBLE, &preamble), &[listeners.0, listeners.1])?;
+    let c = ch.clone();
+    blocking(move || expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, HELLO, "expected HELLO")).await?;
+
+    // Pause every session; each answers at its next poll.
+    let mut stayed = 0;
+    for c in shared.registry.all() {
+        if c.ask_pause() {
+            asked.push(c);
+        }
+    }
+    let mut waiting: std::collections::HashSet<u64> = asked.iter().map(|c| c.id).collect();
+    let pause_deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+    loop {
+        for p in shared.registry.handover.take() {
+            waiting.remove(&p.info.id);
+            if p.state.is_some() {
+                parked.push(p);
+            } else {
+                stayed += 1;
+            }
+        }
+        // Ended before answering: nothing to move.
+        waiting.retain(|id| shared.registry.contains(*id));
+        if waiting.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() >= pause_deadline || Instant::now() >= deadline {
+            return Err(UpgradeError::Timeout(timeout_s));
+        }
+        tokio::select! {
+            _ = shared.registry.handover.delivered() => {}
+            _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+        }
+    }
+    // Oldest first: the new registry rebuilds each user's evict order.
+    parked.sort_by_key(|p| p.info.id);
+
+    let mut fds: Vec<RawFd> = Vec::with_capacity(parked.len() * 2);
+    let mut moved = Vec::with_capacity(parked.len());
+    for p in parked.iter() {
+        let Some(s) = &p.state else { continue };
+        let client_fd = fds.len() as u32;
+        fds.push(p.client_fd);
+        let up_fd = p.up_fd.map(|fd| {
+            fds.push(fd);
+            fds.len() as u32 - 1
+        });
+        moved.push(Moved { client_fd, up_fd, state: (**s).clone() });
+    }
+    let stream = state::encode_stream(&moved);
+    let n = moved.len();
+    drop(moved);
+    let c = ch.clone();
+    blocking(move || {
+        c.set_timeout(Some(deadline.saturating_duration_since(Instant::now())))?;
+        for (i, batch) in fds.chunks(MAX_FDS).enumerate() {
+            c.send(&message(FDS, &(i as u32).to_le_bytes()), batch)?;
+        }
+        for chunk in stream.chunks(MAX_MESSAGE - 1) {
+            c.send(&message(DATA, chunk), &[])?;
+        }
+        c.send(&[END], &[])?;
+        expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, READY, "expected READY")
+    })
+    .await?;
+
+    // Kicks that landed while paused go with the commit.
+    let mut kicks = Vec::new();
+    for p in parked.iter() {
+        if let Some(r) = p.info.kicked_reason() {
+            if let Some(i) = CloseReason::ALL.iter().position(|x| *x == r) {
+                kicks.extend_from_slice(&p.info.id.to_le_bytes());
+                kicks.push(i as u8);
+            }
+        }
+    }
+    let c = ch.clone();
+    blocking(move || {
+        c.send(&message(COMMIT, &kicks), &[])?;
+        expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, COMMITTED, "expected COMMITTED")
+    })
+    .await?;
+    Ok(Outcome { moved: n, stayed })
+}
+
+// ---------------------------------------------------------------- new side
+
+/// A new process's end of the hand-over, from start to take-over.
+pub struct Incoming {
+    ch: Channel,
+    pub preamble: Preamble,
+    /// The preamble's arrival, for the session clock's age.
+    at_wall_ms: u64,
+    pub public: Option<std::net::TcpListener>,
+    pub admin: Option<std::net::TcpListener>,
+}
+
+impl Incoming {
+    /// This process was started by an upgrade: the channel, its preamble
+    /// and the listeners. `None` otherwise. Called once, before the
+    /// runtime starts (it reads and clears the variable).
+    pub fn from_env() -> Option<Result<Incoming, UpgradeError>> {
+        let raw = std::env::var_os(FD_ENV)?;
+        // Not for any process this one starts later.
+        std::env::remove_var(FD_ENV);
+        Some(Incoming::open(&raw.to_string_lossy()))
+    }
+
+    fn open(raw: &str) -> Result<Incoming, UpgradeError> {
+        let fd: RawFd = raw.parse().map_err(|_| UpgradeError::Protocol("PORTCULLIS_UPGRADE_FD is not a descriptor"))?;
+        let ch = Channel::inherited(fd)?;
+        let mut fds = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let body = expect(recv(&ch, deadline, 10, &mut fds)?, PREAMBLE, "expected PREAMBLE")?;
+        let preamble = match state::decode_preamble(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                // Said to the old process, which logs it and keeps everything.
+                let _ = ch.send(&message(REFUSED, e.to_string().as_bytes()), &[]);
+                return Err(e.into());
+            }
+        };
+        let mut fds = fds.into_iter();
+        let (Some(public), Some(admin), None) = (fds.next(), fds.next(), fds.next()) else {
+            return Err(UpgradeError::Protocol("expected two listeners"));
+        };
+        Ok(Incoming {
+            ch,
+            preamble,
+            at_wall_ms: crate::clock::unix_ms(),
+            public: Some(std::net::TcpListener::from(public)),
+            admin: Some(std::net::TcpListener::from(admin)),
+        })
+    }
+
+    /// How long ago the old process's session clock started.
+    pub fn clock_age(&self) -> Duration {
+        let since = self.at_wall_ms.saturating_sub(self.preamble.wall_ms);
+        Duration::from_millis(self.preamble.clock_ms.saturating_add(since))
+    }
+
+    /// Tells the old process this one cannot take over (and why).
+    pub fn refuse(&self, why: &str) {
+        let _ = self.ch.send(&message(REFUSED, why.as_bytes()), &[]);
+    }
+
+    /// Receives every session, rebuilds them (none running), says READY,
+    /// waits for COMMIT, says COMMITTED and only then starts them. Returns
+    /// how many moved. On `Err` nothing ran: the caller exits and the old
+    /// process keeps everything.
+    pub async fn take_over(self, shared: &Arc<Shared>) -> Result<usize, UpgradeError> {
+        let cfg = shared.config.load_full();
+        let timeout_s = cfg.listen.upgrade_timeout_s;
+        let deadline = Instant::now() + Duration::from_secs(timeout_s);
+        let ch = Arc::new(self.ch);
+        ch.send(&[HELLO], &[])?;
+        let c = ch.clone();
+        let (stream, fds) = blocking(move || {
+            let mut fds = Vec::new();
+            let mut stream = Vec::new();
+            loop {
+                let (kind, body) = recv(&c, deadline, timeout_s, &mut fds)?;
+                match kind {
+                    FDS => {}
+                    DATA => stream.extend_from_slice(&body),
+                    END => return Ok((stream, fds)),
+                    _ => return Err(UpgradeError::Protocol("unexpected message in the state stream")),
+                }
+            }
+        })
+        .await?;
+        if std::env::var(FAULT_ENV).as_deref() == Ok("kill-after-state") {
+            let _ = std::process::Command::new("kill").arg("-9").arg(std::process::id().to_string()).status();
+        }
+        let moved = match state::decode_stream(&stream, fds.len()) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = ch.send(&message(REFUSED, e.to_string().as_bytes()), &[]);
+                return Err(e.into());
+            }
+        };
+        drop(stream);
+        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+        let mut socket = |i: u32| -> Result<tokio::net::TcpStream, UpgradeError> {
+            let fd = fds.get_mut(i as usize).and_then(Option::take).ok_or(UpgradeError::Protocol("descriptor"))?;
+            let s = std::net::TcpStream::from(fd);
+            s.set_nonblocking(true)?;
+            Ok(tokio::net::TcpStream::from_std(s)?)
+        };
+        // Everything rebuilt first; nothing runs before COMMIT.
+        let n = moved.len();
+        let mut ready = Vec::with_capacity(n);
+        for m in moved {
+            let client = socket(m.client_fd)?;
+            let up = m.up_fd.map(&mut socket).transpose()?;
+            let ip = m.state.ip;
+            let slot = shared.registry.restore(&m.state);
+            let info = slot.info.clone();
+            let session = handover::resume(m.state, client, up, info, shared.metrics.clone())
+                .map_err(|_| UpgradeError::Protocol("session state"))?;
+            let conn = shared.caps.admit(usize::MAX).map_err(|_| UpgradeError::Protocol("caps"))?;
+            let ip_permit = if is_trusted(&cfg.listen.trusted_proxies, ip) {
+                None
+            } else {
+                Some(shared.caps.admit_ip(IpKey::new(ip), usize::MAX).map_err(|_| UpgradeError::Protocol("caps"))?)
+            };
+            ready.push(crate::pipeline::adopted(shared, Box::pin(session), slot, ip_permit, conn));
+        }
+        ch.send(&message(READY, &(n as u32).to_le_bytes()), &[])?;
+        let c = ch.clone();
+        let kicks = blocking(move || {
+            let kicks = expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, COMMIT, "expected COMMIT")?;
+            c.send(&[COMMITTED], &[])?;
+            Ok(kicks)
+        })
+        .await?;
+        for task in ready {
+            tokio::spawn(task);
+        }
+        for k in kicks.chunks_exact(9) {
+            let id = u64::from_le_bytes(k[..8].try_into().unwrap_or_default());
+            if let Some(r) = CloseReason::ALL.get(usize::from(k[8])) {
+                shared.registry.kick_id(id, *r);
+            }
+        }
+        shared.metrics.upgrade(true);
+        tracing::info!(event = "upgrade", result = "ok", role = "new", moved = n, "took over from the old process");
+        Ok(n)
+    }
+}
