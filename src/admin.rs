@@ -105,6 +105,8 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                     "connections": shared.caps.total(),
                     "handshaking": shared.slots.total(),
                     "store": if shared.store_up() { "up" } else { "down" },
+                    // Which process answers: a binary upgrade changes it.
+                    "pid": std::process::id(),
                 }),
             )
         }

@@ -244,11 +244,18 @@ async fn upgrade_once(shared: &Arc<Shared>, launch: &Launch, listeners: (RawFd, 
             true
         }
         Err(e) => {
+            // A write to a process that is gone is that process's exit.
+            let e = match e {
+                UpgradeError::Channel(io) if io.kind() == std::io::ErrorKind::BrokenPipe => UpgradeError::Exited,
+                e => e,
+            };
+            let mut status = None;
             if let Some(mut c) = child {
                 // Dead before anything resumes: it can touch no socket after.
                 let _ = c.kill();
-                let _ = tokio::task::spawn_blocking(move || c.wait()).await;
+                status = tokio::task::spawn_blocking(move || c.wait()).await.ok().and_then(Result::ok);
             }
+            let status = status.map(|s| s.to_string()).unwrap_or_default();
             // Paused or only asked, every one goes on where it stopped.
             for c in &asked {
                 c.resume();
@@ -262,6 +269,7 @@ async fn upgrade_once(shared: &Arc<Shared>, launch: &Launch, listeners: (RawFd, 
                 stayed = shared.registry.len(),
                 ms,
                 error = %e,
+                new_process = %status,
                 "binary upgrade failed; this process keeps every connection and serves on"
             );
             false
@@ -469,6 +477,7 @@ impl Incoming {
         })
         .await?;
         if std::env::var(FAULT_ENV).as_deref() == Ok("kill-after-state") {
+            tracing::warn!(fault = "kill-after-state", "test fault injection: killing this process mid-transfer");
             let _ = std::process::Command::new("kill").arg("-9").arg(std::process::id().to_string()).status();
         }
         let moved = match state::decode_stream(&stream, fds.len()) {
