@@ -123,9 +123,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                 (&Method::POST, "/admin/revoke") => revoke(shared, req).await,
                 (&Method::POST, "/admin/upgrade") => match crate::upgrade::request(shared, "admin") {
                     Ok(()) => json(StatusCode::ACCEPTED, &serde_json::json!({ "upgrade": "started" })),
-                    Err(crate::shared::UpgradeRefused::Running) => {
-                        json(StatusCode::CONFLICT, &serde_json::json!({ "error": "an upgrade is already running" }))
-                    }
+                    Err(crate::shared::UpgradeRefused::Running) => json(
+                        StatusCode::CONFLICT,
+                        &serde_json::json!({ "error": "an upgrade is already running" }),
+                    ),
                     Err(crate::shared::UpgradeRefused::Unavailable) => json(
                         StatusCode::NOT_IMPLEMENTED,
                         &serde_json::json!({ "error": "this process cannot upgrade itself (not the portcullis binary)" }),

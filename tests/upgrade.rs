@@ -260,7 +260,9 @@ async fn stream(addr: SocketAddr, sub: String, for_: Duration, proxy: bool) -> R
             break;
         }
         let m = match tokio::time::timeout_at(deadline, rx.next()).await {
-            Err(_) => return Err(format!("{sub}: echoes stopped at {echoed} of {}", sent.load(Ordering::SeqCst))),
+            Err(_) => {
+                return Err(format!("{sub}: echoes stopped at {echoed} of {}", sent.load(Ordering::SeqCst)))
+            }
             Ok(None) => return Err(format!("{sub}: stream ended at {echoed}")),
             Ok(Some(Err(e))) => return Err(format!("{sub}: error at {echoed}: {e}")),
             Ok(Some(Ok(m))) => m,
@@ -302,7 +304,9 @@ async fn stream(addr: SocketAddr, sub: String, for_: Duration, proxy: bool) -> R
 /// it is swallowed with it.
 async fn raw_ws_exact(addr: SocketAddr, token: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(upgrade_request("/", &[("Authorization", &format!("Bearer {token}"))]).as_bytes()).await.unwrap();
+    s.write_all(upgrade_request("/", &[("Authorization", &format!("Bearer {token}"))]).as_bytes())
+        .await
+        .unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
@@ -359,7 +363,9 @@ async fn moves_everything(proxy: bool) {
     let old = gw.pid().await.unwrap();
     const N: usize = 6;
     let clients: Vec<_> = (0..N)
-        .map(|i| tokio::spawn(stream(gw.public, format!("user{}", i % 3), Duration::from_millis(4000), proxy)))
+        .map(|i| {
+            tokio::spawn(stream(gw.public, format!("user{}", i % 3), Duration::from_millis(4000), proxy))
+        })
         .collect();
     // A frame cut in two by the upgrade, and a fragmented message whose
     // fragments straddle it (raw bytes: the split is exactly where we say).
@@ -443,7 +449,8 @@ async fn survives_a_failed_upgrade(gw: &Gw, within: Duration, others: usize) -> 
     let old = gw.pid().await.unwrap();
     let start = Instant::now();
     gw.signal("-USR2");
-    let line = gw.wait_line(&["event=\"upgrade\"", "result=\"error\""], within).expect("upgrade error logged");
+    let line =
+        gw.wait_line(&["event=\"upgrade\"", "result=\"error\""], within).expect("upgrade error logged");
     let took = start.elapsed();
     assert!(line.contains("moved=0"), "{line}");
     for i in 0..20 {
@@ -490,7 +497,8 @@ async fn a_new_binary_that_never_becomes_ready_rolls_back_after_the_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_killed_mid_transfer_rolls_back_with_every_byte() {
     let gw = start("echo", "", &[]);
-    let killed = gw.script("killed.sh", &format!("PORTCULLIS_UPGRADE_FAULT=kill-after-state exec {BIN} \"$@\""));
+    let killed =
+        gw.script("killed.sh", &format!("PORTCULLIS_UPGRADE_FAULT=kill-after-state exec {BIN} \"$@\""));
     gw.swap(&killed);
     // A half-sent frame across the failed hand-over.
     let mut raw = raw_ws_exact(gw.public, &token("rawuser")).await;
@@ -515,7 +523,9 @@ async fn a_second_request_while_an_upgrade_runs_is_refused() {
     let a = http(gw.admin, "POST", "/admin/upgrade", &[], "").await;
     assert_eq!(a.status, 409, "{}", a.text);
     gw.signal("-USR2");
-    assert!(gw.wait_line(&["event=\"upgrade_refused\"", "reason=\"running\""], Duration::from_secs(5)).is_some());
+    assert!(gw
+        .wait_line(&["event=\"upgrade_refused\"", "reason=\"running\""], Duration::from_secs(5))
+        .is_some());
     assert!(gw.wait_line(&["event=\"upgrade\"", "result=\"error\""], Duration::from_secs(10)).is_some());
     // Over: the next request is taken again.
     let a = http(gw.admin, "POST", "/admin/upgrade", &[], "").await;

@@ -191,7 +191,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Movable> Session<C> {
                 // Paused before the upgrade can see the answer, so its
                 // verdict always finds the session waiting for it.
                 self.info.set_pause(if movable { PAUSED } else { NONE });
-                let parked = Parked { info: self.info.clone(), state, client_fd: client_fd.unwrap_or(-1), up_fd };
+                let parked =
+                    Parked { info: self.info.clone(), state, client_fd: client_fd.unwrap_or(-1), up_fd };
                 self.info.handover().deliver(parked);
                 movable.then_some(Poll::Pending)
             }

@@ -69,7 +69,13 @@ impl Channel {
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt writes one c_int into `ty` and its size into `len`.
         let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&mut ty as *mut libc::c_int).cast(),
+                &mut len,
+            )
         };
         if rc != 0 || ty != libc::SOCK_SEQPACKET {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "not the upgrade's socket"));

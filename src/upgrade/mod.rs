@@ -198,7 +198,12 @@ pub fn request(shared: &Shared, from: &'static str) -> Result<(), UpgradeRefused
     match r {
         Ok(()) => tracing::info!(event = "upgrade_requested", from, "binary upgrade requested"),
         Err(UpgradeRefused::Running) => {
-            tracing::warn!(event = "upgrade_refused", from, reason = "running", "upgrade refused: one is already running")
+            tracing::warn!(
+                event = "upgrade_refused",
+                from,
+                reason = "running",
+                "upgrade refused: one is already running"
+            )
         }
         Err(UpgradeRefused::Unavailable) => tracing::warn!(
             event = "upgrade_refused",
@@ -223,7 +228,8 @@ async fn upgrade_once(shared: &Arc<Shared>, launch: &Launch, listeners: (RawFd, 
     let mut parked = Vec::new();
     let mut asked = Vec::new();
     let mut child = None;
-    let result = attempt(shared, launch, listeners, deadline, timeout_s, &mut child, &mut asked, &mut parked).await;
+    let result =
+        attempt(shared, launch, listeners, deadline, timeout_s, &mut child, &mut asked, &mut parked).await;
     let ms = started.elapsed().as_millis() as u64;
     match result {
         Ok(o) => {
@@ -246,7 +252,9 @@ async fn upgrade_once(shared: &Arc<Shared>, launch: &Launch, listeners: (RawFd, 
         Err(e) => {
             // A write to a process that is gone is that process's exit.
             let e = match e {
-                UpgradeError::Channel(io) if io.kind() == std::io::ErrorKind::BrokenPipe => UpgradeError::Exited,
+                UpgradeError::Channel(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                    UpgradeError::Exited
+                }
                 e => e,
             };
             let mut status = None;
@@ -296,7 +304,9 @@ async fn attempt(
         .spawn();
     // Ours closes now: the new process's exit then reads as the end.
     drop(theirs);
-    *child = Some(spawned.map_err(|source| UpgradeError::Spawn { exe: launch.exe.display().to_string(), source })?);
+    *child = Some(
+        spawned.map_err(|source| UpgradeError::Spawn { exe: launch.exe.display().to_string(), source })?,
+    );
     let ch = Arc::new(mine);
 
     let preamble = state::encode_preamble(&Preamble {
@@ -306,7 +316,8 @@ async fn attempt(
     });
     ch.send(&message(PREAMBLE, &preamble), &[listeners.0, listeners.1])?;
     let c = ch.clone();
-    blocking(move || expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, HELLO, "expected HELLO")).await?;
+    blocking(move || expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, HELLO, "expected HELLO"))
+        .await?;
 
     // Pause every session; each answers at its next poll.
     let mut stayed = 0;
@@ -414,7 +425,8 @@ impl Incoming {
     }
 
     fn open(raw: &str) -> Result<Incoming, UpgradeError> {
-        let fd: RawFd = raw.parse().map_err(|_| UpgradeError::Protocol("PORTCULLIS_UPGRADE_FD is not a descriptor"))?;
+        let fd: RawFd =
+            raw.parse().map_err(|_| UpgradeError::Protocol("PORTCULLIS_UPGRADE_FD is not a descriptor"))?;
         let ch = Channel::inherited(fd)?;
         let mut fds = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -477,7 +489,10 @@ impl Incoming {
         })
         .await?;
         if std::env::var(FAULT_ENV).as_deref() == Ok("kill-after-state") {
-            tracing::warn!(fault = "kill-after-state", "test fault injection: killing this process mid-transfer");
+            tracing::warn!(
+                fault = "kill-after-state",
+                "test fault injection: killing this process mid-transfer"
+            );
             let _ = std::process::Command::new("kill").arg("-9").arg(std::process::id().to_string()).status();
         }
         let moved = match state::decode_stream(&stream, fds.len()) {
@@ -490,7 +505,8 @@ impl Incoming {
         drop(stream);
         let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
         let mut socket = |i: u32| -> Result<tokio::net::TcpStream, UpgradeError> {
-            let fd = fds.get_mut(i as usize).and_then(Option::take).ok_or(UpgradeError::Protocol("descriptor"))?;
+            let fd =
+                fds.get_mut(i as usize).and_then(Option::take).ok_or(UpgradeError::Protocol("descriptor"))?;
             let s = std::net::TcpStream::from(fd);
             s.set_nonblocking(true)?;
             Ok(tokio::net::TcpStream::from_std(s)?)
@@ -510,7 +526,12 @@ impl Incoming {
             let ip_permit = if is_trusted(&cfg.listen.trusted_proxies, ip) {
                 None
             } else {
-                Some(shared.caps.admit_ip(IpKey::new(ip), usize::MAX).map_err(|_| UpgradeError::Protocol("caps"))?)
+                Some(
+                    shared
+                        .caps
+                        .admit_ip(IpKey::new(ip), usize::MAX)
+                        .map_err(|_| UpgradeError::Protocol("caps"))?,
+                )
             };
             ready.push(crate::pipeline::adopted(shared, Box::pin(session), slot, ip_permit, conn));
         }
@@ -532,7 +553,13 @@ impl Incoming {
             }
         }
         shared.metrics.upgrade(true);
-        tracing::info!(event = "upgrade", result = "ok", role = "new", moved = n, "took over from the old process");
+        tracing::info!(
+            event = "upgrade",
+            result = "ok",
+            role = "new",
+            moved = n,
+            "took over from the old process"
+        );
         Ok(n)
     }
 }

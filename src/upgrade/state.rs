@@ -280,7 +280,9 @@ fn read_session(r: &mut R) -> Result<SessionState, StateError> {
                 utf8_carry: <[u8; 4]>::try_from(r.take(4)?).map_err(|_| StateError::Truncated)?,
                 utf8_n: r.u8()?,
             }),
-            1 => ModeState::Proxy { up: read_side(r)?, from_client: read_filter(r)?, from_up: read_filter(r)? },
+            1 => {
+                ModeState::Proxy { up: read_side(r)?, from_client: read_filter(r)?, from_up: read_filter(r)? }
+            }
             _ => return Err(StateError::Invalid("session mode")),
         },
     })
@@ -501,7 +503,14 @@ mod tests {
             ModeState::Echo(EchoState {
                 max_message: 1 << 20,
                 buf: b"half a text fra".to_vec(),
-                frame: Some(Header { fin: true, rsv: 0, opcode: 1, mask: Some([1, 2, 3, 4]), len: 30, size: 6 }),
+                frame: Some(Header {
+                    fin: true,
+                    rsv: 0,
+                    opcode: 1,
+                    mask: Some([1, 2, 3, 4]),
+                    len: 30,
+                    size: 6,
+                }),
                 got: 15,
                 streaming: false,
                 message: Some(1),
@@ -563,7 +572,10 @@ mod tests {
         let (_, bytes) = stream();
         for n in 0..bytes.len() {
             let e = decode_stream(&bytes[..n], 3).unwrap_err();
-            assert!(matches!(e, StateError::Truncated | StateError::Magic | StateError::Invalid(_)), "{n}: {e}");
+            assert!(
+                matches!(e, StateError::Truncated | StateError::Magic | StateError::Invalid(_)),
+                "{n}: {e}"
+            );
         }
     }
 
