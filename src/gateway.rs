@@ -336,6 +336,8 @@ impl Gateway {
         if upgraded {
             let _ = stop_accept_tx.send(true);
             let _ = stop_admin_tx.send(true);
+            // Handshakes under way here follow in late rounds first.
+            shared.upgrade.settled().await;
         }
         drain(&shared, upgraded, || {
             let _ = stop_accept_tx.send(true);

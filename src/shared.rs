@@ -71,6 +71,8 @@ pub struct UpgradeSwitch {
     requested: tokio::sync::Notify,
     committed: tokio::sync::Notify,
     done: AtomicBool,
+    settled: tokio::sync::Notify,
+    settled_flag: AtomicBool,
 }
 
 impl UpgradeSwitch {
@@ -111,6 +113,23 @@ impl UpgradeSwitch {
         self.done.store(true, Ordering::Release);
         self.committed.notify_waiters();
         self.committed.notify_one();
+    }
+
+    /// The hand-over is over (late rounds included): the drain may start.
+    pub fn settle(&self) {
+        self.settled_flag.store(true, Ordering::Release);
+        self.settled.notify_waiters();
+    }
+
+    /// Resolves once [`settle`](UpgradeSwitch::settle) was called.
+    pub async fn settled(&self) {
+        loop {
+            let wait = self.settled.notified();
+            if self.settled_flag.load(Ordering::Acquire) {
+                return;
+            }
+            wait.await;
+        }
     }
 
     /// Resolves once an upgrade committed.

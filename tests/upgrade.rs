@@ -551,3 +551,41 @@ async fn systemd_hears_ready_and_the_new_main_pid() {
     assert!(second.contains("READY=1") && second.contains(&format!("MAINPID={new}")), "{second}");
     gw.wait_old_exit(Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_under_way_at_the_switch_follows_in_a_late_round() {
+    let mut gw = start("echo", "", &[]);
+    let old = gw.pid().await.unwrap();
+    // Accepted by the old process, its head not yet complete.
+    let mut s = TcpStream::connect(gw.public).await.unwrap();
+    let req = upgrade_request("/", &[("Authorization", &format!("Bearer {}", token("late")))]);
+    let (a, b) = req.as_bytes().split_at(40);
+    s.write_all(a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.signal("-USR2");
+    gw.wait_new_pid(old, Duration::from_secs(20)).await;
+    assert!(pid_alive(old), "the old process waits for its handshake under way");
+    s.write_all(b).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut c = [0u8; 1];
+        assert_eq!(s.read(&mut c).await.unwrap(), 1);
+        head.push(c[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let line = gw.wait_line(&["event=\"upgrade_late\""], Duration::from_secs(10)).expect("a late round");
+    assert!(line.contains("moved=1"), "{line}");
+    assert_eq!(gw.wait_old_exit(Duration::from_secs(10)), 0);
+    s.write_all(&frame(true, 0x1, b"served by the new process")).await.unwrap();
+    let got = read_frames(&mut s, 1).await;
+    assert_eq!(got[0].1, b"served by the new process".to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_offered_a_newer_state_format_refuses_it_and_says_so() {
+    let gw = start("echo", "", &[("PORTCULLIS_UPGRADE_FAULT", "newer-format")]);
+    survives_a_failed_upgrade(&gw, Duration::from_secs(20), 0).await;
+    let seen = gw.seen.lock().unwrap();
+    let line = seen.iter().find(|l| l.contains("result=\"error\"")).unwrap();
+    assert!(line.contains("refused") && line.contains("format v2") && line.contains("(v1)"), "{line}");
+}

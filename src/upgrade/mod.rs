@@ -46,19 +46,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fdpass::{Channel, MAX_FDS, MAX_MESSAGE};
-use state::{Moved, Preamble, StateError};
+use state::{Moved, Preamble, StateError, VERSION};
 
 use crate::admit::IpKey;
 use crate::client_addr::is_trusted;
 use crate::reject::CloseReason;
 use crate::session::handover::{self, Parked};
+use crate::session::registry::ConnInfo;
 use crate::shared::{Shared, UpgradeRefused};
 
 /// The variable naming the inherited hand-over socket.
 pub const FD_ENV: &str = "PORTCULLIS_UPGRADE_FD";
 /// Fault injection for the test suite only: `kill-after-state` makes the
 /// new process kill itself (SIGKILL) once the state has arrived, the
-/// middle of a transfer. Ignored unless it names a known fault.
+/// middle of a transfer; `newer-format` makes the old process claim the
+/// next format version, as a newer binary would. Ignored unless it names
+/// a known fault.
 pub const FAULT_ENV: &str = "PORTCULLIS_UPGRADE_FAULT";
 
 const PREAMBLE: u8 = b'P';
@@ -70,6 +73,7 @@ const READY: u8 = b'R';
 const COMMIT: u8 = b'C';
 const COMMITTED: u8 = b'K';
 const REFUSED: u8 = b'X';
+const QUIT: u8 = b'Q';
 
 /// How long paused sessions may take to answer (each answers at its next
 /// poll, at once; this bounds a runtime too busy to poll them).
@@ -183,9 +187,13 @@ pub async fn serve(shared: Arc<Shared>, launch: Launch, listeners: (RawFd, RawFd
     shared.upgrade.set_available();
     loop {
         shared.upgrade.requested().await;
-        let ok = upgrade_once(&shared, &launch, listeners).await;
-        if ok {
+        if let Some(ch) = upgrade_once(&shared, &launch, listeners).await {
+            // This process stops accepting; connections still on their way
+            // to a session here follow in late rounds; then the drain.
             shared.upgrade.commit();
+            late_rounds(&shared, &ch).await;
+            let _ = ch.send(&[QUIT], &[]);
+            shared.upgrade.settle();
             return;
         }
         shared.upgrade.finished();
@@ -215,39 +223,55 @@ pub fn request(shared: &Shared, from: &'static str) -> Result<(), UpgradeRefused
     r
 }
 
-/// What one attempt moved.
-struct Outcome {
-    moved: usize,
+/// The sessions of one round: those paused (to move) and how many
+/// answered that they cannot move.
+#[derive(Default)]
+struct Round {
+    asked: Vec<Arc<ConnInfo>>,
+    parked: Vec<Parked>,
     stayed: usize,
 }
 
-async fn upgrade_once(shared: &Arc<Shared>, launch: &Launch, listeners: (RawFd, RawFd)) -> bool {
+impl Round {
+    /// On any failure: every session asked goes on where it stopped.
+    fn resume(&self, shared: &Shared) {
+        for c in &self.asked {
+            c.resume();
+        }
+        drop(shared.registry.handover.take());
+    }
+}
+
+/// Runs one upgrade; the channel to the new process once it committed.
+async fn upgrade_once(
+    shared: &Arc<Shared>,
+    launch: &Launch,
+    listeners: (RawFd, RawFd),
+) -> Option<Arc<Channel>> {
     let started = Instant::now();
     let timeout_s = shared.config.load().listen.upgrade_timeout_s;
     let deadline = started + Duration::from_secs(timeout_s);
-    let mut parked = Vec::new();
-    let mut asked = Vec::new();
+    let mut round = Round::default();
     let mut child = None;
-    let result =
-        attempt(shared, launch, listeners, deadline, timeout_s, &mut child, &mut asked, &mut parked).await;
+    let result = attempt(shared, launch, listeners, deadline, timeout_s, &mut child, &mut round).await;
     let ms = started.elapsed().as_millis() as u64;
     match result {
-        Ok(o) => {
+        Ok(ch) => {
             // Their sessions end without a byte: the new process has them.
-            for p in &parked {
+            for p in &round.parked {
                 p.info.moved_away();
             }
             shared.metrics.upgrade(true);
             tracing::info!(
                 event = "upgrade",
                 result = "ok",
-                moved = o.moved,
-                stayed = o.stayed,
+                moved = round.parked.len(),
+                stayed = round.stayed,
                 ms,
                 pid = child.as_ref().map(|c: &std::process::Child| c.id()),
                 "binary upgraded: the new process has the listeners and the moved connections"
             );
-            true
+            Some(ch)
         }
         Err(e) => {
             // A write to a process that is gone is that process's exit.
@@ -264,11 +288,7 @@ async fn upgrade_once(shared: &Arc<Shared>, launch: &Launch, listeners: (RawFd, 
                 status = tokio::task::spawn_blocking(move || c.wait()).await.ok().and_then(Result::ok);
             }
             let status = status.map(|s| s.to_string()).unwrap_or_default();
-            // Paused or only asked, every one goes on where it stopped.
-            for c in &asked {
-                c.resume();
-            }
-            drop(shared.registry.handover.take());
+            round.resume(shared);
             shared.metrics.upgrade(false);
             tracing::error!(
                 event = "upgrade",
@@ -280,7 +300,7 @@ async fn upgrade_once(shared: &Arc<Shared>, launch: &Launch, listeners: (RawFd, 
                 new_process = %status,
                 "binary upgrade failed; this process keeps every connection and serves on"
             );
-            false
+            None
         }
     }
 }
@@ -293,9 +313,8 @@ async fn attempt(
     deadline: Instant,
     timeout_s: u64,
     child: &mut Option<std::process::Child>,
-    asked: &mut Vec<Arc<crate::session::registry::ConnInfo>>,
-    parked: &mut Vec<Parked>,
-) -> Result<Outcome, UpgradeError> {
+    round: &mut Round,
+) -> Result<Arc<Channel>, UpgradeError> {
     let (mine, theirs) = fdpass::pair()?;
     fdpass::set_cloexec(theirs.raw_fd(), false)?;
     let spawned = std::process::Command::new(&launch.exe)
@@ -309,40 +328,54 @@ async fn attempt(
     );
     let ch = Arc::new(mine);
 
-    let preamble = state::encode_preamble(&Preamble {
-        clock_ms: shared.registry.clock_ms(),
-        wall_ms: crate::clock::unix_ms(),
-        instance: shared.registry.instance().to_string(),
-    });
+    let version =
+        if std::env::var(FAULT_ENV).as_deref() == Ok("newer-format") { VERSION + 1 } else { VERSION };
+    let preamble = state::encode_preamble_as(
+        &Preamble {
+            clock_ms: shared.registry.clock_ms(),
+            wall_ms: crate::clock::unix_ms(),
+            instance: shared.registry.instance().to_string(),
+        },
+        version,
+    );
     ch.send(&message(PREAMBLE, &preamble), &[listeners.0, listeners.1])?;
     let c = ch.clone();
     blocking(move || expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, HELLO, "expected HELLO"))
         .await?;
 
     // Pause every session; each answers at its next poll.
-    let mut stayed = 0;
-    for c in shared.registry.all() {
-        if c.ask_pause() {
-            asked.push(c);
-        }
-    }
-    let mut waiting: std::collections::HashSet<u64> = asked.iter().map(|c| c.id).collect();
-    let pause_deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+    round.asked = shared.registry.all().into_iter().filter(|c| c.ask_pause()).collect();
+    collect(shared, round, deadline, timeout_s).await?;
+    send_round(&ch, &round.parked, deadline, timeout_s).await?;
+    Ok(ch)
+}
+
+/// Waits until every session of `round` answered (or ended).
+async fn collect(
+    shared: &Shared,
+    round: &mut Round,
+    deadline: Instant,
+    timeout_s: u64,
+) -> Result<(), UpgradeError> {
+    let mut waiting: std::collections::HashSet<u64> = round.asked.iter().map(|c| c.id).collect();
+    let pause_deadline = deadline.min(Instant::now() + PAUSE_WAIT);
     loop {
         for p in shared.registry.handover.take() {
             waiting.remove(&p.info.id);
             if p.state.is_some() {
-                parked.push(p);
+                round.parked.push(p);
             } else {
-                stayed += 1;
+                round.stayed += 1;
             }
         }
         // Ended before answering: nothing to move.
         waiting.retain(|id| shared.registry.contains(*id));
         if waiting.is_empty() {
-            break;
+            // Oldest first: the new registry rebuilds each user's evict order.
+            round.parked.sort_by_key(|p| p.info.id);
+            return Ok(());
         }
-        if tokio::time::Instant::now() >= pause_deadline || Instant::now() >= deadline {
+        if Instant::now() >= pause_deadline {
             return Err(UpgradeError::Timeout(timeout_s));
         }
         tokio::select! {
@@ -350,12 +383,19 @@ async fn attempt(
             _ = tokio::time::sleep(Duration::from_millis(2)) => {}
         }
     }
-    // Oldest first: the new registry rebuilds each user's evict order.
-    parked.sort_by_key(|p| p.info.id);
+}
 
+/// Sends one round of paused sessions and commits it: descriptors, state,
+/// READY, COMMIT (with kicks that landed meanwhile), COMMITTED.
+async fn send_round(
+    ch: &Arc<Channel>,
+    parked: &[Parked],
+    deadline: Instant,
+    timeout_s: u64,
+) -> Result<(), UpgradeError> {
     let mut fds: Vec<RawFd> = Vec::with_capacity(parked.len() * 2);
     let mut moved = Vec::with_capacity(parked.len());
-    for p in parked.iter() {
+    for p in parked {
         let Some(s) = &p.state else { continue };
         let client_fd = fds.len() as u32;
         fds.push(p.client_fd);
@@ -366,7 +406,6 @@ async fn attempt(
         moved.push(Moved { client_fd, up_fd, state: (**s).clone() });
     }
     let stream = state::encode_stream(&moved);
-    let n = moved.len();
     drop(moved);
     let c = ch.clone();
     blocking(move || {
@@ -381,10 +420,9 @@ async fn attempt(
         expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, READY, "expected READY")
     })
     .await?;
-
     // Kicks that landed while paused go with the commit.
     let mut kicks = Vec::new();
-    for p in parked.iter() {
+    for p in parked {
         if let Some(r) = p.info.kicked_reason() {
             if let Some(i) = CloseReason::ALL.iter().position(|x| *x == r) {
                 kicks.extend_from_slice(&p.info.id.to_le_bytes());
@@ -398,7 +436,67 @@ async fn attempt(
         expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, COMMITTED, "expected COMMITTED")
     })
     .await?;
-    Ok(Outcome { moved: n, stayed })
+    Ok(())
+}
+
+/// After the commit, this process no longer accepts; handshakes it had
+/// under way still finish here. Each that becomes a session is moved in a
+/// round of its own, until none is under way (or their longest deadline
+/// passed). A failed late round leaves its sessions here, to the drain.
+async fn late_rounds(shared: &Arc<Shared>, ch: &Arc<Channel>) {
+    let cfg = shared.config.load_full();
+    let timeout_s = cfg.listen.upgrade_timeout_s;
+    let until = Instant::now()
+        + cfg.limits.handshake_timeout()
+        + Duration::from_millis(cfg.upstream.connect_timeout_ms)
+        + Duration::from_secs(1);
+    let mut seen: std::collections::HashSet<u64> = shared.registry.all().iter().map(|c| c.id).collect();
+    let (mut moved, mut stayed) = (0, 0);
+    loop {
+        let mut round = Round::default();
+        for c in shared.registry.all() {
+            if seen.insert(c.id) && c.ask_pause() {
+                round.asked.push(c);
+            }
+        }
+        if !round.asked.is_empty() {
+            let deadline = Instant::now() + Duration::from_secs(timeout_s);
+            let sent = match collect(shared, &mut round, deadline, timeout_s).await {
+                Ok(()) if round.parked.is_empty() => Ok(()),
+                Ok(()) => send_round(ch, &round.parked, deadline, timeout_s).await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(()) => {
+                    for p in &round.parked {
+                        p.info.moved_away();
+                    }
+                    moved += round.parked.len();
+                    stayed += round.stayed;
+                }
+                Err(e) => {
+                    round.resume(shared);
+                    tracing::warn!(error = %e, "upgrade: a late round failed; its connections stay and drain");
+                    break;
+                }
+            }
+        }
+        if shared.slots.total() == 0 && shared.registry.all().iter().all(|c| seen.contains(&c.id)) {
+            break;
+        }
+        if Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if moved + stayed > 0 {
+        tracing::info!(
+            event = "upgrade_late",
+            moved,
+            stayed,
+            "upgrade: handshakes under way at the switch followed"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- new side
@@ -466,92 +564,16 @@ impl Incoming {
     /// Receives every session, rebuilds them (none running), says READY,
     /// waits for COMMIT, says COMMITTED and only then starts them. Returns
     /// how many moved. On `Err` nothing ran: the caller exits and the old
-    /// process keeps everything.
+    /// process keeps everything. Late rounds (handshakes the old process
+    /// finishes after the switch) are taken by a task of their own.
     pub async fn take_over(self, shared: &Arc<Shared>) -> Result<usize, UpgradeError> {
-        let cfg = shared.config.load_full();
-        let timeout_s = cfg.listen.upgrade_timeout_s;
+        let timeout_s = shared.config.load().listen.upgrade_timeout_s;
         let deadline = Instant::now() + Duration::from_secs(timeout_s);
         let ch = Arc::new(self.ch);
         ch.send(&[HELLO], &[])?;
-        let c = ch.clone();
-        let (stream, fds) = blocking(move || {
-            let mut fds = Vec::new();
-            let mut stream = Vec::new();
-            loop {
-                let (kind, body) = recv(&c, deadline, timeout_s, &mut fds)?;
-                match kind {
-                    FDS => {}
-                    DATA => stream.extend_from_slice(&body),
-                    END => return Ok((stream, fds)),
-                    _ => return Err(UpgradeError::Protocol("unexpected message in the state stream")),
-                }
-            }
-        })
-        .await?;
-        if std::env::var(FAULT_ENV).as_deref() == Ok("kill-after-state") {
-            tracing::warn!(
-                fault = "kill-after-state",
-                "test fault injection: killing this process mid-transfer"
-            );
-            let _ = std::process::Command::new("kill").arg("-9").arg(std::process::id().to_string()).status();
-        }
-        let moved = match state::decode_stream(&stream, fds.len()) {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = ch.send(&message(REFUSED, e.to_string().as_bytes()), &[]);
-                return Err(e.into());
-            }
+        let Some(n) = take_round(&ch, shared, deadline, timeout_s, true).await? else {
+            return Err(UpgradeError::Protocol("the old process ended the hand-over before sending state"));
         };
-        drop(stream);
-        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
-        let mut socket = |i: u32| -> Result<tokio::net::TcpStream, UpgradeError> {
-            let fd =
-                fds.get_mut(i as usize).and_then(Option::take).ok_or(UpgradeError::Protocol("descriptor"))?;
-            let s = std::net::TcpStream::from(fd);
-            s.set_nonblocking(true)?;
-            Ok(tokio::net::TcpStream::from_std(s)?)
-        };
-        // Everything rebuilt first; nothing runs before COMMIT.
-        let n = moved.len();
-        let mut ready = Vec::with_capacity(n);
-        for m in moved {
-            let client = socket(m.client_fd)?;
-            let up = m.up_fd.map(&mut socket).transpose()?;
-            let ip = m.state.ip;
-            let slot = shared.registry.restore(&m.state);
-            let info = slot.info.clone();
-            let session = handover::resume(m.state, client, up, info, shared.metrics.clone())
-                .map_err(|_| UpgradeError::Protocol("session state"))?;
-            let conn = shared.caps.admit(usize::MAX).map_err(|_| UpgradeError::Protocol("caps"))?;
-            let ip_permit = if is_trusted(&cfg.listen.trusted_proxies, ip) {
-                None
-            } else {
-                Some(
-                    shared
-                        .caps
-                        .admit_ip(IpKey::new(ip), usize::MAX)
-                        .map_err(|_| UpgradeError::Protocol("caps"))?,
-                )
-            };
-            ready.push(crate::pipeline::adopted(shared, Box::pin(session), slot, ip_permit, conn));
-        }
-        ch.send(&message(READY, &(n as u32).to_le_bytes()), &[])?;
-        let c = ch.clone();
-        let kicks = blocking(move || {
-            let kicks = expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, COMMIT, "expected COMMIT")?;
-            c.send(&[COMMITTED], &[])?;
-            Ok(kicks)
-        })
-        .await?;
-        for task in ready {
-            tokio::spawn(task);
-        }
-        for k in kicks.chunks_exact(9) {
-            let id = u64::from_le_bytes(k[..8].try_into().unwrap_or_default());
-            if let Some(r) = CloseReason::ALL.get(usize::from(k[8])) {
-                shared.registry.kick_id(id, *r);
-            }
-        }
         shared.metrics.upgrade(true);
         tracing::info!(
             event = "upgrade",
@@ -560,6 +582,120 @@ impl Incoming {
             moved = n,
             "took over from the old process"
         );
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let deadline = Instant::now() + Duration::from_secs(timeout_s);
+                match take_round(&ch, &shared, deadline, timeout_s, false).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "upgrade: a late round was refused; the old process keeps it");
+                        return;
+                    }
+                }
+            }
+        });
         Ok(n)
     }
+}
+
+/// One round on the new side: descriptors and state until END, checked
+/// whole, rebuilt, READY; COMMIT; COMMITTED; then the sessions start.
+/// `Ok(None)`: the old process has no more (QUIT, or its exit).
+async fn take_round(
+    ch: &Arc<Channel>,
+    shared: &Arc<Shared>,
+    deadline: Instant,
+    timeout_s: u64,
+    first: bool,
+) -> Result<Option<usize>, UpgradeError> {
+    let c = ch.clone();
+    let received = blocking(move || {
+        let mut fds = Vec::new();
+        let mut stream = Vec::new();
+        // Between late rounds the old process may be quiet a while.
+        let deadline = if first { deadline } else { Instant::now() + Duration::from_secs(3600) };
+        loop {
+            let (kind, body) = match recv(&c, deadline, timeout_s, &mut fds) {
+                Err(UpgradeError::Exited) if !first && stream.is_empty() => return Ok(None),
+                r => r?,
+            };
+            match kind {
+                FDS => {}
+                DATA => stream.extend_from_slice(&body),
+                END => return Ok(Some((stream, fds))),
+                QUIT if stream.is_empty() && fds.is_empty() => return Ok(None),
+                _ => return Err(UpgradeError::Protocol("unexpected message in the state stream")),
+            }
+        }
+    })
+    .await?;
+    let Some((stream, fds)) = received else { return Ok(None) };
+    if first && std::env::var(FAULT_ENV).as_deref() == Ok("kill-after-state") {
+        tracing::warn!(fault = "kill-after-state", "test fault injection: killing this process mid-transfer");
+        let _ = std::process::Command::new("kill").arg("-9").arg(std::process::id().to_string()).status();
+    }
+    let moved = match state::decode_stream(&stream, fds.len()) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = ch.send(&message(REFUSED, e.to_string().as_bytes()), &[]);
+            return Err(e.into());
+        }
+    };
+    drop(stream);
+    let cfg = shared.config.load_full();
+    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let mut socket = |i: u32| -> Result<tokio::net::TcpStream, UpgradeError> {
+        let fd =
+            fds.get_mut(i as usize).and_then(Option::take).ok_or(UpgradeError::Protocol("descriptor"))?;
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        Ok(tokio::net::TcpStream::from_std(s)?)
+    };
+    // Everything rebuilt first; nothing runs before COMMIT.
+    let n = moved.len();
+    let mut ready = Vec::with_capacity(n);
+    for m in moved {
+        let client = socket(m.client_fd)?;
+        let up = m.up_fd.map(&mut socket).transpose()?;
+        let ip = m.state.ip;
+        let slot = shared.registry.restore(&m.state);
+        let info = slot.info.clone();
+        let session = handover::resume(m.state, client, up, info, shared.metrics.clone())
+            .map_err(|_| UpgradeError::Protocol("session state"))?;
+        // Admitted already: counted, never refused.
+        let conn = shared.caps.admit(usize::MAX).map_err(|_| UpgradeError::Protocol("caps"))?;
+        let ip_permit = if is_trusted(&cfg.listen.trusted_proxies, ip) {
+            None
+        } else {
+            Some(
+                shared
+                    .caps
+                    .admit_ip(IpKey::new(ip), usize::MAX)
+                    .map_err(|_| UpgradeError::Protocol("caps"))?,
+            )
+        };
+        ready.push(crate::pipeline::adopted(shared, Box::pin(session), slot, ip_permit, conn));
+    }
+    ch.send(&message(READY, &(n as u32).to_le_bytes()), &[])?;
+    let c = ch.clone();
+    let kicks = blocking(move || {
+        let kicks = expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, COMMIT, "expected COMMIT")?;
+        // Before any socket is touched (see the module notes).
+        c.send(&[COMMITTED], &[])?;
+        Ok(kicks)
+    })
+    .await?;
+    for task in ready {
+        tokio::spawn(task);
+    }
+    for k in kicks.chunks_exact(9) {
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&k[..8]);
+        if let Some(r) = CloseReason::ALL.get(usize::from(k[8])) {
+            shared.registry.kick_id(u64::from_le_bytes(id), *r);
+        }
+    }
+    Ok(Some(n))
 }

@@ -62,9 +62,15 @@ pub struct Moved {
 }
 
 pub fn encode_preamble(p: &Preamble) -> Vec<u8> {
+    encode_preamble_as(p, VERSION)
+}
+
+/// As [`encode_preamble`], claiming format `version` (the test suite's
+/// stand-in for a newer binary).
+pub fn encode_preamble_as(p: &Preamble, version: u16) -> Vec<u8> {
     let mut w = W(Vec::with_capacity(64));
     w.0.extend_from_slice(PREAMBLE_MAGIC);
-    w.u16(VERSION);
+    w.u16(version);
     w.u64(p.clock_ms);
     w.u64(p.wall_ms);
     w.str(&p.instance);
