@@ -589,3 +589,77 @@ async fn a_binary_offered_a_newer_state_format_refuses_it_and_says_so() {
     let line = seen.iter().find(|l| l.contains("result=\"error\"")).unwrap();
     assert!(line.contains("refused") && line.contains("format v2") && line.contains("(v1)"), "{line}");
 }
+
+/// A self-signed certificate for `localhost` in `dir`, and a client
+/// trusting it alone.
+fn tls_files(dir: &Path) -> (String, tokio_rustls::TlsConnector) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("c.crt"), dir.join("c.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let listen = format!("tls_cert_file = \"{}\"\ntls_key_file = \"{}\"", cert.display(), key.display());
+    (listen, tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+async fn wss(
+    addr: SocketAddr,
+    tls: &tokio_rustls::TlsConnector,
+    sub: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let io = tls.connect(name, TcpStream::connect(addr).await.unwrap()).await.unwrap();
+    let mut req = "wss://localhost/".into_client_request().unwrap();
+    req.headers_mut().insert("Authorization", format!("Bearer {}", token(sub)).parse().unwrap());
+    tokio_tungstenite::client_async(req, io).await.unwrap().0
+}
+
+/// TLS sessions cannot move (no kTLS here): they stay with the old
+/// process, which accepts no more, serves them on, and closes them with
+/// 1001 over `listen.drain_timeout_s` (2 s here) before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_stay_with_the_old_process_and_end_cleanly() {
+    let certs = tempfile::tempdir().unwrap();
+    let (listen, tls) = tls_files(certs.path());
+    let mut gw = start("echo", &listen, &[]);
+    let old = gw.pid().await.unwrap();
+    let mut stays = wss(gw.public, &tls, "tls-user").await;
+    stays.send(Message::text("before")).await.unwrap();
+    assert_eq!(stays.next().await.unwrap().unwrap(), Message::text("before"));
+    gw.signal("-USR2");
+    let line = gw
+        .wait_line(&["event=\"upgrade\"", "result=\"ok\"", "stayed="], Duration::from_secs(20))
+        .expect("upgrade ok");
+    assert!(line.contains("moved=0") && line.contains("stayed=1"), "{line}");
+    let switched = Instant::now();
+    gw.wait_new_pid(old, Duration::from_secs(5)).await;
+    // New TLS connections are the new process's (the same certificate, read again).
+    let mut fresh = wss(gw.public, &tls, "tls-new").await;
+    fresh.send(Message::text("new")).await.unwrap();
+    assert_eq!(fresh.next().await.unwrap().unwrap(), Message::text("new"));
+    // The one that stayed ends with 1001, within the drain window.
+    let code = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stays.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(code, Some(1001));
+    gw.wait_old_exit(Duration::from_secs(5));
+    assert!(switched.elapsed() < Duration::from_secs(4), "within drain_timeout_s: {:?}", switched.elapsed());
+    fresh.send(Message::text("still")).await.unwrap();
+    assert_eq!(fresh.next().await.unwrap().unwrap(), Message::text("still"));
+}
