@@ -47,13 +47,13 @@ impl Drop for Gw {
     }
 }
 
-fn write_config(dir: &Path, upstream: &str, extra_listen: &str) -> PathBuf {
+fn write_config(dir: &Path, upstream: &str, extra_listen: &str, extra_limits: &str) -> PathBuf {
     let path = dir.join("gw.toml");
     std::fs::write(
         &path,
         format!(
             "[listen]\npublic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndrain_timeout_s = 2\ndefer_accept_s = 0\n{extra_listen}\n\
-             [limits]\nper_ip_rate = 1000.0\nper_ip_burst = 1000\n\
+             [limits]\nper_ip_rate = 1000.0\nper_ip_burst = 1000\n{extra_limits}\n\
              [auth]\nhmac_secret = \"{SECRET}\"\nleeway_s = 0\n\
              [upstream]\nurl = \"{upstream}\"\n\
              [revocation]\npath = \"{}\"\n",
@@ -65,10 +65,15 @@ fn write_config(dir: &Path, upstream: &str, extra_listen: &str) -> PathBuf {
 }
 
 fn start(upstream: &str, extra_listen: &str, env: &[(&str, &str)]) -> Gw {
+    start_with(upstream, extra_listen, "", env)
+}
+
+/// As [`start`], with lines for `[limits]` (and tables after it).
+fn start_with(upstream: &str, extra_listen: &str, extra_limits: &str, env: &[(&str, &str)]) -> Gw {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("portcullis");
     std::os::unix::fs::symlink(BIN, &link).unwrap();
-    let cfg = write_config(dir.path(), upstream, extra_listen);
+    let cfg = write_config(dir.path(), upstream, extra_listen, extra_limits);
     let mut cmd = Command::new(&link);
     cmd.args(["serve", "--config", cfg.to_str().unwrap()]).env("PORTCULLIS_LOG", "info");
     for (k, v) in env {
@@ -662,4 +667,62 @@ async fn tls_sessions_stay_with_the_old_process_and_end_cleanly() {
     assert!(switched.elapsed() < Duration::from_secs(4), "within drain_timeout_s: {:?}", switched.elapsed());
     fresh.send(Message::text("still")).await.unwrap();
     assert_eq!(fresh.next().await.unwrap().unwrap(), Message::text("still"));
+}
+
+/// After the move the rules still hold, with the deadlines they had: the
+/// token's expiry, a revocation, the per-user cap (the registry came along),
+/// and the heartbeat reaping a client that stopped answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_revocation_user_cap_and_ping_reaping_hold_after_the_move() {
+    let mut gw = start_with(
+        "echo",
+        "",
+        "per_user_max_connections = 1\n[heartbeat]\nping_interval_ms = 700\npong_timeout_ms = 700",
+        &[],
+    );
+    let old = gw.pid().await.unwrap();
+    let exp = now() + 4;
+    // Read all along (a client reading answers the gateway's pings).
+    let mut expiring = ws(gw.public, &token_with(serde_json::json!({ "sub": "exp", "exp": exp }))).await;
+    let expiring = tokio::spawn(async move {
+        let (code, _) = close_code(&mut expiring, Duration::from_secs(30)).await;
+        (code, now())
+    });
+    let mut revoked = ws(gw.public, &token("rev")).await;
+    let revoked = tokio::spawn(async move { close_code(&mut revoked, Duration::from_secs(30)).await });
+    // Answers nothing, reads nothing: only the heartbeat can tell.
+    let mut silent = raw_ws_exact(gw.public, &token("silent")).await;
+    gw.signal("-USR2");
+    gw.wait_new_pid(old, Duration::from_secs(20)).await;
+    gw.wait_old_exit(Duration::from_secs(10));
+
+    // The per-user cap counts the moved connection.
+    let second = raw(
+        gw.public,
+        upgrade_request("/", &[("Authorization", &format!("Bearer {}", token("rev")))]).as_bytes(),
+    )
+    .await;
+    assert_eq!(second.status, 429, "{}", second.text);
+    // A revocation at the new process closes the moved connection.
+    let a = http(gw.admin, "POST", "/admin/revoke", &[], r#"{"sub": "rev"}"#).await;
+    assert!(body(&a).contains("\"closed\":1"), "{}", a.text);
+    let (code, within) = revoked.await.unwrap();
+    assert_eq!(code, Some(1008));
+    assert!(within < Duration::from_secs(20));
+    // The silent client is reaped by the heartbeat it never answers.
+    let mut buf = vec![0u8; 4096];
+    let reaped = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(reaped.is_ok(), "the silent client was not reaped");
+    // The token's expiry fires at its instant, not later.
+    let (code, at) = expiring.await.unwrap();
+    assert_eq!(code, Some(1008));
+    assert!(at >= exp && at <= exp + 2, "closed at {at}, token expired at {exp}");
 }

@@ -327,6 +327,9 @@ async fn attempt(
         spawned.map_err(|source| UpgradeError::Spawn { exe: launch.exe.display().to_string(), source })?,
     );
     let ch = Arc::new(mine);
+    // Revocations recorded here from now on: the new process opened the
+    // log before them, so they go to it with the commit.
+    let mut revocations = shared.store.subscribe();
 
     let version =
         if std::env::var(FAULT_ENV).as_deref() == Ok("newer-format") { VERSION + 1 } else { VERSION };
@@ -346,7 +349,7 @@ async fn attempt(
     // Pause every session; each answers at its next poll.
     round.asked = shared.registry.all().into_iter().filter(|c| c.ask_pause()).collect();
     collect(shared, round, deadline, timeout_s).await?;
-    send_round(&ch, &round.parked, deadline, timeout_s).await?;
+    send_round(&ch, &round.parked, deadline, timeout_s, &mut revocations).await?;
     Ok(ch)
 }
 
@@ -392,6 +395,7 @@ async fn send_round(
     parked: &[Parked],
     deadline: Instant,
     timeout_s: u64,
+    revocations: &mut tokio::sync::broadcast::Receiver<crate::revocation::Revocation>,
 ) -> Result<(), UpgradeError> {
     let mut fds: Vec<RawFd> = Vec::with_capacity(parked.len() * 2);
     let mut moved = Vec::with_capacity(parked.len());
@@ -420,8 +424,15 @@ async fn send_round(
         expect(recv(&c, deadline, timeout_s, &mut Vec::new())?, READY, "expected READY")
     })
     .await?;
-    // Kicks that landed while paused go with the commit.
-    let mut kicks = Vec::new();
+    // The commit: revocations recorded meanwhile (JSON, length first), then
+    // kicks that landed on paused sessions.
+    let mut recorded = Vec::new();
+    while let Ok(r) = revocations.try_recv() {
+        recorded.push(r);
+    }
+    let recorded = serde_json::to_vec(&recorded).unwrap_or_else(|_| b"[]".to_vec());
+    let mut kicks = (recorded.len() as u32).to_le_bytes().to_vec();
+    kicks.extend_from_slice(&recorded);
     for p in parked {
         if let Some(r) = p.info.kicked_reason() {
             if let Some(i) = CloseReason::ALL.iter().position(|x| *x == r) {
@@ -446,6 +457,7 @@ async fn send_round(
 async fn late_rounds(shared: &Arc<Shared>, ch: &Arc<Channel>) {
     let cfg = shared.config.load_full();
     let timeout_s = cfg.listen.upgrade_timeout_s;
+    let mut revocations = shared.store.subscribe();
     let until = Instant::now()
         + cfg.limits.handshake_timeout()
         + Duration::from_millis(cfg.upstream.connect_timeout_ms)
@@ -463,7 +475,7 @@ async fn late_rounds(shared: &Arc<Shared>, ch: &Arc<Channel>) {
             let deadline = Instant::now() + Duration::from_secs(timeout_s);
             let sent = match collect(shared, &mut round, deadline, timeout_s).await {
                 Ok(()) if round.parked.is_empty() => Ok(()),
-                Ok(()) => send_round(ch, &round.parked, deadline, timeout_s).await,
+                Ok(()) => send_round(ch, &round.parked, deadline, timeout_s, &mut revocations).await,
                 Err(e) => Err(e),
             };
             match sent {
@@ -690,6 +702,13 @@ async fn take_round(
     for task in ready {
         tokio::spawn(task);
     }
+    let (recorded, kicks) = split_commit(&kicks)?;
+    for r in recorded {
+        // Persisted here and broadcast: what it covers is kicked.
+        if let Err(e) = shared.store.revoke(r).await {
+            tracing::error!(error = %e, "upgrade: a revocation recorded during the hand-over was not persisted");
+        }
+    }
     for k in kicks.chunks_exact(9) {
         let mut id = [0u8; 8];
         id.copy_from_slice(&k[..8]);
@@ -698,4 +717,16 @@ async fn take_round(
         }
     }
     Ok(Some(n))
+}
+
+/// A COMMIT's body: the revocations recorded during the round, and the kicks.
+fn split_commit(body: &[u8]) -> Result<(Vec<crate::revocation::Revocation>, &[u8]), UpgradeError> {
+    let bad = || UpgradeError::Protocol("COMMIT body");
+    let (len, rest) = body.split_first_chunk::<4>().ok_or_else(bad)?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if rest.len() < len {
+        return Err(bad());
+    }
+    let (json, kicks) = rest.split_at(len);
+    Ok((serde_json::from_slice(json).map_err(|_| bad())?, kicks))
 }
