@@ -98,6 +98,12 @@ impl UpgradeSwitch {
         self.requested.notified().await;
     }
 
+    /// An upgrade is under way without a request here: the new process,
+    /// while its predecessor still hands over late rounds.
+    pub fn mark_running(&self) {
+        self.running.store(true, Ordering::Release);
+    }
+
     /// The upgrade that ran is over (failed: another may be asked for).
     pub fn finished(&self) {
         self.running.store(false, Ordering::Release);

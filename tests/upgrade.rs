@@ -726,3 +726,38 @@ async fn expiry_revocation_user_cap_and_ping_reaping_hold_after_the_move() {
     assert_eq!(code, Some(1008));
     assert!(at >= exp && at <= exp + 2, "closed at {at}, token expired at {exp}");
 }
+
+/// Ten upgrades in a row, live connections carried through each: the last
+/// process holds as many descriptors as the first (nothing leaks into the
+/// next process), and its memory has not grown with the upgrades.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_upgrades_in_a_row_keep_descriptors_and_memory_flat() {
+    let mut gw = start("echo", "", &[]);
+    let mut live = Vec::new();
+    for i in 0..3 {
+        live.push(ws(gw.public, &token(&format!("ten{i}"))).await);
+    }
+    let gauge = |m: &str, name: &str| value_of(m, name);
+    let first = body(&http(gw.admin, "GET", "/metrics", &[], "").await).to_string();
+    let mut pid = gw.pid().await.unwrap();
+    for round in 0..10 {
+        let a = http(gw.admin, "POST", "/admin/upgrade", &[], "").await;
+        assert_eq!(a.status, 202, "round {round}: {}", a.text);
+        pid = gw.wait_new_pid(pid, Duration::from_secs(20)).await;
+        // Wait until the previous process is gone before the next round.
+        for (i, w) in live.iter_mut().enumerate() {
+            echo(w, &format!("round {round} conn {i}")).await;
+        }
+        // One upgrade at a time: the previous one is over (its old process
+        // gone) before the next is asked for.
+        gw.wait_line(&["event=\"drain\"", "drained"], Duration::from_secs(10));
+    }
+    gw.wait_old_exit(Duration::from_secs(10));
+    let last = body(&http(gw.admin, "GET", "/metrics", &[], "").await).to_string();
+    let (fds0, fds1) = (gauge(&first, "process_open_fds"), gauge(&last, "process_open_fds"));
+    assert_eq!(fds1, fds0, "descriptors: first process {fds0}, tenth successor {fds1}");
+    let (rss0, rss1) =
+        (gauge(&first, "process_resident_memory_bytes"), gauge(&last, "process_resident_memory_bytes"));
+    assert!(rss1 < rss0 * 1.5 + 4e6, "memory: first {rss0}, tenth successor {rss1}");
+    assert_eq!(gauge(&last, "portcullis_connections{state=\"open\"}"), 3.0);
+}

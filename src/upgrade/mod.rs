@@ -594,8 +594,11 @@ impl Incoming {
             moved = n,
             "took over from the old process"
         );
+        // No upgrade of this process until its predecessor is done with it.
+        shared.upgrade.mark_running();
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _done = Finished(shared.clone());
             loop {
                 let deadline = Instant::now() + Duration::from_secs(timeout_s);
                 match take_round(&ch, &shared, deadline, timeout_s, false).await {
@@ -729,4 +732,14 @@ fn split_commit(body: &[u8]) -> Result<(Vec<crate::revocation::Revocation>, &[u8
     }
     let (json, kicks) = rest.split_at(len);
     Ok((serde_json::from_slice(json).map_err(|_| bad())?, kicks))
+}
+
+/// Marks this process's part in an upgrade over when dropped (however the
+/// late-round task ends).
+struct Finished(Arc<Shared>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.upgrade.finished();
+    }
 }
