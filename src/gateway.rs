@@ -148,6 +148,10 @@ pub struct Inherited {
     pub instance: String,
     /// How long ago the old process's session clock started.
     pub clock_age: Duration,
+    /// The old registry's next connection id.
+    pub next_id: u64,
+    /// The old Redis link's node name (empty without Redis).
+    pub redis_node: String,
 }
 
 /// An inherited listener, kept when the configuration still names its
@@ -206,6 +210,11 @@ impl Gateway {
         auth: Option<Arc<dyn Authenticator>>,
         inherited: Option<Inherited>,
     ) -> Result<Gateway, StartError> {
+        // An upgrade's new process keeps the old one's Redis node name, so
+        // moved connections' lease names stay theirs.
+        if let Some(node) = inherited.as_ref().map(|i| i.redis_node.clone()).filter(|n| !n.is_empty()) {
+            let _ = crate::redis_link::INHERITED_NODE.set(node);
+        }
         // The same checks, in the same order, as `preflight` (which
         // `check-config` runs); here each part is kept as it is loaded.
         cfg.validate()?;
@@ -256,6 +265,7 @@ impl Gateway {
 
         crate::fdlimit::check(cfg.limits.max_connections, upstream.is_some());
 
+        let id_floor = inherited.as_ref().map(|i| i.next_id);
         let (public, admin, inherit) = match inherited {
             None => (
                 listen(cfg.listen.public, cfg.listen.backlog, cfg.listen.defer_accept_s, "listen.public")?,
@@ -288,6 +298,11 @@ impl Gateway {
             redis,
             upgrade: Default::default(),
         });
+        if let Some(next) = id_floor {
+            // Far above any id the old process hands out while it still
+            // finishes handshakes (they follow here with their ids).
+            shared.registry.ids_from(next.saturating_add(1 << 32));
+        }
         Ok(Gateway { shared, public, admin })
     }
 

@@ -231,6 +231,8 @@ async fn serve(
                 admin: inc.admin.take().context("inherited admin listener")?,
                 instance: inc.preamble.instance.clone(),
                 clock_age: inc.clock_age(),
+                next_id: inc.preamble.next_id,
+                redis_node: inc.preamble.node.clone(),
             };
             let gateway = match Gateway::bind_inherited(cfg.clone(), inherited).await {
                 Ok(g) => g,

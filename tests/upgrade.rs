@@ -47,7 +47,13 @@ impl Drop for Gw {
     }
 }
 
-fn write_config(dir: &Path, upstream: &str, extra_listen: &str, extra_limits: &str) -> PathBuf {
+fn write_config(
+    dir: &Path,
+    upstream: &str,
+    extra_listen: &str,
+    extra_limits: &str,
+    extra_revocation: &str,
+) -> PathBuf {
     let path = dir.join("gw.toml");
     std::fs::write(
         &path,
@@ -56,7 +62,7 @@ fn write_config(dir: &Path, upstream: &str, extra_listen: &str, extra_limits: &s
              [limits]\nper_ip_rate = 1000.0\nper_ip_burst = 1000\n{extra_limits}\n\
              [auth]\nhmac_secret = \"{SECRET}\"\nleeway_s = 0\n\
              [upstream]\nurl = \"{upstream}\"\n\
-             [revocation]\npath = \"{}\"\n",
+             [revocation]\npath = \"{}\"\n{extra_revocation}\n",
             dir.join("r.log").display()
         ),
     )
@@ -65,15 +71,21 @@ fn write_config(dir: &Path, upstream: &str, extra_listen: &str, extra_limits: &s
 }
 
 fn start(upstream: &str, extra_listen: &str, env: &[(&str, &str)]) -> Gw {
-    start_with(upstream, extra_listen, "", env)
+    start_with(upstream, extra_listen, "", "", env)
 }
 
 /// As [`start`], with lines for `[limits]` (and tables after it).
-fn start_with(upstream: &str, extra_listen: &str, extra_limits: &str, env: &[(&str, &str)]) -> Gw {
+fn start_with(
+    upstream: &str,
+    extra_listen: &str,
+    extra_limits: &str,
+    extra_revocation: &str,
+    env: &[(&str, &str)],
+) -> Gw {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("portcullis");
     std::os::unix::fs::symlink(BIN, &link).unwrap();
-    let cfg = write_config(dir.path(), upstream, extra_listen, extra_limits);
+    let cfg = write_config(dir.path(), upstream, extra_listen, extra_limits, extra_revocation);
     let mut cmd = Command::new(&link);
     cmd.args(["serve", "--config", cfg.to_str().unwrap()]).env("PORTCULLIS_LOG", "info");
     for (k, v) in env {
@@ -678,6 +690,7 @@ async fn expiry_revocation_user_cap_and_ping_reaping_hold_after_the_move() {
         "echo",
         "",
         "per_user_max_connections = 1\n[heartbeat]\nping_interval_ms = 700\npong_timeout_ms = 700",
+        "",
         &[],
     );
     let old = gw.pid().await.unwrap();
@@ -760,4 +773,70 @@ async fn ten_upgrades_in_a_row_keep_descriptors_and_memory_flat() {
         (gauge(&first, "process_resident_memory_bytes"), gauge(&last, "process_resident_memory_bytes"));
     assert!(rss1 < rss0 * 1.5 + 4e6, "memory: first {rss0}, tenth successor {rss1}");
     assert_eq!(gauge(&last, "portcullis_connections{state=\"open\"}"), 3.0);
+}
+
+/// One command to a redis-server on a unix socket; its raw RESP reply.
+fn redis_cmd(sock: &Path, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// With the Redis backend, a moved connection keeps its fleet lease under
+/// the same name: counted once throughout, renewed by the new process,
+/// released by it when the connection ends; the per-user cap holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_leases_and_caps_carry_over_counted_once() {
+    let rdir = tempfile::tempdir().unwrap();
+    let sock = rdir.path().join("redis.sock");
+    let mut redis = Command::new("redis-server")
+        .args(["--port", "0", "--unixsocket"])
+        .arg(&sock)
+        .args(["--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--loglevel", "warning"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server installed");
+    let up = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < up, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let revocation =
+        format!("backend = \"redis\"\nredis_url = \"unix://{}\"\nlease_ttl_ms = 1000", sock.display());
+    let mut gw = start_with("echo", "", "per_user_max_connections = 1", &revocation, &[]);
+    let mut live = ws(gw.public, &token("leased")).await;
+    echo(&mut live, "before").await;
+    let members = || redis_cmd(&sock, &["ZRANGE", "portcullis:lease:leased", "0", "-1"]);
+    let before = members();
+    assert!(before.starts_with("*1\r\n"), "one lease: {before:?}");
+    let old = gw.pid().await.unwrap();
+    gw.signal("-USR2");
+    gw.wait_new_pid(old, Duration::from_secs(20)).await;
+    gw.wait_old_exit(Duration::from_secs(10));
+    echo(&mut live, "after").await;
+    // Past two lease lifetimes: renewed by the new process, under the same name.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(members(), before, "the same single lease");
+    let second = raw(
+        gw.public,
+        upgrade_request("/", &[("Authorization", &format!("Bearer {}", token("leased")))]).as_bytes(),
+    )
+    .await;
+    assert_eq!(second.status, 429, "the cap counts the moved connection: {}", second.text);
+    drop(live);
+    let gone = Instant::now() + Duration::from_secs(5);
+    while !members().starts_with("*0\r\n") {
+        assert!(Instant::now() < gone, "lease not released: {}", members());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = redis.kill();
+    let _ = redis.wait();
 }

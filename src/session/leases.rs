@@ -83,6 +83,17 @@ pub trait UserCaps: Send + Sync + 'static {
     fn is_up(&self) -> bool;
     /// Waits until releases issued so far have reached the store (shutdown).
     async fn flush(&self);
+    /// The name connection `id` holds its lease under, for a binary
+    /// upgrade to carry over (`None`: not held, or no names).
+    fn member(&self, _id: u64) -> Option<String> {
+        None
+    }
+    /// Holds a connection moved here by a binary upgrade, under the name
+    /// its lease already has (no second lease, no gap in the count).
+    fn adopt_member(&self, conn: &Arc<ConnInfo>, member: Option<String>) {
+        let _ = member;
+        self.adopt(conn);
+    }
 }
 
 /// Admission, bounded by `redis_timeout_ms`. KEYS[1] the user's lease set,
@@ -347,6 +358,23 @@ impl UserCaps for RedisLeases {
 
     fn adopt(&self, conn: &Arc<ConnInfo>) {
         self.hold(conn);
+    }
+
+    fn member(&self, id: u64) -> Option<String> {
+        self.held.get(&id).map(|h| h.member.clone())
+    }
+
+    fn adopt_member(&self, conn: &Arc<ConnInfo>, member: Option<String>) {
+        let Some(member) = member else { return self.adopt(conn) };
+        self.held.insert(
+            conn.id,
+            Held {
+                key: lease_key(&conn.sub),
+                evicted_key: evicted_key(&conn.sub),
+                member,
+                conn: conn.clone(),
+            },
+        );
     }
 
     fn release(&self, conn: &ConnInfo) {

@@ -312,7 +312,7 @@ impl Registry {
     /// admission time and place in its user's evict order (restore in id
     /// order: oldest first). Never refused: it was admitted already. Its
     /// fleet lease, if any, is this instance's to keep from now on.
-    pub fn restore(self: &Arc<Self>, s: &SessionState) -> Slot {
+    pub fn restore(self: &Arc<Self>, s: &SessionState, lease: Option<String>) -> Slot {
         self.next_id.fetch_max(s.id + 1, Ordering::Relaxed);
         let info = Arc::new(ConnInfo {
             id: s.id,
@@ -328,12 +328,28 @@ impl Registry {
             registry: self.clone(),
         });
         if let Some(caps) = &self.caps {
-            caps.adopt(&info);
+            caps.adopt_member(&info, lease);
         }
         self.by_sub.entry(info.sub.clone()).or_default().push(info.id);
         self.conns.insert(info.id, info.clone());
         self.metrics.set_users_connected(self.by_sub.len());
         Slot { info }
+    }
+
+    /// The fleet lease name of connection `id` (a binary upgrade carries it).
+    pub fn lease_member(&self, id: u64) -> Option<String> {
+        self.caps.as_ref().and_then(|c| c.member(id))
+    }
+
+    /// The next connection id this registry hands out.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Ids from `floor` on (a binary upgrade's new process: above every id
+    /// the old process may still hand out meanwhile).
+    pub fn ids_from(&self, floor: u64) {
+        self.next_id.fetch_max(floor, Ordering::Relaxed);
     }
 
     /// The clock every session's deadline is kept in (milliseconds since

@@ -338,6 +338,8 @@ async fn attempt(
             clock_ms: shared.registry.clock_ms(),
             wall_ms: crate::clock::unix_ms(),
             instance: shared.registry.instance().to_string(),
+            next_id: shared.registry.next_id(),
+            node: shared.redis.as_ref().map(|r| r.link().node.clone()).unwrap_or_default(),
         },
         version,
     );
@@ -349,7 +351,7 @@ async fn attempt(
     // Pause every session; each answers at its next poll.
     round.asked = shared.registry.all().into_iter().filter(|c| c.ask_pause()).collect();
     collect(shared, round, deadline, timeout_s).await?;
-    send_round(&ch, &round.parked, deadline, timeout_s, &mut revocations).await?;
+    send_round(shared, &ch, &round.parked, deadline, timeout_s, &mut revocations).await?;
     Ok(ch)
 }
 
@@ -390,7 +392,9 @@ async fn collect(
 
 /// Sends one round of paused sessions and commits it: descriptors, state,
 /// READY, COMMIT (with kicks that landed meanwhile), COMMITTED.
+#[allow(clippy::too_many_arguments)]
 async fn send_round(
+    shared: &Shared,
     ch: &Arc<Channel>,
     parked: &[Parked],
     deadline: Instant,
@@ -407,7 +411,12 @@ async fn send_round(
             fds.push(fd);
             fds.len() as u32 - 1
         });
-        moved.push(Moved { client_fd, up_fd, state: (**s).clone() });
+        moved.push(Moved {
+            client_fd,
+            up_fd,
+            lease: shared.registry.lease_member(p.info.id),
+            state: (**s).clone(),
+        });
     }
     let stream = state::encode_stream(&moved);
     drop(moved);
@@ -475,7 +484,7 @@ async fn late_rounds(shared: &Arc<Shared>, ch: &Arc<Channel>) {
             let deadline = Instant::now() + Duration::from_secs(timeout_s);
             let sent = match collect(shared, &mut round, deadline, timeout_s).await {
                 Ok(()) if round.parked.is_empty() => Ok(()),
-                Ok(()) => send_round(ch, &round.parked, deadline, timeout_s, &mut revocations).await,
+                Ok(()) => send_round(shared, ch, &round.parked, deadline, timeout_s, &mut revocations).await,
                 Err(e) => Err(e),
             };
             match sent {
@@ -675,7 +684,7 @@ async fn take_round(
         let client = socket(m.client_fd)?;
         let up = m.up_fd.map(&mut socket).transpose()?;
         let ip = m.state.ip;
-        let slot = shared.registry.restore(&m.state);
+        let slot = shared.registry.restore(&m.state, m.lease);
         let info = slot.info.clone();
         let session = handover::resume(m.state, client, up, info, shared.metrics.clone())
             .map_err(|_| UpgradeError::Protocol("session state"))?;

@@ -50,6 +50,10 @@ pub struct Preamble {
     pub wall_ms: u64,
     /// The registry's instance name: moved connections keep their ids.
     pub instance: String,
+    /// The old registry's next id: the new one hands out ids well above it.
+    pub next_id: u64,
+    /// The Redis link's node name (empty without Redis): lease names carry over.
+    pub node: String,
 }
 
 /// One moved session: its state and where its descriptors are in the
@@ -58,6 +62,8 @@ pub struct Preamble {
 pub struct Moved {
     pub client_fd: u32,
     pub up_fd: Option<u32>,
+    /// Its fleet lease's name (Redis backend), kept by the new process.
+    pub lease: Option<String>,
     pub state: SessionState,
 }
 
@@ -74,13 +80,21 @@ pub fn encode_preamble_as(p: &Preamble, version: u16) -> Vec<u8> {
     w.u64(p.clock_ms);
     w.u64(p.wall_ms);
     w.str(&p.instance);
+    w.u64(p.next_id);
+    w.str(&p.node);
     w.0
 }
 
 pub fn decode_preamble(b: &[u8]) -> Result<Preamble, StateError> {
     let mut r = R(b);
     r.header(PREAMBLE_MAGIC)?;
-    let p = Preamble { clock_ms: r.u64()?, wall_ms: r.u64()?, instance: r.string()? };
+    let p = Preamble {
+        clock_ms: r.u64()?,
+        wall_ms: r.u64()?,
+        instance: r.string()?,
+        next_id: r.u64()?,
+        node: r.string()?,
+    };
     r.done()?;
     Ok(p)
 }
@@ -94,6 +108,7 @@ pub fn encode_stream(moved: &[Moved]) -> Vec<u8> {
     for m in moved {
         w.u32(m.client_fd);
         w.u32(m.up_fd.unwrap_or(NO_FD));
+        w.opt_str(m.lease.as_deref());
         session(&mut w, &m.state);
     }
     w.0.extend_from_slice(STREAM_END);
@@ -128,9 +143,10 @@ pub fn decode_stream(b: &[u8], fds: usize) -> Result<Vec<Moved>, StateError> {
             NO_FD => None,
             i => Some(take(i)?),
         };
+        let lease = r.opt_string()?;
         let state = read_session(&mut r)?;
         handover::check(&state, up_fd.is_some()).map_err(StateError::Invalid)?;
-        out.push(Moved { client_fd, up_fd, state });
+        out.push(Moved { client_fd, up_fd, lease, state });
     }
     if r.take(4)? != STREAM_END {
         return Err(StateError::Invalid("stream end"));
@@ -557,8 +573,8 @@ mod tests {
 
     fn stream() -> (Vec<Moved>, Vec<u8>) {
         let moved = vec![
-            Moved { client_fd: 0, up_fd: Some(1), state: sample(3, true) },
-            Moved { client_fd: 2, up_fd: None, state: sample(7, false) },
+            Moved { client_fd: 0, up_fd: Some(1), lease: Some("0001/node/3".into()), state: sample(3, true) },
+            Moved { client_fd: 2, up_fd: None, lease: None, state: sample(7, false) },
         ];
         let bytes = encode_stream(&moved);
         (moved, bytes)
@@ -568,7 +584,13 @@ mod tests {
     fn sessions_round_trip_field_for_field() {
         let (moved, bytes) = stream();
         assert_eq!(decode_stream(&bytes, 3).unwrap(), moved);
-        let p = Preamble { clock_ms: 77, wall_ms: 1_700_000_000_123, instance: "a1b2c3".into() };
+        let p = Preamble {
+            clock_ms: 77,
+            wall_ms: 1_700_000_000_123,
+            instance: "a1b2c3".into(),
+            next_id: 42,
+            node: "00ff".into(),
+        };
         assert_eq!(decode_preamble(&encode_preamble(&p)).unwrap(), p);
     }
 
@@ -592,7 +614,13 @@ mod tests {
         let e = decode_stream(&bytes, 3).unwrap_err();
         assert_eq!(e, StateError::Version { got: VERSION + 1 });
         assert!(e.to_string().contains(&format!("v{}", VERSION + 1)), "{e}");
-        let mut p = encode_preamble(&Preamble { clock_ms: 1, wall_ms: 2, instance: "x".into() });
+        let mut p = encode_preamble(&Preamble {
+            clock_ms: 1,
+            wall_ms: 2,
+            instance: "x".into(),
+            next_id: 1,
+            node: String::new(),
+        });
         p[4..6].copy_from_slice(&9u16.to_le_bytes());
         assert_eq!(decode_preamble(&p).unwrap_err(), StateError::Version { got: 9 });
         assert_eq!(decode_stream(b"GET / HTTP/1.1", 0).unwrap_err(), StateError::Magic);
@@ -603,12 +631,13 @@ mod tests {
         let (_, bytes) = stream();
         assert_eq!(decode_stream(&bytes, 2).unwrap_err(), StateError::Invalid("descriptor index"));
         let twice = encode_stream(&[
-            Moved { client_fd: 0, up_fd: None, state: sample(1, false) },
-            Moved { client_fd: 0, up_fd: None, state: sample(2, false) },
+            Moved { client_fd: 0, up_fd: None, lease: None, state: sample(1, false) },
+            Moved { client_fd: 0, up_fd: None, lease: None, state: sample(2, false) },
         ]);
         assert_eq!(decode_stream(&twice, 2).unwrap_err(), StateError::Invalid("descriptor index"));
         // An echo session sent with a backend socket is not one a session left.
-        let odd = encode_stream(&[Moved { client_fd: 0, up_fd: Some(1), state: sample(1, false) }]);
+        let odd =
+            encode_stream(&[Moved { client_fd: 0, up_fd: Some(1), lease: None, state: sample(1, false) }]);
         assert!(matches!(decode_stream(&odd, 2).unwrap_err(), StateError::Invalid(_)));
     }
 }
