@@ -626,6 +626,23 @@ mod tests {
         assert_eq!(decode_stream(b"GET / HTTP/1.1", 0).unwrap_err(), StateError::Magic);
     }
 
+    proptest::proptest! {
+        /// Any byte of a valid stream changed, or any bytes at all: parsed
+        /// or refused, never a panic, never a huge allocation.
+        #[test]
+        fn corrupted_streams_are_refused_not_panicked_on(at in 0usize..2000, to in proptest::prelude::any::<u8>(), junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let (_, mut bytes) = stream();
+            let i = at % bytes.len();
+            bytes[i] = to;
+            let _ = decode_stream(&bytes, 3);
+            let _ = decode_stream(&junk, 3);
+            let mut framed = b"PCST\x01\x00".to_vec();
+            framed.extend_from_slice(&junk);
+            let _ = decode_stream(&framed, 3);
+            let _ = decode_preamble(&junk);
+        }
+    }
+
     #[test]
     fn descriptors_are_named_once_and_within_those_that_came() {
         let (_, bytes) = stream();
