@@ -3,6 +3,7 @@
 # WebSockets, on loopback; the numbers in BENCHMARKS.md, "Binary upgrade".
 #
 #   bash scripts/upgrade-bench.sh [N] [interval_ms]     (defaults: 9000 connections, 1000 ms)
+#   PROFILE=debug bash scripts/upgrade-bench.sh 500      (a quick check of the script itself)
 #
 # Builds (release) the gateway, the echo backend and the bench client; starts
 # the backend and the gateway (proxy mode, through a symlink, as an upgrade
@@ -22,8 +23,11 @@ N=${1:-9000}
 INTERVAL=${2:-1000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-cargo build --release -q -p portcullis --bin portcullis
-cargo build --release -q -p portcullis-loadtest --bin echo-backend --bin upgrade-bench
+PROFILE=${PROFILE:-release}
+FLAG=$([ "$PROFILE" = release ] && echo --release || true)
+cargo build $FLAG -q -p portcullis --bin portcullis
+cargo build $FLAG -q -p portcullis-loadtest --bin echo-backend --bin upgrade-bench
+T=target/$PROFILE
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -35,9 +39,10 @@ cleanup() {
 trap cleanup EXIT
 ulimit -n 20000
 
-target/release/echo-backend 127.0.0.1:18091 2>"$DIR/backend.log" &
+$T/echo-backend 127.0.0.1:18091 2>"$DIR/backend.log" &
 PIDS+=($!)
-ln -s "$ROOT/target/release/portcullis" "$DIR/portcullis"
+disown $!
+ln -s "$ROOT/$T/portcullis" "$DIR/portcullis"
 cat >"$DIR/gw.toml" <<EOF
 [listen]
 public = "127.0.0.1:18090"
@@ -66,8 +71,9 @@ TOKEN=$("$DIR/portcullis" token --config "$DIR/gw.toml" --sub bench --ttl 1h)
 PORTCULLIS_LOG='warn,portcullis::upgrade=info' "$DIR/portcullis" serve --config "$DIR/gw.toml" 2>"$DIR/gw.log" &
 GW=$!
 PIDS+=("$GW")
+disown "$GW"
 for _ in $(seq 100); do grep -q '^listening' "$DIR/gw.log" && break; sleep 0.1; done
-target/release/upgrade-bench --public 127.0.0.1:18090 --admin 127.0.0.1:19090 \
+$T/upgrade-bench --public 127.0.0.1:18090 --admin 127.0.0.1:19090 \
     --token "$TOKEN" --pid "$GW" -n "$N" --interval-ms "$INTERVAL" | tee "$DIR/bench.out"
 curl -s http://127.0.0.1:19090/readyz | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])' >"$DIR/new.pid" || true
 grep 'event="upgrade"' "$DIR/gw.log" || { echo "no upgrade line"; cat "$DIR/gw.log"; exit 1; }

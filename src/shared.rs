@@ -60,6 +60,8 @@ pub enum UpgradeRefused {
     Running,
     /// This process cannot upgrade itself (an embedding without the binary's upgrader).
     Unavailable,
+    /// The gateway is shutting down (SIGTERM): nothing to hand over to.
+    Draining,
 }
 
 /// Where upgrade requests meet the one upgrader (a leaf: the admin plane

@@ -202,7 +202,11 @@ pub async fn serve(shared: Arc<Shared>, launch: Launch, listeners: (RawFd, RawFd
 
 /// Asks for an upgrade (SIGUSR2, `POST /admin/upgrade`); a refusal is logged.
 pub fn request(shared: &Shared, from: &'static str) -> Result<(), UpgradeRefused> {
-    let r = shared.upgrade.request();
+    let r = if shared.draining.load(std::sync::atomic::Ordering::Acquire) {
+        Err(UpgradeRefused::Draining)
+    } else {
+        shared.upgrade.request()
+    };
     match r {
         Ok(()) => tracing::info!(event = "upgrade_requested", from, "binary upgrade requested"),
         Err(UpgradeRefused::Running) => {
@@ -213,6 +217,12 @@ pub fn request(shared: &Shared, from: &'static str) -> Result<(), UpgradeRefused
                 "upgrade refused: one is already running"
             )
         }
+        Err(UpgradeRefused::Draining) => tracing::warn!(
+            event = "upgrade_refused",
+            from,
+            reason = "draining",
+            "upgrade refused: the gateway is shutting down"
+        ),
         Err(UpgradeRefused::Unavailable) => tracing::warn!(
             event = "upgrade_refused",
             from,
