@@ -127,6 +127,9 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                         StatusCode::CONFLICT,
                         &serde_json::json!({ "error": "an upgrade is already running" }),
                     ),
+                    Err(crate::shared::UpgradeRefused::Draining) => {
+                        json(StatusCode::CONFLICT, &serde_json::json!({ "error": "the gateway is draining" }))
+                    }
                     Err(crate::shared::UpgradeRefused::Unavailable) => json(
                         StatusCode::NOT_IMPLEMENTED,
                         &serde_json::json!({ "error": "this process cannot upgrade itself (not the portcullis binary)" }),
