@@ -237,6 +237,8 @@ pub fn request(shared: &Shared, from: &'static str) -> Result<(), UpgradeRefused
 /// answered that they cannot move.
 #[derive(Default)]
 struct Round {
+    /// When the sessions were asked to pause: the pause each saw ends at the commit.
+    asked_at: Option<Instant>,
     asked: Vec<Arc<ConnInfo>>,
     parked: Vec<Parked>,
     stayed: usize,
@@ -267,6 +269,7 @@ async fn upgrade_once(
     let ms = started.elapsed().as_millis() as u64;
     match result {
         Ok(ch) => {
+            let paused_ms = round.asked_at.map_or(0, |t| t.elapsed().as_millis() as u64);
             // Their sessions end without a byte: the new process has them.
             for p in &round.parked {
                 p.info.moved_away();
@@ -278,6 +281,7 @@ async fn upgrade_once(
                 moved = round.parked.len(),
                 stayed = round.stayed,
                 ms,
+                paused_ms,
                 pid = child.as_ref().map(|c: &std::process::Child| c.id()),
                 "binary upgraded: the new process has the listeners and the moved connections"
             );
@@ -359,6 +363,7 @@ async fn attempt(
         .await?;
 
     // Pause every session; each answers at its next poll.
+    round.asked_at = Some(Instant::now());
     round.asked = shared.registry.all().into_iter().filter(|c| c.ask_pause()).collect();
     collect(shared, round, deadline, timeout_s).await?;
     send_round(shared, &ch, &round.parked, deadline, timeout_s, &mut revocations).await?;
