@@ -37,8 +37,3 @@ pub fn ready() {
         tracing::warn!(error = %e, "could not tell systemd this process is ready ({NOTIFY_SOCKET})");
     }
 }
-
-/// This process is stopping (its last words to systemd).
-pub fn stopping() {
-    let _ = notify("STOPPING=1\n");
-}
