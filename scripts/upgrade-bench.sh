@@ -68,7 +68,7 @@ path = "$DIR/r.log"
 level = "warn"
 EOF
 TOKEN=$("$DIR/portcullis" token --config "$DIR/gw.toml" --sub bench --ttl 1h)
-PORTCULLIS_LOG='warn,portcullis::upgrade=info' "$DIR/portcullis" serve --config "$DIR/gw.toml" 2>"$DIR/gw.log" &
+PORTCULLIS_LOG='warn,portcullis::upgrade=debug' "$DIR/portcullis" serve --config "$DIR/gw.toml" 2>"$DIR/gw.log" &
 GW=$!
 PIDS+=("$GW")
 disown "$GW"
@@ -76,4 +76,4 @@ for _ in $(seq 100); do grep -q '^listening' "$DIR/gw.log" && break; sleep 0.1; 
 $T/upgrade-bench --public 127.0.0.1:18090 --admin 127.0.0.1:19090 \
     --token "$TOKEN" --pid "$GW" -n "$N" --interval-ms "$INTERVAL" | tee "$DIR/bench.out"
 curl -s http://127.0.0.1:19090/readyz | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])' >"$DIR/new.pid" || true
-grep 'event="upgrade"' "$DIR/gw.log" || { echo "no upgrade line"; cat "$DIR/gw.log"; exit 1; }
+grep -E 'event="upgrade"|upgrade round taken' "$DIR/gw.log" || { echo "no upgrade line"; cat "$DIR/gw.log"; exit 1; }

@@ -671,6 +671,8 @@ async fn take_round(
     })
     .await?;
     let Some((stream, fds)) = received else { return Ok(None) };
+    // Where the pause goes (debug level): the transfer, the rebuild, the commit.
+    let received_at = Instant::now();
     if first && std::env::var(FAULT_ENV).as_deref() == Ok("kill-after-state") {
         tracing::warn!(fault = "kill-after-state", "test fault injection: killing this process mid-transfer");
         let _ = std::process::Command::new("kill").arg("-9").arg(std::process::id().to_string()).status();
@@ -717,6 +719,7 @@ async fn take_round(
         };
         ready.push(crate::pipeline::adopted(shared, Box::pin(session), slot, ip_permit, conn));
     }
+    let rebuilt_ms = received_at.elapsed().as_millis() as u64;
     ch.send(&message(READY, &(n as u32).to_le_bytes()), &[])?;
     let c = ch.clone();
     let kicks = blocking(move || {
@@ -729,6 +732,7 @@ async fn take_round(
     for task in ready {
         tokio::spawn(task);
     }
+    tracing::debug!(moved = n, rebuilt_ms, committed_ms = received_at.elapsed().as_millis() as u64, "upgrade round taken");
     let (recorded, kicks) = split_commit(&kicks)?;
     for r in recorded {
         // Persisted here and broadcast: what it covers is kicked.
