@@ -732,7 +732,12 @@ async fn take_round(
     for task in ready {
         tokio::spawn(task);
     }
-    tracing::debug!(moved = n, rebuilt_ms, committed_ms = received_at.elapsed().as_millis() as u64, "upgrade round taken");
+    tracing::debug!(
+        moved = n,
+        rebuilt_ms,
+        committed_ms = received_at.elapsed().as_millis() as u64,
+        "upgrade round taken"
+    );
     let (recorded, kicks) = split_commit(&kicks)?;
     for r in recorded {
         // Persisted here and broadcast: what it covers is kicked.
