@@ -187,11 +187,11 @@ pub async fn serve(shared: Arc<Shared>, launch: Launch, listeners: (RawFd, RawFd
     shared.upgrade.set_available();
     loop {
         shared.upgrade.requested().await;
-        if let Some(ch) = upgrade_once(&shared, &launch, listeners).await {
+        if let Some((ch, asked)) = upgrade_once(&shared, &launch, listeners).await {
             // This process stops accepting; connections still on their way
             // to a session here follow in late rounds; then the drain.
             shared.upgrade.commit();
-            late_rounds(&shared, &ch).await;
+            late_rounds(&shared, &ch, asked).await;
             let _ = ch.send(&[QUIT], &[]);
             shared.upgrade.settle();
             return;
@@ -254,12 +254,13 @@ impl Round {
     }
 }
 
-/// Runs one upgrade; the channel to the new process once it committed.
+/// Runs one upgrade; once it committed, the channel to the new process and
+/// the connections it asked (moved, or staying).
 async fn upgrade_once(
     shared: &Arc<Shared>,
     launch: &Launch,
     listeners: (RawFd, RawFd),
-) -> Option<Arc<Channel>> {
+) -> Option<(Arc<Channel>, std::collections::HashSet<u64>)> {
     let started = Instant::now();
     let timeout_s = shared.config.load().listen.upgrade_timeout_s;
     let deadline = started + Duration::from_secs(timeout_s);
@@ -285,7 +286,7 @@ async fn upgrade_once(
                 pid = child.as_ref().map(|c: &std::process::Child| c.id()),
                 "binary upgraded: the new process has the listeners and the moved connections"
             );
-            Some(ch)
+            Some((ch, round.asked.iter().map(|c| c.id).collect()))
         }
         Err(e) => {
             // A write to a process that is gone is that process's exit.
@@ -478,7 +479,7 @@ async fn send_round(
 /// under way still finish here. Each that becomes a session is moved in a
 /// round of its own, until none is under way (or their longest deadline
 /// passed). A failed late round leaves its sessions here, to the drain.
-async fn late_rounds(shared: &Arc<Shared>, ch: &Arc<Channel>) {
+async fn late_rounds(shared: &Arc<Shared>, ch: &Arc<Channel>, mut seen: std::collections::HashSet<u64>) {
     let cfg = shared.config.load_full();
     let timeout_s = cfg.listen.upgrade_timeout_s;
     let mut revocations = shared.store.subscribe();
@@ -486,7 +487,7 @@ async fn late_rounds(shared: &Arc<Shared>, ch: &Arc<Channel>) {
         + cfg.limits.handshake_timeout()
         + Duration::from_millis(cfg.upstream.connect_timeout_ms)
         + Duration::from_secs(1);
-    let mut seen: std::collections::HashSet<u64> = shared.registry.all().iter().map(|c| c.id).collect();
+    // Registered after the first round asked (admitted meanwhile): theirs next.
     let (mut moved, mut stayed) = (0, 0);
     loop {
         let mut round = Round::default();
