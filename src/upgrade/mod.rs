@@ -688,24 +688,21 @@ async fn take_round(
     drop(stream);
     let cfg = shared.config.load_full();
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
-    let mut socket = |i: u32| -> Result<tokio::net::TcpStream, UpgradeError> {
-        let fd =
-            fds.get_mut(i as usize).and_then(Option::take).ok_or(UpgradeError::Protocol("descriptor"))?;
-        let s = std::net::TcpStream::from(fd);
-        s.set_nonblocking(true)?;
-        Ok(tokio::net::TcpStream::from_std(s)?)
-    };
-    // Everything rebuilt first; nothing runs before COMMIT.
+    let mut take =
+        |i: u32| fds.get_mut(i as usize).and_then(Option::take).ok_or(UpgradeError::Protocol("descriptor"));
+    // Everything rebuilt first; nothing runs before COMMIT. The accounting
+    // in id order, here (each user's evict order is the order of its ids);
+    // the sockets' registration with the reactor and the sessions, most of
+    // the pause, on every worker at once.
     let n = moved.len();
-    let mut ready = Vec::with_capacity(n);
+    let mut parts: Vec<Vec<Rebuild>> = Vec::new();
+    let workers = tokio::runtime::Handle::current().metrics().num_workers().clamp(1, 8);
+    let per = n.div_ceil(workers).max(1);
     for m in moved {
-        let client = socket(m.client_fd)?;
-        let up = m.up_fd.map(&mut socket).transpose()?;
+        let client = take(m.client_fd)?;
+        let up = m.up_fd.map(&mut take).transpose()?;
         let ip = m.state.ip;
         let slot = shared.registry.restore(&m.state, m.lease);
-        let info = slot.info.clone();
-        let session = handover::resume(m.state, client, up, info, shared.metrics.clone())
-            .map_err(|_| UpgradeError::Protocol("session state"))?;
         // Admitted already: counted, never refused.
         let conn = shared.caps.admit(usize::MAX).map_err(|_| UpgradeError::Protocol("caps"))?;
         let ip_permit = if is_trusted(&cfg.listen.trusted_proxies, ip) {
@@ -718,7 +715,20 @@ async fn take_round(
                     .map_err(|_| UpgradeError::Protocol("caps"))?,
             )
         };
-        ready.push(crate::pipeline::adopted(shared, Box::pin(session), slot, ip_permit, conn));
+        if parts.last().is_none_or(|p| p.len() >= per) {
+            parts.push(Vec::with_capacity(per));
+        }
+        if let Some(p) = parts.last_mut() {
+            p.push(Rebuild { state: m.state, client, up, slot, ip: ip_permit, conn });
+        }
+    }
+    let built = parts.into_iter().map(|part| {
+        let shared = shared.clone();
+        blocking(move || part.into_iter().map(|r| r.build(&shared)).collect::<Result<Vec<_>, _>>())
+    });
+    let mut ready = Vec::with_capacity(n);
+    for part in futures_util::future::join_all(built).await {
+        ready.extend(part?);
     }
     let rebuilt_ms = received_at.elapsed().as_millis() as u64;
     ch.send(&message(READY, &(n as u32).to_le_bytes()), &[])?;
@@ -775,5 +785,35 @@ struct Finished(Arc<Shared>);
 impl Drop for Finished {
     fn drop(&mut self) {
         self.0.upgrade.finished();
+    }
+}
+
+/// One moved connection between its accounting and its session.
+struct Rebuild {
+    state: handover::SessionState,
+    client: OwnedFd,
+    up: Option<OwnedFd>,
+    slot: crate::session::registry::Slot,
+    ip: Option<crate::admit::IpPermit>,
+    conn: crate::admit::ConnPermit,
+}
+
+type Adopted = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl Rebuild {
+    /// Registers its sockets with the reactor (runs on a blocking thread,
+    /// inside the runtime) and rebuilds its session, not yet running.
+    fn build(self, shared: &Arc<Shared>) -> Result<Adopted, UpgradeError> {
+        let socket = |fd: OwnedFd| -> Result<tokio::net::TcpStream, UpgradeError> {
+            let s = std::net::TcpStream::from(fd);
+            s.set_nonblocking(true)?;
+            Ok(tokio::net::TcpStream::from_std(s)?)
+        };
+        let client = socket(self.client)?;
+        let up = self.up.map(socket).transpose()?;
+        let info = self.slot.info.clone();
+        let session = handover::resume(self.state, client, up, info, shared.metrics.clone())
+            .map_err(|_| UpgradeError::Protocol("session state"))?;
+        Ok(Box::pin(crate::pipeline::adopted(shared, Box::pin(session), self.slot, self.ip, self.conn)))
     }
 }
