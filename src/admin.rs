@@ -1,6 +1,6 @@
 //! The admin plane, on its own listener (loopback by default):
 //! `/metrics`, `/healthz`, `/readyz`, `POST /admin/revoke`,
-//! `GET /admin/connections`, `/admin/bans` (list, ban, lift). With `admin.token` set, `/admin/*` requires
+//! `GET /admin/connections`, `/admin/bans` (list, ban, lift), `POST /admin/upgrade`. With `admin.token` set, `/admin/*` requires
 //! `Authorization: Bearer <token>`, compared in constant time.
 
 use std::convert::Infallible;
@@ -109,6 +109,8 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                     "handshaking": shared.slots.total(),
                     "store": if shared.store_up() { "up" } else { "down" },
                     "keys": shared.keys_status().label(),
+                    // Which process answers: a binary upgrade changes it.
+                    "pid": std::process::id(),
                 }),
             )
         }
@@ -128,6 +130,20 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                 }
                 (&Method::POST, "/admin/bans") => ban(shared, req).await,
                 (&Method::DELETE, "/admin/bans") => unban(shared, &req),
+                (&Method::POST, "/admin/upgrade") => match crate::upgrade::request(shared, "admin") {
+                    Ok(()) => json(StatusCode::ACCEPTED, &serde_json::json!({ "upgrade": "started" })),
+                    Err(crate::shared::UpgradeRefused::Running) => json(
+                        StatusCode::CONFLICT,
+                        &serde_json::json!({ "error": "an upgrade is already running" }),
+                    ),
+                    Err(crate::shared::UpgradeRefused::Draining) => {
+                        json(StatusCode::CONFLICT, &serde_json::json!({ "error": "the gateway is draining" }))
+                    }
+                    Err(crate::shared::UpgradeRefused::Unavailable) => json(
+                        StatusCode::NOT_IMPLEMENTED,
+                        &serde_json::json!({ "error": "this process cannot upgrade itself (not the portcullis binary)" }),
+                    ),
+                },
                 (&Method::GET, "/admin/connections") => {
                     // A bad escape matches no subject rather than listing everyone.
                     let sub = req.uri().query().and_then(|q| query_param(q, "sub"));

@@ -145,6 +145,50 @@ fn listen(
     bind(addr).map_err(|source| StartError::Bind { what, addr, source })
 }
 
+/// Listeners a binary upgrade's new process inherits, with what else it
+/// takes over from the old one.
+pub struct Inherited {
+    pub public: std::net::TcpListener,
+    pub admin: std::net::TcpListener,
+    /// The old registry's instance name (connection ids keep their prefix).
+    pub instance: String,
+    /// How long ago the old process's session clock started.
+    pub clock_age: Duration,
+    /// The old registry's next connection id.
+    pub next_id: u64,
+    /// The old Redis link's node name (empty without Redis).
+    pub redis_node: String,
+}
+
+/// An inherited listener, kept when the configuration still names its
+/// address (or port 0, "any": the one it has), with the backlog and
+/// `TCP_DEFER_ACCEPT` the configuration names now; a listener for another
+/// address is bound anew and the inherited one left to close.
+fn adopt_listener(
+    l: std::net::TcpListener,
+    cfg: &Config,
+    want: SocketAddr,
+    backlog: u32,
+    what: &'static str,
+) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { what, addr: want, source };
+    let have = l.local_addr().map_err(err)?;
+    let same = want == have || (want.port() == 0 && want.ip() == have.ip());
+    if !same {
+        tracing::info!(listener = what, old = %have, new = %want, "upgrade: the configuration names a new address");
+        let defer = if what == "listen.public" { cfg.listen.defer_accept_s } else { 0 };
+        return listen(want, backlog, defer, what);
+    }
+    let sock = socket2::SockRef::from(&l);
+    // listen() again on a listening socket only changes its backlog.
+    sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX)).map_err(err)?;
+    if what == "listen.public" && cfg.listen.defer_accept_s > 0 {
+        crate::sockopt::set_defer_accept(&l, Duration::from_secs(cfg.listen.defer_accept_s)).map_err(err)?;
+    }
+    l.set_nonblocking(true).map_err(err)?;
+    TcpListener::from_std(l).map_err(err)
+}
+
 fn addr_is_v4(a: SocketAddr) -> bool {
     a.is_ipv4()
 }
@@ -157,6 +201,26 @@ impl Gateway {
 
     /// As [`bind`](Gateway::bind), with a custom authenticator when given.
     pub async fn bind_with(cfg: Config, auth: Option<Arc<dyn Authenticator>>) -> Result<Gateway, StartError> {
+        Gateway::bind_inner(cfg, auth, None).await
+    }
+
+    /// A binary upgrade's new process: the old one's listeners (re-bound
+    /// only where the configuration now names another address), its
+    /// instance name and its session clock.
+    pub async fn bind_inherited(cfg: Config, inherited: Inherited) -> Result<Gateway, StartError> {
+        Gateway::bind_inner(cfg, None, Some(inherited)).await
+    }
+
+    async fn bind_inner(
+        cfg: Config,
+        auth: Option<Arc<dyn Authenticator>>,
+        inherited: Option<Inherited>,
+    ) -> Result<Gateway, StartError> {
+        // An upgrade's new process keeps the old one's Redis node name, so
+        // moved connections' lease names stay theirs.
+        if let Some(node) = inherited.as_ref().map(|i| i.redis_node.clone()).filter(|n| !n.is_empty()) {
+            let _ = crate::redis_link::INHERITED_NODE.set(node);
+        }
         // The same checks, in the same order, as `preflight` (which
         // `check-config` runs); here each part is kept as it is loaded.
         cfg.validate()?;
@@ -225,9 +289,19 @@ impl Gateway {
 
         crate::fdlimit::check(cfg.limits.max_connections, upstream.is_some());
 
-        let public =
-            listen(cfg.listen.public, cfg.listen.backlog, cfg.listen.defer_accept_s, "listen.public")?;
-        let admin = listen(cfg.listen.admin, 128, 0, "listen.admin")?;
+        let id_floor = inherited.as_ref().map(|i| i.next_id);
+        let (public, admin, inherit) = match inherited {
+            None => (
+                listen(cfg.listen.public, cfg.listen.backlog, cfg.listen.defer_accept_s, "listen.public")?,
+                listen(cfg.listen.admin, 128, 0, "listen.admin")?,
+                None,
+            ),
+            Some(i) => (
+                adopt_listener(i.public, &cfg, cfg.listen.public, cfg.listen.backlog, "listen.public")?,
+                adopt_listener(i.admin, &cfg, cfg.listen.admin, 128, "listen.admin")?,
+                Some((i.instance, i.clock_age)),
+            ),
+        };
         let bans = Arc::new(Bans::new(metrics.clone()));
         let ban_log = crate::ban::persist::path_for(&cfg.revocation.path);
         crate::ban::persist::open(&ban_log, &bans, &cfg.ban)
@@ -237,7 +311,7 @@ impl Gateway {
             caps: Caps::new(),
             slots: Slots::new(Some(metrics.clone())),
             rate: RateLimiter::new(cfg.limits.per_ip_rate, cfg.limits.per_ip_burst),
-            registry: Registry::with_caps(metrics.clone(), user_caps),
+            registry: Registry::inheriting(metrics.clone(), user_caps, inherit),
             config: ArcSwap::from_pointee(cfg),
             metrics,
             auth,
@@ -252,7 +326,13 @@ impl Gateway {
             fd_exhausted_logged: AtomicBool::new(false),
             file_store,
             redis,
+            upgrade: Default::default(),
         });
+        if let Some(next) = id_floor {
+            // Far above any id the old process hands out while it still
+            // finishes handshakes (they follow here with their ids).
+            shared.registry.ids_from(next.saturating_add(1 << 32));
+        }
         Ok(Gateway { shared, public, admin })
     }
 
@@ -272,6 +352,13 @@ impl Gateway {
 
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
+    }
+
+    /// The listeners' descriptors (public, admin), for a binary upgrade to
+    /// hand over; open while [`run`](Gateway::run) serves.
+    pub fn listener_fds(&self) -> (std::os::fd::RawFd, std::os::fd::RawFd) {
+        use std::os::fd::AsRawFd;
+        (self.public.as_raw_fd(), self.admin.as_raw_fd())
     }
 
     /// Serves until `shutdown` resolves, then drains (see `drain`) and
@@ -295,8 +382,20 @@ impl Gateway {
             crate::ban::fleet::start(shared.bans.clone(), r.link(), move || s.config.load().ban.clone())
         });
 
-        shutdown.await;
-        drain(&shared, || {
+        // A committed binary upgrade ends this process too: the new one
+        // accepts now; only what could not move is drained (at once, no
+        // readiness delay: the new process is ready).
+        let upgraded = tokio::select! {
+            _ = shutdown => false,
+            _ = shared.upgrade.committed() => true,
+        };
+        if upgraded {
+            let _ = stop_accept_tx.send(true);
+            let _ = stop_admin_tx.send(true);
+            // Handshakes under way here follow in late rounds first.
+            shared.upgrade.settled().await;
+        }
+        drain(&shared, upgraded, || {
             let _ = stop_accept_tx.send(true);
         })
         .await;
@@ -324,16 +423,12 @@ impl Gateway {
 /// then stop accepting and close live connections with 1001 spread over
 /// the first half of `drain_timeout_s` (no reconnect storm), leaving the
 /// second half for their close handshakes.
-async fn drain(shared: &Arc<Shared>, stop_accepting: impl FnOnce()) {
+async fn drain(shared: &Arc<Shared>, upgraded: bool, stop_accepting: impl FnOnce()) {
     let cfg = shared.config.load_full();
     shared.draining.store(true, Ordering::Release);
-    tracing::info!(
-        event = "drain",
-        delay_s = cfg.listen.drain_delay_s,
-        timeout_s = cfg.listen.drain_timeout_s,
-        "draining"
-    );
-    tokio::time::sleep(Duration::from_secs(cfg.listen.drain_delay_s)).await;
+    let delay_s = if upgraded { 0 } else { cfg.listen.drain_delay_s };
+    tracing::info!(event = "drain", delay_s, timeout_s = cfg.listen.drain_timeout_s, upgraded, "draining");
+    tokio::time::sleep(Duration::from_secs(delay_s)).await;
     stop_accepting();
     shared.registry.start_closing();
     let timeout = Duration::from_secs(cfg.listen.drain_timeout_s);

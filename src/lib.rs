@@ -27,9 +27,10 @@
 //! Around it: [`config`] (every key and default), [`reject`] (every reason),
 //! [`metrics`] (every metric name), [`events`] (metric + log line per
 //! verdict), [`admin`] (the admin plane), [`login`] (`POST /login`),
-//! [`gateway`] (state, start-up, reload, drain), [`demo`] (the demo's
-//! page), [`connect`] (the `portcullis connect` client).
-// `deny`, not `forbid`: `sockopt` holds the one audited exception.
+//! [`gateway`] (state, start-up, reload, drain), [`upgrade`] (the binary replaced with every
+//! live connection kept: `session::handover` pauses, `upgrade` carries them over),
+//! [`demo`] (the demo's page), [`connect`] (the `portcullis connect` client).
+// `deny`, not `forbid`: `sockopt` and `upgrade::fdpass` hold the audited exceptions.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -61,6 +62,7 @@ pub mod session;
 pub mod shared;
 mod sockopt;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 pub use config::Config;

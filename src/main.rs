@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use portcullis::config::{Config, LogFormat};
+use portcullis::upgrade::{self, Incoming, Launch};
 use portcullis::Gateway;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -198,13 +199,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Dispatched in `main`, for its own exit statuses.
         Cmd::Connect { .. } => Ok(()),
         Cmd::Serve { config, demo, public, admin } => {
+            // Before anything else: how this process was started (to start
+            // its successor alike), and whether an upgrade started it.
+            let launch = Launch::from_start().ok();
+            let incoming = match Incoming::from_env().transpose() {
+                Ok(i) => i,
+                Err(e) => anyhow::bail!("taking over from the old process: {e}"),
+            };
             // Before the config: the default `limits.max_connections` is
             // derived from the limit in force.
             portcullis::fdlimit::raise_to_hard();
             // Held until `serve` returns: dropping it removes the demo's files.
             let mut demo_dir = None;
             let (mut cfg, path) = match (config, demo) {
-                (Some(p), _) => (Config::load(&p)?, Some(p)),
+                (Some(p), _) => match Config::load(&p) {
+                    Ok(c) => (c, Some(p)),
+                    Err(e) => {
+                        // The old process logs why and keeps everything.
+                        if let Some(i) = &incoming {
+                            i.refuse(&e.to_string());
+                        }
+                        return Err(e.into());
+                    }
+                },
                 (None, true) => {
                     let dir = tempfile::Builder::new()
                         .prefix("portcullis-demo-")
@@ -227,7 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            let served = rt.block_on(serve(cfg, path, demo));
+            let served = rt.block_on(serve(cfg, path, demo, launch, incoming));
             drop(rt);
             drop(demo_dir);
             served
@@ -279,8 +296,35 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-async fn serve(cfg: Config, path: Option<PathBuf>, demo: bool) -> anyhow::Result<()> {
-    let gateway = Gateway::bind(cfg.clone()).await?;
+async fn serve(
+    cfg: Config,
+    path: Option<PathBuf>,
+    demo: bool,
+    launch: Option<Launch>,
+    incoming: Option<Incoming>,
+) -> anyhow::Result<()> {
+    let gateway = match incoming {
+        None => Gateway::bind(cfg.clone()).await?,
+        Some(mut inc) => {
+            let inherited = portcullis::gateway::Inherited {
+                public: inc.public.take().context("inherited public listener")?,
+                admin: inc.admin.take().context("inherited admin listener")?,
+                instance: inc.preamble.instance.clone(),
+                clock_age: inc.clock_age(),
+                next_id: inc.preamble.next_id,
+                redis_node: inc.preamble.node.clone(),
+            };
+            let gateway = match Gateway::bind_inherited(cfg.clone(), inherited).await {
+                Ok(g) => g,
+                Err(e) => {
+                    inc.refuse(&e.to_string());
+                    return Err(e.into());
+                }
+            };
+            inc.take_over(&gateway.shared()).await.context("taking over from the old process")?;
+            gateway
+        }
+    };
     let public = gateway.public_addr();
     let admin = gateway.admin_addr();
     if cfg.log.format == LogFormat::Json {
@@ -303,6 +347,18 @@ async fn serve(cfg: Config, path: Option<PathBuf>, demo: bool) -> anyhow::Result
         eprintln!("metrics: curl http://{admin}/metrics");
     }
     let shared = gateway.shared();
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let upgrader = launch.map(|l| tokio::spawn(upgrade::serve(shared.clone(), l, gateway.listener_fds())));
+    let asker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while usr2.recv().await.is_some() {
+                let _ = upgrade::request(&shared, "signal");
+            }
+        })
+    };
+    // Serving: systemd (Type=notify) learns it, and which process is main.
+    upgrade::notify::ready();
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -331,6 +387,10 @@ async fn serve(cfg: Config, path: Option<PathBuf>, demo: bool) -> anyhow::Result
         })
         .await;
     reloader.abort();
+    asker.abort();
+    if let Some(u) = upgrader {
+        u.abort();
+    }
     Ok(())
 }
 

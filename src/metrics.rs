@@ -28,6 +28,7 @@ pub const MESSAGES_TOTAL: &str = "portcullis_messages_total";
 pub const BYTES_TOTAL: &str = "portcullis_bytes_total";
 pub const LOGINS_TOTAL: &str = "portcullis_logins_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
+pub const UPGRADES_TOTAL: &str = "portcullis_upgrades_total";
 pub const STORE_UP: &str = "portcullis_store_up";
 pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
 pub const HANDSHAKE_PRESSURE: &str = "portcullis_handshake_pressure";
@@ -170,6 +171,8 @@ pub struct Metrics {
     logins: [Counter; 3],
     reload_ok: Counter,
     reload_error: Counter,
+    upgrade_ok: Counter,
+    upgrade_error: Counter,
     store_up: Gauge,
     store_errors: Vec<Counter>,
     pressure: Gauge,
@@ -219,6 +222,11 @@ impl Metrics {
         describe(BYTES_TOTAL, None, "Payload bytes of relayed data messages, by direction.");
         describe(LOGINS_TOTAL, None, "POST /login attempts by outcome.");
         describe(CONFIG_RELOADS_TOTAL, None, "SIGHUP configuration reloads by result.");
+        describe(
+            UPGRADES_TOTAL,
+            None,
+            "Binary upgrades (SIGUSR2, POST /admin/upgrade) by result; the new process counts the one that started it.",
+        );
         describe(STORE_UP, None, "1 while the shared store (Redis) is connected, 0 when not.");
         describe(STORE_ERRORS_TOTAL, None, "Shared store operations that failed, by operation.");
         describe(HANDSHAKE_PRESSURE, None, "Handshake slots in use over limits.max_handshakes (0 to 1).");
@@ -307,6 +315,8 @@ impl Metrics {
             ],
             reload_ok: counter(CONFIG_RELOADS_TOTAL, &[("result", "ok")]),
             reload_error: counter(CONFIG_RELOADS_TOTAL, &[("result", "error")]),
+            upgrade_ok: counter(UPGRADES_TOTAL, &[("result", "ok")]),
+            upgrade_error: counter(UPGRADES_TOTAL, &[("result", "error")]),
             store_up: gauge(STORE_UP, &[]),
             store_errors: STORE_OPS.iter().map(|op| counter(STORE_ERRORS_TOTAL, &[("op", op)])).collect(),
             pressure: gauge(HANDSHAKE_PRESSURE, &[]),
@@ -427,6 +437,10 @@ impl Metrics {
 
     pub fn login(&self, outcome: LoginOutcome) {
         self.logins[outcome as usize].increment(1);
+    }
+
+    pub fn upgrade(&self, ok: bool) {
+        if ok { &self.upgrade_ok } else { &self.upgrade_error }.increment(1);
     }
 
     pub fn config_reload(&self, ok: bool) {

@@ -115,15 +115,47 @@ pub fn connection(
     let handshake = Box::pin(handshake(shared, tcp, peer, admitted, accepted, early));
     async move {
         let Some(live) = handshake.await else { return };
-        let Live { session, client, started, open, slot, ip, conn } = live;
+        live.run().await;
+    }
+}
+
+impl Live {
+    /// The session to its end, then its one record; then every permit goes.
+    async fn run(self) {
+        let Live { session, client, started, open, slot, ip, conn } = self;
         let reason = session.await;
         let info = &slot.info;
-        events::disconnected(&open.0.metrics, reason, client, &info.sub, info.id, started.elapsed());
+        // A session moved to a new process by a binary upgrade did not end.
+        if !info.moved() {
+            events::disconnected(&open.0.metrics, reason, client, &info.sub, info.id, started.elapsed());
+        }
         drop(open);
         drop(slot);
         drop(ip);
         drop(conn);
     }
+}
+
+/// A session moved here by a binary upgrade, run to its end as any other:
+/// counted open, its permits held, its end recorded once.
+pub fn adopted(
+    shared: &Arc<Shared>,
+    session: Pin<Box<dyn Future<Output = CloseReason> + Send>>,
+    slot: session::registry::Slot,
+    ip: Option<IpPermit>,
+    conn: ConnPermit,
+) -> impl Future<Output = ()> + Send + 'static {
+    let age = std::time::Duration::from_secs(crate::clock::unix_now().saturating_sub(slot.info.since));
+    let live = Live {
+        session,
+        client: SocketAddr::new(slot.info.ip, 0),
+        started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        open: OpenGuard::new(shared),
+        slot,
+        ip,
+        conn,
+    };
+    live.run()
 }
 
 /// An upgraded connection: its session, and what it holds until the end.
@@ -596,7 +628,7 @@ where
 }
 
 /// A client transport: TCP, or TLS over it.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + session::handover::Movable + 'static {
     fn set_nodelay(&self);
 }
 

@@ -54,6 +54,108 @@ pub struct Shared {
     pub(crate) file_store: Option<Arc<FileStore>>,
     /// The Redis backend, when in use: its link's health and its tasks.
     pub(crate) redis: Option<RedisStore>,
+    /// Binary upgrades: asked for by SIGUSR2 or `POST /admin/upgrade`, one
+    /// at a time, carried out by `crate::upgrade`.
+    pub upgrade: UpgradeSwitch,
+}
+
+/// Why an upgrade was not started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpgradeRefused {
+    /// One is already running.
+    Running,
+    /// This process cannot upgrade itself (an embedding without the binary's upgrader).
+    Unavailable,
+    /// The gateway is shutting down (SIGTERM): nothing to hand over to.
+    Draining,
+}
+
+/// Where upgrade requests meet the one upgrader (a leaf: the admin plane
+/// and the signal handler ask, `crate::upgrade` answers).
+#[derive(Default)]
+pub struct UpgradeSwitch {
+    available: AtomicBool,
+    running: AtomicBool,
+    requested: tokio::sync::Notify,
+    committed: tokio::sync::Notify,
+    done: AtomicBool,
+    settled: tokio::sync::Notify,
+    settled_flag: AtomicBool,
+}
+
+impl UpgradeSwitch {
+    /// Asks for an upgrade; refused while one runs.
+    pub fn request(&self) -> Result<(), UpgradeRefused> {
+        if !self.available.load(Ordering::Acquire) {
+            return Err(UpgradeRefused::Unavailable);
+        }
+        if self.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return Err(UpgradeRefused::Running);
+        }
+        self.requested.notify_one();
+        Ok(())
+    }
+
+    /// The upgrader is listening (the binary's `serve`).
+    pub fn set_available(&self) {
+        self.available.store(true, Ordering::Release);
+    }
+
+    /// The next request (the upgrader's loop).
+    pub async fn requested(&self) {
+        self.requested.notified().await;
+    }
+
+    /// An upgrade is under way without a request here: the new process,
+    /// while its predecessor still hands over late rounds.
+    pub fn mark_running(&self) {
+        self.running.store(true, Ordering::Release);
+    }
+
+    /// The upgrade that ran is over (failed: another may be asked for).
+    pub fn finished(&self) {
+        self.running.store(false, Ordering::Release);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// The new process has taken over: this one stops accepting and drains
+    /// what stayed.
+    pub fn commit(&self) {
+        self.done.store(true, Ordering::Release);
+        self.committed.notify_waiters();
+        self.committed.notify_one();
+    }
+
+    /// The hand-over is over (late rounds included): the drain may start.
+    pub fn settle(&self) {
+        self.settled_flag.store(true, Ordering::Release);
+        self.settled.notify_waiters();
+    }
+
+    /// Resolves once [`settle`](UpgradeSwitch::settle) was called.
+    pub async fn settled(&self) {
+        loop {
+            let wait = self.settled.notified();
+            if self.settled_flag.load(Ordering::Acquire) {
+                return;
+            }
+            wait.await;
+        }
+    }
+
+    /// Resolves once an upgrade committed.
+    pub async fn committed(&self) {
+        loop {
+            let wait = self.committed.notified();
+            if self.done.load(Ordering::Acquire) {
+                return;
+            }
+            wait.await;
+        }
+    }
 }
 
 impl Shared {

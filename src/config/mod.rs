@@ -25,6 +25,10 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
 pub const DEFAULT_BACKLOG: u32 = 4096;
 pub const DEFAULT_DRAIN_DELAY_S: u64 = 0;
 pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 30;
+/// How long a binary upgrade's new process has to start, take over and
+/// report ready before the old one takes everything back.
+pub const DEFAULT_UPGRADE_TIMEOUT_S: u64 = 30;
+pub const MAX_UPGRADE_TIMEOUT_S: u64 = 600;
 
 /// The most the default `limits.max_connections` may be; below it, the
 /// default is what the open-file limit allows (`fdlimit`).
@@ -177,6 +181,8 @@ pub struct Listen {
     pub tls_key_file: PathBuf,
     /// `TCP_DEFER_ACCEPT` seconds (Linux); 0 = off.
     pub defer_accept_s: u64,
+    /// A binary upgrade's deadline (SIGUSR2, `POST /admin/upgrade`).
+    pub upgrade_timeout_s: u64,
 }
 
 impl Default for Listen {
@@ -193,6 +199,7 @@ impl Default for Listen {
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
             defer_accept_s: DEFAULT_DEFER_ACCEPT_S,
+            upgrade_timeout_s: DEFAULT_UPGRADE_TIMEOUT_S,
         }
     }
 }
@@ -627,6 +634,7 @@ impl Config {
         within("listen.backlog", u64::from(self.listen.backlog), 1, 65_535)?;
         within("listen.drain_delay_s", self.listen.drain_delay_s, 0, MAX_DRAIN_S)?;
         within("listen.drain_timeout_s", self.listen.drain_timeout_s, 0, MAX_DRAIN_S)?;
+        within("listen.upgrade_timeout_s", self.listen.upgrade_timeout_s, 1, MAX_UPGRADE_TIMEOUT_S)?;
         for (key, v) in [
             ("limits.max_connections", l.max_connections),
             ("limits.max_handshakes", l.max_handshakes),

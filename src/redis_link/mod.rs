@@ -120,6 +120,11 @@ pub struct RedisLink {
     pub buckets: u32,
 }
 
+/// The node name a binary upgrade's new process takes over from the old
+/// one (set once, before the link is built): its connections keep their
+/// lease members, so eviction notices naming them still find them.
+pub static INHERITED_NODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 impl RedisLink {
     /// A link that is down until its owner connects it.
     pub fn new(metrics: Arc<Metrics>, timeout: Duration, buckets: u32) -> RedisLink {
@@ -129,7 +134,7 @@ impl RedisLink {
             suspect: Notify::new(),
             reconnected: Notify::new(),
             failures: AtomicU32::new(0),
-            node: format!("{:016x}", rand::random::<u64>()),
+            node: INHERITED_NODE.get().cloned().unwrap_or_else(|| format!("{:016x}", rand::random::<u64>())),
             evicted: broadcast::channel(EVICTION_CAPACITY).0,
             timeout,
             buckets: buckets.max(1),

@@ -221,6 +221,53 @@ impl Filter {
     }
 }
 
+/// A [`Filter`] as plain data, for a binary upgrade: the new process
+/// continues the direction from exactly the byte the old one stopped at
+/// (a frame half passed, a header split across reads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilterState {
+    pub from_client: bool,
+    pub deflate: bool,
+    pub max_message: u64,
+    pub pending: Vec<u8>,
+    pub left: u64,
+    pub fin: bool,
+    pub in_message: bool,
+    pub message_bytes: u64,
+}
+
+impl Filter {
+    /// Its state, as plain data.
+    pub fn snapshot(&self) -> FilterState {
+        FilterState {
+            from_client: self.rules.from_client,
+            deflate: self.rules.deflate,
+            max_message: self.rules.max_message,
+            pending: self.pending.clone(),
+            left: self.left,
+            fin: self.fin,
+            in_message: self.in_message,
+            message_bytes: self.message_bytes,
+        }
+    }
+
+    /// A filter in state `s`; `None` when `s` could not come from a filter
+    /// (a split piece longer than a header and a control frame).
+    pub fn restore(s: FilterState) -> Option<Filter> {
+        if s.pending.len() > MAX_HEADER_BYTES + MAX_CONTROL_PAYLOAD || (s.left > 0 && !s.pending.is_empty()) {
+            return None;
+        }
+        Some(Filter {
+            rules: Rules { from_client: s.from_client, deflate: s.deflate, max_message: s.max_message },
+            pending: s.pending,
+            left: s.left,
+            fin: s.fin,
+            in_message: s.in_message,
+            message_bytes: s.message_bytes,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::frame::*;

@@ -624,6 +624,73 @@ fn control(opcode: u8, payload: &[u8], on: &mut impl FnMut(Action<'_>) -> bool) 
     }
 }
 
+/// An [`Echo`] as plain data, for a binary upgrade (a text frame half
+/// received, a binary frame half streamed back, a UTF-8 sequence cut by a
+/// read all continue in the new process).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EchoState {
+    pub max_message: u64,
+    pub buf: Vec<u8>,
+    pub frame: Option<Header>,
+    pub got: u64,
+    pub streaming: bool,
+    pub message: Option<u8>,
+    pub message_bytes: u64,
+    pub utf8_carry: [u8; 4],
+    pub utf8_n: u8,
+    /// `permessage-deflate` was agreed (no compressed message is open:
+    /// [`Echo::movable`]).
+    pub deflate: bool,
+}
+
+impl Echo {
+    /// Whether its state is plain data: not while a compressed message is
+    /// being inflated.
+    pub fn movable(&self) -> bool {
+        self.inflater.is_none()
+    }
+
+    /// Its state, as plain data (see [`Echo::movable`]).
+    pub fn snapshot(&self) -> EchoState {
+        EchoState {
+            max_message: u64::from(self.max_message),
+            buf: self.buf.clone(),
+            frame: self.frame,
+            got: self.got,
+            streaming: self.streaming,
+            message: self.message,
+            message_bytes: self.message_bytes,
+            utf8_carry: self.utf8.carry,
+            utf8_n: self.utf8.n,
+            deflate: self.deflate,
+        }
+    }
+
+    /// An endpoint in state `s`; `None` when `s` could not come from one.
+    pub fn restore(s: EchoState) -> Option<Echo> {
+        let sane = s.utf8_n <= 3
+            && s.buf.len() as u64 <= s.max_message.max((MAX_HEADER_BYTES + MAX_CONTROL_PAYLOAD) as u64)
+            && s.frame.is_none_or(|h| s.got <= h.len && !h.is_control())
+            && (!s.streaming || s.frame.is_some())
+            && s.message.is_none_or(|m| m == TEXT || m == BINARY);
+        if !sane {
+            return None;
+        }
+        Some(Echo {
+            max_message: u32::try_from(s.max_message).unwrap_or(u32::MAX),
+            buf: s.buf,
+            frame: s.frame,
+            got: s.got,
+            streaming: s.streaming,
+            message: s.message,
+            message_bytes: s.message_bytes,
+            utf8: Utf8 { carry: s.utf8_carry, n: s.utf8_n },
+            deflate: s.deflate,
+            inflater: None,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

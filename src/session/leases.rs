@@ -112,6 +112,17 @@ pub trait UserCaps: Send + Sync + 'static {
     /// Shutdown: waits until releases issued so far have reached the store,
     /// and stops vouching for whatever this instance still holds.
     async fn flush(&self);
+    /// The name connection `id` holds its lease under, for a binary
+    /// upgrade to carry over (`None`: not held, or no names).
+    fn member(&self, _id: u64) -> Option<String> {
+        None
+    }
+    /// Holds a connection moved here by a binary upgrade, under the name
+    /// its lease already has (no second lease, no gap in the count).
+    fn adopt_member(&self, conn: &Arc<ConnInfo>, member: Option<String>) {
+        let _ = member;
+        self.adopt(conn);
+    }
 }
 
 /// Admission. KEYS[1] the user's lease set, KEYS[2] its evicted set,
@@ -636,6 +647,27 @@ impl UserCaps for RedisLeases {
         let (bucket, ..) = self.hold(conn);
         // Queue full: the next full re-assertion adds it.
         let _ = self.keeper.try_send(KeeperMsg::Adopted(bucket));
+    }
+
+    fn member(&self, id: u64) -> Option<String> {
+        self.held.get(&id).map(|h| h.member.clone())
+    }
+
+    fn adopt_member(&self, conn: &Arc<ConnInfo>, member: Option<String>) {
+        let Some(member) = member else { return self.adopt(conn) };
+        // The lease keeps its name (this process took its predecessor's
+        // node), so it stays one lease under the same heartbeat.
+        let bucket = bucket_of(&conn.sub, self.link.buckets);
+        self.held.insert(
+            conn.id,
+            Held {
+                bucket,
+                key: lease_key(bucket, &conn.sub),
+                evicted_key: evicted_key(bucket, &conn.sub),
+                member,
+                conn: conn.clone(),
+            },
+        );
     }
 
     fn release(&self, conn: &ConnInfo) {

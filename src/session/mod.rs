@@ -33,6 +33,7 @@
 
 pub mod deflate;
 pub mod echo;
+pub mod handover;
 pub mod leases;
 pub mod registry;
 mod timer;
@@ -466,7 +467,7 @@ struct Session<C> {
 /// (which would keep a second copy of every argument), no timer of its own.
 pub fn run<C>(client: Client<C>, upstream: Upstream, p: Params) -> impl Future<Output = CloseReason>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + handover::Movable,
 {
     let mut s = Session::new(client, upstream, p);
     std::future::poll_fn(move |cx| s.poll(cx))
@@ -482,7 +483,7 @@ impl<C> Drop for Session<C> {
     }
 }
 
-impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
+impl<C: AsyncRead + AsyncWrite + Unpin + handover::Movable> Session<C> {
     fn new(client: Client<C>, upstream: Upstream, p: Params) -> Session<C> {
         let Params { info, expires_at, limits, heartbeat, metrics, deflate } = p;
         let start = info.timers().now();
@@ -547,6 +548,10 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Session<C> {
         // Before the kick and the clock are read: a kick or a due deadline
         // from now on wakes this task.
         self.info.watch(cx.waker());
+        // A binary upgrade's pause, before any socket is touched.
+        if let Some(paused) = self.pause_point() {
+            return paused;
+        }
         // One clock read per wake: the loop below runs a few turns at most
         // (the runtime's budget stops the sockets), and a `now` a little
         // behind the wall only makes a deadline fire that much later.

@@ -17,6 +17,7 @@ use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
 use serde::Serialize;
 
+use super::handover::{self, Handover, SessionState};
 use super::leases::{CapError, UserCaps};
 use super::timer::{Ms, Timers};
 use crate::config::{Limits, OnCapStoreError, OnUserCap};
@@ -45,6 +46,8 @@ pub struct ConnInfo {
     last_seen: AtomicU64,
     /// 0 = not kicked; else 1 + index in `CloseReason::ALL`. The first kick wins.
     kicked: AtomicU8,
+    /// Where a binary upgrade stands with it (`handover::NONE`…`MOVED`).
+    pause: AtomicU8,
     /// The session's waker, for a kick and for its deadline (the shared
     /// [`Timers`]). Registered at each poll: the session keeps no future
     /// (and no waiter node) while it idles.
@@ -80,6 +83,53 @@ impl ConnInfo {
     /// clock, so neither a kick nor a deadline in between is missed.
     pub fn watch(&self, waker: &Waker) {
         self.waker.register(waker);
+    }
+
+    /// Asks the session to pause for a binary upgrade; false if it is
+    /// already asked (or paused).
+    pub fn ask_pause(&self) -> bool {
+        let asked = self
+            .pause
+            .compare_exchange(handover::NONE, handover::ASKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if asked {
+            self.waker.wake();
+        }
+        asked
+    }
+
+    /// The upgrade failed: a paused session goes on where it stopped.
+    pub fn resume(&self) {
+        self.pause.store(handover::RESUME, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// The new process has the session: it ends here without a word.
+    pub fn moved_away(&self) {
+        self.pause.store(handover::MOVED, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Did the session move to a new process (so its end is not one)?
+    pub fn moved(&self) -> bool {
+        self.pause.load(Ordering::Acquire) == handover::MOVED
+    }
+
+    pub(super) fn pause_state(&self) -> u8 {
+        self.pause.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_pause(&self, v: u8) {
+        self.pause.store(v, Ordering::Release);
+    }
+
+    /// Where its session leaves its state when paused.
+    pub(super) fn handover(&self) -> &Handover {
+        &self.registry.handover
+    }
+
+    pub(super) fn last_seen_ms(&self) -> Ms {
+        self.last_seen.load(Ordering::Relaxed)
     }
 
     /// Wakes the session (its deadline is due).
@@ -136,6 +186,8 @@ pub struct Registry {
     caps: Option<Arc<dyn UserCaps>>,
     /// Every session's deadline.
     timers: Arc<Timers>,
+    /// Paused sessions' states, during a binary upgrade.
+    pub handover: Handover,
     /// Revocations an admin call is counting the closes of (see
     /// [`Registry::revoke_counting`]): every path that kicks a connection
     /// as `revoked` records it in each one that covers it. Short-lived
@@ -220,6 +272,11 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let registry = &self.info.registry;
         registry.remove(&self.info);
+        // A connection that moved to a new process keeps its fleet lease:
+        // the new process holds it now.
+        if self.info.moved() {
+            return;
+        }
         if let Some(caps) = &registry.caps {
             caps.release(&self.info);
         }
@@ -233,7 +290,22 @@ impl Registry {
 
     /// A registry whose stage 5 asks `caps` (fleet-wide) before its own count.
     pub fn with_caps(metrics: Arc<Metrics>, caps: Option<Arc<dyn UserCaps>>) -> Arc<Registry> {
-        let instance = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+        Registry::inheriting(metrics, caps, None)
+    }
+
+    /// As [`with_caps`](Registry::with_caps); with `inherit`, a binary
+    /// upgrade's new process: the old one's instance name (so moved
+    /// connections keep their ids) and a clock whose epoch is the old
+    /// one's, `age` ago (so their deadlines keep their instants).
+    pub fn inheriting(
+        metrics: Arc<Metrics>,
+        caps: Option<Arc<dyn UserCaps>>,
+        inherit: Option<(String, std::time::Duration)>,
+    ) -> Arc<Registry> {
+        let (instance, timers) = match inherit {
+            Some((instance, age)) => (instance, Timers::aged(age)),
+            None => (format!("{:06x}", rand::random::<u32>() & 0xff_ffff), Timers::new()),
+        };
         Arc::new(Registry {
             instance,
             next_id: AtomicU64::new(1),
@@ -242,9 +314,60 @@ impl Registry {
             metrics,
             closing: AtomicBool::new(false),
             caps,
-            timers: Timers::new(),
+            timers,
+            handover: Handover::default(),
             counting: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Registers a connection moved here by a binary upgrade, with its id,
+    /// admission time and place in its user's evict order (restore in id
+    /// order: oldest first). Never refused: it was admitted already. Its
+    /// fleet lease, if any, is this instance's to keep from now on.
+    pub fn restore(self: &Arc<Self>, s: &SessionState, lease: Option<String>) -> Slot {
+        self.next_id.fetch_max(s.id + 1, Ordering::Relaxed);
+        let info = Arc::new(ConnInfo {
+            id: s.id,
+            sub: Arc::from(s.sub.as_str()),
+            ip: s.ip,
+            since: s.since,
+            jti: s.jti.clone(),
+            iat: s.iat,
+            last_seen: AtomicU64::new(s.last_seen),
+            kicked: AtomicU8::new(0),
+            pause: AtomicU8::new(handover::NONE),
+            waker: AtomicWaker::new(),
+            registry: self.clone(),
+        });
+        if let Some(caps) = &self.caps {
+            caps.adopt_member(&info, lease);
+        }
+        self.by_sub.entry(info.sub.clone()).or_default().push(info.id);
+        self.conns.insert(info.id, info.clone());
+        self.metrics.set_users_connected(self.by_sub.len());
+        Slot { info }
+    }
+
+    /// The fleet lease name of connection `id` (a binary upgrade carries it).
+    pub fn lease_member(&self, id: u64) -> Option<String> {
+        self.caps.as_ref().and_then(|c| c.member(id))
+    }
+
+    /// The next connection id this registry hands out.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Ids from `floor` on (a binary upgrade's new process: above every id
+    /// the old process may still hand out meanwhile).
+    pub fn ids_from(&self, floor: u64) {
+        self.next_id.fetch_max(floor, Ordering::Relaxed);
+    }
+
+    /// The clock every session's deadline is kept in (milliseconds since
+    /// its epoch).
+    pub fn clock_ms(&self) -> Ms {
+        self.timers.now()
     }
 
     /// Stage 5: admits a connection of `sub` within
@@ -323,6 +446,7 @@ impl Registry {
             iat,
             last_seen: AtomicU64::new(self.timers.now()),
             kicked: AtomicU8::new(0),
+            pause: AtomicU8::new(handover::NONE),
             waker: AtomicWaker::new(),
             registry: self.clone(),
         })
@@ -507,6 +631,11 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Is connection `id` still registered?
+    pub fn contains(&self, id: u64) -> bool {
+        self.conns.contains_key(&id)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -51,6 +51,21 @@ impl Timers {
         })
     }
 
+    /// Timers whose epoch was `age` ago: a binary upgrade's new process
+    /// takes the old clock, so deadlines carried over keep their instants
+    /// (both processes read the same monotonic clock). An age beyond the
+    /// clock's own start (impossible between two processes of one boot)
+    /// falls back to now.
+    pub fn aged(age: std::time::Duration) -> Arc<Timers> {
+        let epoch = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        Arc::new(Timers {
+            epoch,
+            entries: Mutex::new(BTreeMap::new()),
+            wake: Arc::new(Notify::new()),
+            driving: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
     /// Now, in this clock's milliseconds.
     pub fn now(&self) -> Ms {
         u64::try_from(Instant::now().saturating_duration_since(self.epoch).as_millis()).unwrap_or(NEVER - 1)
