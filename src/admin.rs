@@ -1,6 +1,7 @@
 //! The admin plane, on its own listener (loopback by default):
 //! `/metrics`, `/healthz`, `/readyz`, `POST /admin/revoke`,
-//! `GET /admin/connections`. With `admin.token` set, `/admin/*` requires
+//! `GET /admin/connections`, `GET /admin/backends`,
+//! `POST /admin/backends/drain` and `/undrain`. With `admin.token` set, `/admin/*` requires
 //! `Authorization: Bearer <token>`, compared in constant time.
 
 use std::convert::Infallible;
@@ -119,6 +120,11 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
             }
             match (req.method(), p) {
                 (&Method::POST, "/admin/revoke") => revoke(shared, req).await,
+                (&Method::GET, "/admin/backends") => {
+                    json(StatusCode::OK, &serde_json::to_value(shared.upstream.list()).unwrap_or_default())
+                }
+                (&Method::POST, "/admin/backends/drain") => backend_drain(shared, req, true).await,
+                (&Method::POST, "/admin/backends/undrain") => backend_drain(shared, req, false).await,
                 (&Method::GET, "/admin/connections") => {
                     // A bad escape matches no subject rather than listing everyone.
                     let sub = req.uri().query().and_then(|q| query_param(q, "sub"));
@@ -175,6 +181,50 @@ async fn revoke(shared: &Shared, req: Request<Incoming>) -> Resp {
         kind = if matches!(r, Revocation::Jti { .. }) { "jti" } else { "sub" }
     );
     json(StatusCode::OK, &serde_json::json!({ "revoked": r, "closed": closed }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    url: String,
+    /// Seconds the closes are spread over; `listen.drain_timeout_s` when absent.
+    over_s: Option<f64>,
+}
+
+/// `POST /admin/backends/drain` (`drain`) and `/undrain`: 404 for a URL
+/// that is not configured.
+async fn backend_drain(shared: &Shared, req: Request<Incoming>, drain: bool) -> Resp {
+    let bad = |msg: &str| json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": msg }));
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad("body too large or unreadable"),
+    };
+    let Ok(b) = serde_json::from_slice::<DrainBody>(&body) else {
+        return bad("expected {\"url\": \"…\", \"over_s\": seconds}");
+    };
+    let unknown =
+        || json(StatusCode::NOT_FOUND, &serde_json::json!({ "error": "no such backend", "url": b.url }));
+    if !drain {
+        if b.over_s.is_some() {
+            return bad("undrain takes only \"url\"");
+        }
+        return match shared.upstream.undrain(&b.url) {
+            Some(()) => json(StatusCode::OK, &serde_json::json!({ "url": b.url, "draining": false })),
+            None => unknown(),
+        };
+    }
+    let over_s = b.over_s.unwrap_or(shared.config.load().listen.drain_timeout_s as f64);
+    if !(over_s.is_finite() && (0.0..=crate::config::bounds::MAX_DRAIN_S as f64).contains(&over_s)) {
+        return bad("over_s must be between 0 and 86400");
+    }
+    let over = std::time::Duration::from_secs_f64(over_s);
+    match shared.upstream.drain(&b.url, over, shared.registry.clone()) {
+        Some(n) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "url": b.url, "draining": true, "connections": n, "over_s": over_s }),
+        ),
+        None => unknown(),
+    }
 }
 
 #[cfg(test)]

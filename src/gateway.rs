@@ -24,7 +24,7 @@ use crate::revocation::SharedStore;
 use crate::session::leases::{RedisLeases, UserCaps};
 use crate::session::registry::Registry;
 pub use crate::shared::Shared;
-use crate::upstream::UpstreamUrl;
+use crate::upstream::pool::Pools;
 use crate::{admin, server};
 
 /// How often background upkeep runs (rate-limiter eviction, gauges).
@@ -57,28 +57,33 @@ impl Shared {
             // Nothing is swapped before every part has been built: a
             // failure anywhere leaves the old configuration whole.
             new.validate()?;
-            let tls = crate::tls::acceptor(&new.listen)?;
-            let signer = self.login.as_ref().map(|_| Login::prepare(&new.auth)).transpose()?;
+            // Fixed at start: addresses, the pools and routes, the store;
+            // keep the old ones.
+            let old = self.config.load_full();
+            let mut merged = new;
+            merged.listen.public = old.listen.public;
+            merged.listen.admin = old.listen.admin;
+            merged.listen.backlog = old.listen.backlog;
+            merged.upstream = crate::upstream::pool::reloaded(self.upstream.started_with(), &merged.upstream);
+            merged.revocation = old.revocation.clone();
+            merged.validate()?;
+            let tls = crate::tls::acceptor(&merged.listen)?;
+            let upstream_tls = self.upstream.load_tls()?;
+            let signer = self.login.as_ref().map(|_| Login::prepare(&merged.auth)).transpose()?;
+            let claims = merged.upstream.all_claim_headers();
             let auth = match &self.jwt {
-                Some(_) => Some(JwtAuthenticator::prepare(&new.auth, &new.upstream.claim_headers)?),
+                Some(_) => Some(JwtAuthenticator::prepare(&merged.auth, &claims)?),
                 None => None,
             };
             if let (Some(jwt), Some(auth)) = (&self.jwt, auth) {
                 jwt.install(auth);
             }
             if let (Some(login), Some(signer)) = (&self.login, signer) {
-                login.apply(signer, &new.auth.login);
+                login.apply(signer, &merged.auth.login);
             }
             self.tls.store(Arc::new(tls));
-            self.rate.set_quota(new.limits.per_ip_rate, new.limits.per_ip_burst);
-            // Fixed at start: addresses, upstream, store; keep the old ones.
-            let old = self.config.load_full();
-            let mut merged = new;
-            merged.listen.public = old.listen.public;
-            merged.listen.admin = old.listen.admin;
-            merged.listen.backlog = old.listen.backlog;
-            merged.upstream.url = old.upstream.url.clone();
-            merged.revocation = old.revocation.clone();
+            self.upstream.install_tls(upstream_tls);
+            self.rate.set_quota(merged.limits.per_ip_rate, merged.limits.per_ip_burst);
             self.config.store(Arc::new(merged));
             Ok(())
         })();
@@ -105,12 +110,14 @@ pub fn preflight(cfg: &Config, jwt: bool) -> Result<(), StartError> {
     }
     crate::revocation::file::check_path(&cfg.revocation.path)?;
     if jwt {
-        JwtAuthenticator::prepare(&cfg.auth, &cfg.upstream.claim_headers)?;
+        JwtAuthenticator::prepare(&cfg.auth, &cfg.upstream.all_claim_headers())?;
     }
     if cfg.auth.login.enabled {
         Login::load(&cfg.auth)?;
     }
     crate::tls::acceptor(&cfg.listen)?;
+    // The backends' CA, certificate and key files (for wss://).
+    Pools::new(&cfg.upstream, &Metrics::new())?;
     Ok(())
 }
 
@@ -188,7 +195,7 @@ impl Gateway {
             None => {
                 let j = Arc::new(JwtAuthenticator::new(
                     &cfg.auth,
-                    &cfg.upstream.claim_headers,
+                    &cfg.upstream.all_claim_headers(),
                     store.clone(),
                     metrics.clone(),
                 )?);
@@ -196,10 +203,10 @@ impl Gateway {
             }
         };
         let login = if cfg.auth.login.enabled { Some(Login::load(&cfg.auth)?) } else { None };
-        let upstream = if cfg.upstream.url == "echo" { None } else { UpstreamUrl::parse(&cfg.upstream.url) };
         let tls = crate::tls::acceptor(&cfg.listen)?;
+        let upstream = Arc::new(Pools::new(&cfg.upstream, &metrics)?);
 
-        crate::fdlimit::check(cfg.limits.max_connections, upstream.is_some());
+        crate::fdlimit::check(cfg.limits.max_connections, upstream.proxies());
 
         let public =
             listen(cfg.listen.public, cfg.listen.backlog, cfg.listen.defer_accept_s, "listen.public")?;
@@ -253,6 +260,12 @@ impl Gateway {
         let sweeper = tokio::spawn(sweep_handshakes(shared.clone()));
         let kicker = tokio::spawn(kick_remote_revocations(shared.clone()));
         let evicter = tokio::spawn(kick_evicted(shared.clone()));
+        let health = {
+            let u = shared.upstream.started_with();
+            let interval = Duration::from_millis(u.health_interval_ms);
+            let timeout = Duration::from_millis(u.connect_timeout_ms);
+            tokio::spawn(crate::upstream::health::run(shared.upstream.clone(), interval, timeout))
+        };
 
         shutdown.await;
         drain(&shared, || {
@@ -266,6 +279,7 @@ impl Gateway {
         sweeper.abort();
         kicker.abort();
         evicter.abort();
+        health.abort();
         // Released leases reach Redis before the link stops (else they
         // would linger until they expire).
         let _ = tokio::time::timeout(Duration::from_secs(2), shared.registry.flush_caps()).await;

@@ -33,6 +33,9 @@ pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
 pub const HANDSHAKE_PRESSURE: &str = "portcullis_handshake_pressure";
 pub const HANDSHAKE_DEADLINE: &str = "portcullis_handshake_deadline_seconds";
 pub const FD_EXHAUSTED_TOTAL: &str = "portcullis_fd_exhausted_total";
+pub const BACKEND_UP: &str = "portcullis_backend_up";
+pub const BACKEND_CONNECTIONS: &str = "portcullis_backend_connections";
+pub const BACKEND_CONNECT_ERRORS_TOTAL: &str = "portcullis_backend_connect_errors_total";
 
 /// Every `portcullis_*` name above: the reference documentation is checked
 /// against this list (`tests/reference.rs`).
@@ -55,6 +58,9 @@ pub const NAMES: &[&str] = &[
     HANDSHAKE_PRESSURE,
     HANDSHAKE_DEADLINE,
     FD_EXHAUSTED_TOTAL,
+    BACKEND_UP,
+    BACKEND_CONNECTIONS,
+    BACKEND_CONNECT_ERRORS_TOTAL,
 ];
 
 /// Handshake latency: from accept to the verdict; sub-millisecond refusals
@@ -172,6 +178,18 @@ impl Metrics {
             FD_EXHAUSTED_TOTAL,
             None,
             "Sockets accepted and closed through the reserve descriptor at EMFILE.",
+        );
+
+        describe(BACKEND_UP, None, "1 while a configured backend is healthy, 0 while it is taken out.");
+        describe(
+            BACKEND_CONNECTIONS,
+            None,
+            "Live connections (and connects in progress) per configured backend.",
+        );
+        describe(
+            BACKEND_CONNECT_ERRORS_TOTAL,
+            None,
+            "Failed connects to a backend for a client's handshake (refused, timeout, TLS, not a 101).",
         );
 
         let process = metrics_process::Collector::default();
@@ -327,12 +345,35 @@ impl Metrics {
         self.store_up.set(if up { 1.0 } else { 0.0 });
     }
 
+    /// The series of one configured backend (`backend` = its URL as
+    /// configured: a closed set, registered at start), at 0.
+    pub fn backend(&self, url: &str) -> BackendSeries {
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+        let key = |name: &'static str| Key::from_parts(name, vec![Label::new("backend", url.to_string())]);
+        let s = BackendSeries {
+            up: self.recorder.register_gauge(&key(BACKEND_UP), &meta),
+            connections: self.recorder.register_gauge(&key(BACKEND_CONNECTIONS), &meta),
+            connect_errors: self.recorder.register_counter(&key(BACKEND_CONNECT_ERRORS_TOTAL), &meta),
+        };
+        s.up.set(0.0);
+        s.connections.set(0.0);
+        s.connect_errors.increment(0);
+        s
+    }
+
     /// `op` must be one of [`STORE_OPS`]; an unknown op is counted as the
     /// first so a typo cannot invent a label value.
     pub fn store_error(&self, op: &str) {
         let i = STORE_OPS.iter().position(|o| *o == op).unwrap_or(0);
         self.store_errors[i].increment(1);
     }
+}
+
+/// One backend's series (see [`Metrics::backend`]).
+pub struct BackendSeries {
+    pub up: Gauge,
+    pub connections: Gauge,
+    pub connect_errors: Counter,
 }
 
 const HANDSHAKE_DURATION_HELP: &str = "Seconds from accept to the handshake's verdict.";

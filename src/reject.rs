@@ -132,10 +132,11 @@ pub enum CloseReason {
     Drain,
     Error,
     UpstreamStalled,
+    BackendDrain,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::ClientClose,
         CloseReason::UpstreamClose,
         CloseReason::PongTimeout,
@@ -151,6 +152,7 @@ impl CloseReason {
         CloseReason::Drain,
         CloseReason::Error,
         CloseReason::UpstreamStalled,
+        CloseReason::BackendDrain,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -170,6 +172,7 @@ impl CloseReason {
             CloseReason::Drain => "drain",
             CloseReason::Error => "error",
             CloseReason::UpstreamStalled => "upstream_stalled",
+            CloseReason::BackendDrain => "backend_drain",
         }
     }
 
@@ -188,6 +191,8 @@ impl CloseReason {
             CloseReason::MessageTooBig => 1009,
             CloseReason::MaxLifetime | CloseReason::Drain => 1001,
             CloseReason::UpstreamLost => 1014,
+            // Service Restart: the client may reconnect at once (to another backend).
+            CloseReason::BackendDrain => 1012,
         }
     }
 }
@@ -269,6 +274,7 @@ mod tests {
             (UpstreamLost, 1014),
             (UpstreamStalled, 1011),
             (Drain, 1001),
+            (BackendDrain, 1012),
         ];
         for (reason, code) in want {
             assert_eq!(reason.close_code(), code, "{reason}");

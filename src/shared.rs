@@ -18,7 +18,7 @@ use crate::revocation::file::FileStore;
 use crate::revocation::redis::RedisStore;
 use crate::revocation::SharedStore;
 use crate::session::registry::Registry;
-use crate::upstream::UpstreamUrl;
+use crate::upstream::pool::Pools;
 
 /// State every connection task and the admin plane share.
 pub struct Shared {
@@ -36,7 +36,8 @@ pub struct Shared {
     pub jwt: Option<Arc<JwtAuthenticator>>,
     pub store: SharedStore,
     pub registry: Arc<Registry>,
-    pub upstream: Option<UpstreamUrl>,
+    /// The backends of every route (none in echo mode), fixed at start.
+    pub upstream: Arc<Pools>,
     pub login: Option<Login>,
     pub tls: ArcSwap<Option<TlsAcceptor>>,
     pub log_limiter: crate::events::LogLimiter,
