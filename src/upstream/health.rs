@@ -22,14 +22,14 @@ const CLOSE_FRAME: [u8; 8] = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
 /// Runs the checks until the task is dropped. Nothing to do without
 /// backends or with `interval` zero (passive ejection only).
 pub async fn run(pools: Arc<Pools>, interval: Duration, timeout: Duration) {
-    if interval.is_zero() || !pools.proxies() {
+    if interval.is_zero() || !pools.backends().iter().any(|b| b.pooled) {
         return;
     }
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let checks = pools.backends().iter().map(|b| {
+        let checks = pools.backends().iter().filter(|b| b.pooled).map(|b| {
             let pools = pools.clone();
             let b = b.clone();
             async move {

@@ -36,6 +36,12 @@ pub const PASSIVE_RETRY: Duration = Duration::from_secs(5);
 /// One backend, shared by every pool that lists its URL.
 pub struct BackendState {
     pub url: UpstreamUrl,
+    /// Listed in `upstream.backends` or a route: health-checked and
+    /// ejected. The lone `upstream.url` backend is neither: with no other
+    /// backend to send a client to, taking it out would only turn a blip
+    /// into seconds of refusals, and it is connected to exactly as before
+    /// pools existed (`backends = [url]` makes a checked pool of one).
+    pub pooled: bool,
     healthy: AtomicBool,
     draining: AtomicBool,
     /// Bumped by every drain and undrain: a drain's closing task stops
@@ -139,6 +145,9 @@ impl Pools {
     /// TLS configuration when a backend is `wss://`.
     pub fn new(u: &Upstream, metrics: &Metrics) -> Result<Pools, ConfigError> {
         let mut backends: Vec<Arc<BackendState>> = Vec::new();
+        let pooled = |text: &str| {
+            u.backends.iter().chain(u.routes.iter().flat_map(|r| r.backends.iter())).any(|b| b == text)
+        };
         let mut member = |text: &str| -> Result<Arc<BackendState>, ConfigError> {
             if let Some(b) = backends.iter().find(|b| b.url.text == text) {
                 return Ok(b.clone());
@@ -151,6 +160,7 @@ impl Pools {
             series.up.set(1.0);
             let b = Arc::new(BackendState {
                 url,
+                pooled: pooled(text),
                 healthy: AtomicBool::new(true),
                 draining: AtomicBool::new(false),
                 drain_gen: AtomicU64::new(0),
@@ -326,6 +336,9 @@ impl Pools {
 
     /// A failed check or connect: `unhealthy_after` in a row take it out.
     fn failed(&self, b: &BackendState, why: &str) {
+        if !b.pooled {
+            return;
+        }
         b.goods.store(0, Ordering::Release);
         let fails = b.fails.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         if fails >= self.hysteresis.unhealthy_after {
