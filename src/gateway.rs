@@ -49,7 +49,8 @@ pub enum StartError {
 
 impl Shared {
     /// Applies a new configuration (SIGHUP): keys, TLS certificates,
-    /// limits, heartbeat and allowed origins, all or nothing.
+    /// limits, heartbeat, allowed origins and the backend pools and routes,
+    /// all or nothing.
     pub fn reload(&self, new: Config) -> Result<(), ConfigError> {
         let result = (|| {
             // Everything that can fail is loaded first; only then applied.
@@ -57,18 +58,15 @@ impl Shared {
             // Nothing is swapped before every part has been built: a
             // failure anywhere leaves the old configuration whole.
             new.validate()?;
-            // Fixed at start: addresses, the pools and routes, the store;
-            // keep the old ones.
+            // Fixed at start: addresses and the store; keep the old ones.
             let old = self.config.load_full();
             let mut merged = new;
             merged.listen.public = old.listen.public;
             merged.listen.admin = old.listen.admin;
             merged.listen.backlog = old.listen.backlog;
-            merged.upstream = crate::upstream::pool::reloaded(self.upstream.started_with(), &merged.upstream);
             merged.revocation = old.revocation.clone();
-            merged.validate()?;
             let tls = crate::tls::acceptor(&merged.listen)?;
-            let upstream_tls = self.upstream.load_tls()?;
+            let pools = self.upstream.prepare(&merged.upstream)?;
             let signer = self.login.as_ref().map(|_| Login::prepare(&merged.auth)).transpose()?;
             let claims = merged.upstream.all_claim_headers();
             let auth = match &self.jwt {
@@ -82,7 +80,7 @@ impl Shared {
                 login.apply(signer, &merged.auth.login);
             }
             self.tls.store(Arc::new(tls));
-            self.upstream.install_tls(upstream_tls);
+            self.upstream.install(pools);
             self.rate.set_quota(merged.limits.per_ip_rate, merged.limits.per_ip_burst);
             self.config.store(Arc::new(merged));
             Ok(())
@@ -117,7 +115,7 @@ pub fn preflight(cfg: &Config, jwt: bool) -> Result<(), StartError> {
     }
     crate::tls::acceptor(&cfg.listen)?;
     // The backends' CA, certificate and key files (for wss://).
-    Pools::new(&cfg.upstream, &Metrics::new())?;
+    crate::upstream::pool::check(&cfg.upstream)?;
     Ok(())
 }
 
@@ -204,7 +202,7 @@ impl Gateway {
         };
         let login = if cfg.auth.login.enabled { Some(Login::load(&cfg.auth)?) } else { None };
         let tls = crate::tls::acceptor(&cfg.listen)?;
-        let upstream = Arc::new(Pools::new(&cfg.upstream, &metrics)?);
+        let upstream = Arc::new(Pools::new(&cfg.upstream, metrics.clone())?);
 
         crate::fdlimit::check(cfg.limits.max_connections, upstream.proxies());
 
@@ -260,12 +258,7 @@ impl Gateway {
         let sweeper = tokio::spawn(sweep_handshakes(shared.clone()));
         let kicker = tokio::spawn(kick_remote_revocations(shared.clone()));
         let evicter = tokio::spawn(kick_evicted(shared.clone()));
-        let health = {
-            let u = shared.upstream.started_with();
-            let interval = Duration::from_millis(u.health_interval_ms);
-            let timeout = Duration::from_millis(u.connect_timeout_ms);
-            tokio::spawn(crate::upstream::health::run(shared.upstream.clone(), interval, timeout))
-        };
+        let health = tokio::spawn(crate::upstream::health::run(shared.upstream.clone()));
 
         shutdown.await;
         drain(&shared, || {

@@ -503,10 +503,12 @@ async fn upstream(
     identity: &Identity,
     conn_id: u64,
 ) -> Result<session::Upstream, Reject> {
-    let pick = upstream::route::pick(&cfg.upstream, head.path());
-    let Some(pool) = shared.upstream.pool(pick.route()) else { return Ok(None) };
-    let timeout = std::time::Duration::from_millis(cfg.upstream.connect_timeout_ms);
-    let claims = cfg.upstream.claim_headers_of(pick.route());
+    // One set of pools from the choice to the 101, whatever a reload does.
+    let set = shared.upstream.load();
+    let pick = upstream::route::pick(set.config(), head.path());
+    let Some(pool) = set.pool(pick.route()) else { return Ok(None) };
+    let timeout = std::time::Duration::from_millis(set.config().connect_timeout_ms);
+    let claims = set.config().claim_headers_of(pick.route());
     let headers = upstream::request_headers(&head, identity, claims, cfg, ctx.peer, ctx.client);
     let target = carrier::strip_access_token(&head.target);
     let protocols = carrier::other_subprotocols(&head);
@@ -517,7 +519,7 @@ async fn upstream(
         let to = upstream::route::target(url, pick, &target);
         upstream::Offer::new(url, &to, &headers, protocols.clone(), extensions.clone())
     };
-    match shared.upstream.connect(pool, &identity.sub, conn_id, offer_for, timeout).await {
+    match set.connect(pool, &identity.sub, conn_id, offer_for, timeout).await {
         Ok(backend) => Ok(Some(backend)),
         Err(e) => {
             tracing::debug!(route = %pool.name, why = ?e, "no backend for the handshake");

@@ -22,8 +22,8 @@ use crate::upstream::pool::Pools;
 
 /// State every connection task and the admin plane share.
 pub struct Shared {
-    /// The configuration in force; SIGHUP swaps it whole. Listen addresses,
-    /// the upstream and the store backend are fixed at start.
+    /// The configuration in force; SIGHUP swaps it whole. Listen addresses
+    /// and the store backend are fixed at start.
     pub config: ArcSwap<Config>,
     pub metrics: Arc<Metrics>,
     pub caps: Arc<Caps>,
@@ -36,7 +36,8 @@ pub struct Shared {
     pub jwt: Option<Arc<JwtAuthenticator>>,
     pub store: SharedStore,
     pub registry: Arc<Registry>,
-    /// The backends of every route (none in echo mode), fixed at start.
+    /// The backends of every route (none in echo mode); SIGHUP swaps the
+    /// set, keeping each backend's state.
     pub upstream: Arc<Pools>,
     pub login: Option<Login>,
     pub tls: ArcSwap<Option<TlsAcceptor>>,

@@ -703,3 +703,55 @@ fn pool_keys_are_checked_and_named() {
     assert_eq!(ok.upstream.retries, 2);
     assert_eq!(ok.upstream.routes[0].retries, Some(0));
 }
+
+#[tokio::test]
+async fn a_reload_changes_the_pools_and_routes_and_live_sessions_keep_their_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (tagged("a").await, tagged("b").await, tagged("c").await);
+    let cfg = pool_config(dir.path(), &[&a, &b], Balance::RoundRobin);
+    let (gw, shared) = start_shared(cfg.clone()).await;
+    let mut on_a = connect_as(&gw, "s0", "/").await;
+    assert_eq!(served_by(&mut on_a).await, "a");
+    let body = format!(r#"{{"url": "{}", "over_s": 60}}"#, b.url());
+    assert_eq!(admin_post(&gw, "/admin/backends/drain", &body).await.status, 200);
+    // a leaves the pool, c joins; b (kept) stays drained; a route appears.
+    let mut next = cfg.clone();
+    next.upstream.backends = vec![b.url(), c.url()];
+    next.upstream.routes = vec![portcullis::config::Route {
+        path_prefix: "/v2".into(),
+        backends: vec![a.url()],
+        ..Default::default()
+    }];
+    shared.reload(next).unwrap();
+    for i in 0..3 {
+        let mut ws = connect_as(&gw, &format!("s{}", i + 1), "/").await;
+        assert_eq!(served_by(&mut ws).await, "c", "b is still drained, a is gone from the default pool");
+    }
+    let mut v2 = connect_as(&gw, "s9", "/v2/x").await;
+    assert_eq!(served_by(&mut v2).await, "a");
+    assert_eq!(a.targets().last().map(String::as_str), Some("/x"));
+    // The session on a, opened before the reload, goes on.
+    assert_eq!(served_by(&mut on_a).await, "a");
+    let list = backends_json(&gw).await;
+    let view: Vec<(String, String, bool)> = list
+        .iter()
+        .map(|e| {
+            (e["route"].as_str().unwrap().into(), e["url"].as_str().unwrap().into(), e["draining"] == true)
+        })
+        .collect();
+    assert_eq!(
+        view,
+        vec![
+            ("default".into(), b.url(), true),
+            ("default".into(), c.url(), false),
+            ("/v2".into(), a.url(), false)
+        ]
+    );
+    // A refused reload (a bad URL) leaves the pools as they are.
+    let mut bad = cfg.clone();
+    bad.upstream.backends = vec!["ws://no port:x/".into()];
+    assert!(shared.reload(bad).is_err());
+    let mut ws = connect_as(&gw, "s5", "/").await;
+    assert_eq!(served_by(&mut ws).await, "c");
+    gw.stop().await;
+}

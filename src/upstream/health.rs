@@ -13,43 +13,47 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use super::pool::{BackendState, Pools};
+use super::pool::{BackendState, PoolSet, Pools};
 use super::Offer;
 
+/// Without checks to run, how often a reload that adds some is looked for.
+const IDLE_LOOK: Duration = Duration::from_secs(1);
 /// The masked close frame (1000, no reason) a check ends with.
 const CLOSE_FRAME: [u8; 8] = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
 
-/// Runs the checks until the task is dropped. Nothing to do without
-/// backends or with `interval` zero (passive ejection only).
-pub async fn run(pools: Arc<Pools>, interval: Duration, timeout: Duration) {
-    if interval.is_zero() || !pools.backends().iter().any(|b| b.pooled) {
-        return;
-    }
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Runs the checks until the task is dropped, with the timing of the set
+/// in force at each round (a reload may change it, or turn checks on).
+pub async fn run(pools: Arc<Pools>) {
     loop {
-        tick.tick().await;
-        let checks = pools.backends().iter().filter(|b| b.pooled).map(|b| {
-            let pools = pools.clone();
+        let set = pools.load();
+        let (interval, timeout) = set.health_timing();
+        let start = tokio::time::Instant::now();
+        if interval.is_zero() || !set.backends().iter().any(|b| b.pooled) {
+            tokio::time::sleep(IDLE_LOOK).await;
+            continue;
+        }
+        let checks = set.backends().iter().filter(|b| b.pooled).map(|b| {
+            let set = set.clone();
             let b = b.clone();
             async move {
-                let result = check(&pools, &b, timeout).await;
+                let result = check(&set, &b, timeout).await;
                 let why = result.as_ref().err().map_or("", String::as_str);
                 tracing::debug!(backend = %b.url.text, ok = result.is_ok(), error = why, "health check");
-                pools.checked(&b, result.is_ok(), why);
+                set.checked(&b, result.is_ok(), why);
             }
         });
         futures_util::future::join_all(checks).await;
+        drop(set);
+        tokio::time::sleep_until(start + interval).await;
     }
 }
 
 /// One check: upgrade, then close.
-async fn check(pools: &Pools, b: &BackendState, timeout: Duration) -> Result<(), String> {
+async fn check(pools: &PoolSet, b: &BackendState, timeout: Duration) -> Result<(), String> {
     let target = if b.url.prefix.is_empty() { "/" } else { b.url.prefix.as_str() };
     let headers = [("User-Agent".to_string(), "portcullis-health-check".to_string())];
     let offer = Offer::new(&b.url, target, &headers, Vec::new(), None)?;
-    let tls = pools.tls();
-    let tls = match (b.url.tls, tls.as_ref()) {
+    let tls = match (b.url.tls, pools.tls()) {
         (true, Some(t)) => Some(t.connector(&b.url)?),
         _ => None,
     };

@@ -8,8 +8,9 @@
 //! A URL configured in several pools is one backend: one health, one
 //! count, one `backend` label.
 //!
-//! Fixed at start: SIGHUP re-reads the `wss://` certificate files only.
-//! A session keeps the backend it has until it ends.
+//! SIGHUP builds a new set of pools (re-reading the `wss://` files) that
+//! keeps the state of every backend it still lists; a session keeps the
+//! backend it has until it ends.
 
 use std::collections::HashSet;
 use std::hash::Hasher;
@@ -124,32 +125,114 @@ pub enum Unavailable {
     AllFailed,
 }
 
-/// Every pool of the gateway, fixed at start.
+/// The gateway's pools: the [`PoolSet`] in force, swapped whole by SIGHUP.
+/// A new set takes over the [`BackendState`] of every URL it keeps (health,
+/// drain, live connections); a session keeps the backend it has whatever
+/// the reload does.
 pub struct Pools {
+    current: ArcSwap<PoolSet>,
+    metrics: Arc<Metrics>,
+    /// The clock of passive retries, shared by every set.
+    epoch: Instant,
+}
+
+impl Pools {
+    /// Builds the pools of `u` (validated): see [`PoolSet`].
+    pub fn new(u: &Upstream, metrics: Arc<Metrics>) -> Result<Pools, ConfigError> {
+        let epoch = Instant::now();
+        let set = PoolSet::build(u, &metrics, None, epoch)?;
+        Ok(Pools { current: ArcSwap::from_pointee(set), metrics, epoch })
+    }
+
+    /// The set in force; a handshake holds it from its choice to its 101.
+    pub fn load(&self) -> Arc<PoolSet> {
+        self.current.load_full()
+    }
+
+    /// The set `u` describes, keeping the state of every backend already
+    /// known; not installed (a reload installs it only once everything
+    /// else loaded too). Reads the TLS files.
+    pub fn prepare(&self, u: &Upstream) -> Result<PoolSet, ConfigError> {
+        PoolSet::build(u, &self.metrics, Some(&self.current.load()), self.epoch)
+    }
+
+    /// Installs `next`. A backend it no longer lists gets no new connection
+    /// (its live ones stay until they end) and exports `up` 0 from then on.
+    pub fn install(&self, next: PoolSet) {
+        let old = self.current.swap(Arc::new(next));
+        let now = self.current.load();
+        for b in old.backends.iter().filter(|b| !now.backends.iter().any(|n| Arc::ptr_eq(n, b))) {
+            b.series.up.set(0.0);
+            tracing::info!(event = "backend", backend = %b.url.text, "backend removed by reload; its live connections stay");
+        }
+    }
+
+    /// Does any path proxy (is there a backend at all)?
+    pub fn proxies(&self) -> bool {
+        self.current.load().proxies()
+    }
+
+    /// `/admin/backends`, of the set in force.
+    pub fn list(&self) -> Vec<BackendView> {
+        self.current.load().list()
+    }
+
+    /// See [`PoolSet::drain`].
+    pub fn drain(&self, url: &str, over: Duration, registry: Arc<Registry>) -> Option<usize> {
+        self.current.load().drain(url, over, registry)
+    }
+
+    /// See [`PoolSet::undrain`].
+    pub fn undrain(&self, url: &str) -> Option<()> {
+        self.current.load().undrain(url)
+    }
+}
+
+/// Checks what building the pools of `u` reads (`check-config`): the URLs
+/// and, with a `wss://` backend, the TLS files.
+pub fn check(u: &Upstream) -> Result<(), ConfigError> {
+    PoolSet::build(u, &Metrics::new(), None, Instant::now()).map(|_| ())
+}
+
+/// Every pool of one configuration: the default one and the routes'.
+pub struct PoolSet {
     /// `None`: echo mode outside the routes.
     default: Option<Pool>,
     /// In `upstream.routes` order (the route index is the config's).
     routes: Vec<Pool>,
     /// Every distinct backend, in configuration order.
     backends: Vec<Arc<BackendState>>,
-    tls: ArcSwap<Option<Tls>>,
-    /// The upstream section as started: what the TLS reload re-reads.
+    tls: Option<Tls>,
+    /// The upstream section this set was built from: routes are picked and
+    /// claim headers read from it, so a handshake sees one set whole.
     config: Upstream,
     hysteresis: Hysteresis,
     epoch: Instant,
 }
 
-impl Pools {
-    /// Builds the pools of `u` (validated), registers each backend's series
-    /// (exported from start: up 1, connections 0, errors 0) and loads the
-    /// TLS configuration when a backend is `wss://`.
-    pub fn new(u: &Upstream, metrics: &Metrics) -> Result<Pools, ConfigError> {
+impl PoolSet {
+    /// Builds the pools of `u` (validated), loading the TLS configuration
+    /// when a backend is `wss://`. A URL `previous` knows keeps its state;
+    /// a new one gets its series registered (up 1, connections 0, errors 0).
+    fn build(
+        u: &Upstream,
+        metrics: &Metrics,
+        previous: Option<&PoolSet>,
+        epoch: Instant,
+    ) -> Result<PoolSet, ConfigError> {
         let mut backends: Vec<Arc<BackendState>> = Vec::new();
         let pooled = |text: &str| {
             u.backends.iter().chain(u.routes.iter().flat_map(|r| r.backends.iter())).any(|b| b == text)
         };
         let mut member = |text: &str| -> Result<Arc<BackendState>, ConfigError> {
             if let Some(b) = backends.iter().find(|b| b.url.text == text) {
+                return Ok(b.clone());
+            }
+            let known = previous
+                .and_then(|p| p.backends.iter().find(|b| b.url.text == text && b.pooled == pooled(text)));
+            if let Some(b) = known {
+                b.series.up.set(if b.healthy() { 1.0 } else { 0.0 });
+                backends.push(b.clone());
                 return Ok(b.clone());
             }
             let url = UpstreamUrl::parse(text).ok_or_else(|| ConfigError::Invalid {
@@ -193,10 +276,10 @@ impl Pools {
         }
         let urls: Vec<&UpstreamUrl> = backends.iter().map(|b| &b.url).collect();
         let tls = Tls::load(u, &urls)?;
-        Ok(Pools {
+        Ok(PoolSet {
             default,
             routes,
-            tls: ArcSwap::from_pointee(tls),
+            tls,
             config: u.clone(),
             hysteresis: Hysteresis {
                 unhealthy_after: u.unhealthy_after,
@@ -204,8 +287,21 @@ impl Pools {
                 active: u.health_interval_ms > 0,
             },
             backends,
-            epoch: Instant::now(),
+            epoch,
         })
+    }
+
+    /// The upstream section this set was built from.
+    pub fn config(&self) -> &Upstream {
+        &self.config
+    }
+
+    /// Active checks' interval (zero: none) and one check's limit.
+    pub fn health_timing(&self) -> (Duration, Duration) {
+        (
+            Duration::from_millis(self.config.health_interval_ms),
+            Duration::from_millis(self.config.connect_timeout_ms),
+        )
     }
 
     /// Does any path proxy (is there a backend at all)?
@@ -226,25 +322,8 @@ impl Pools {
         &self.backends
     }
 
-    pub(super) fn tls(&self) -> arc_swap::Guard<Arc<Option<Tls>>> {
-        self.tls.load()
-    }
-
-    /// Re-reads the `wss://` CA, certificate and key files (SIGHUP), from
-    /// the paths configured at start. Returns the new configuration without
-    /// installing it: the reload installs it only once everything loaded.
-    pub fn load_tls(&self) -> Result<Option<Tls>, ConfigError> {
-        let urls: Vec<&UpstreamUrl> = self.backends.iter().map(|b| &b.url).collect();
-        Tls::load(&self.config, &urls)
-    }
-
-    pub fn install_tls(&self, tls: Option<Tls>) {
-        self.tls.store(Arc::new(tls));
-    }
-
-    /// The upstream section as started (SIGHUP keeps its pools and routes).
-    pub fn started_with(&self) -> &Upstream {
-        &self.config
+    pub(super) fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
     }
 
     fn now_ms(&self) -> u64 {
@@ -423,8 +502,7 @@ impl Pools {
             let lease = Lease::new(b.clone(), id);
             let attempt = async {
                 let offer = offer_for(&b.url)?;
-                let tls = self.tls();
-                let tls = match (b.url.tls, tls.as_ref()) {
+                let tls = match (b.url.tls, self.tls()) {
                     (true, Some(t)) => Some(t.connector(&b.url)?),
                     _ => None,
                 };
@@ -446,27 +524,6 @@ impl Pools {
         }
         Err(Unavailable::AllFailed)
     }
-}
-
-/// The `[upstream]` a SIGHUP installs: the pools, routes, balance,
-/// retries, health keys and TLS file paths as started (a difference is
-/// logged, not applied), `connect_timeout_ms` and the default pool's
-/// `claim_headers` as newly read.
-pub fn reloaded(started: &Upstream, new: &Upstream) -> Upstream {
-    let mut kept = started.clone();
-    kept.connect_timeout_ms = new.connect_timeout_ms;
-    kept.claim_headers = new.claim_headers.clone();
-    let mut compare = new.clone();
-    compare.connect_timeout_ms = kept.connect_timeout_ms;
-    compare.claim_headers = kept.claim_headers.clone();
-    if format!("{compare:?}") != format!("{kept:?}") {
-        tracing::warn!(
-            event = "reload",
-            "upstream backends, routes, balance, retries, health and TLS paths are fixed at start; \
-             the changes wait for a restart (certificate files are re-read)"
-        );
-    }
-    kept
 }
 
 impl Pool {
