@@ -755,3 +755,75 @@ async fn a_reload_changes_the_pools_and_routes_and_live_sessions_keep_their_back
     assert_eq!(served_by(&mut ws).await, "c");
     gw.stop().await;
 }
+
+/// A page that opens a WebSocket through the subprotocol carrier beside its
+/// own protocol, as browser applications do, and writes what it saw.
+const PAGE: &str = r#"<!doctype html><html><body><pre id="out">pending</pre><script>
+const out = document.getElementById("out");
+const ws = new WebSocket("ws://GATEWAY/", ["graphql-transport-ws", "bearer", "TOKEN"]);
+ws.onopen = () => ws.send("hello");
+ws.onmessage = (e) => { out.textContent = "protocol=" + ws.protocol + " echo=" + e.data; ws.close(); };
+ws.onerror = () => { out.textContent = "error"; };
+</script></body></html>"#;
+
+#[tokio::test]
+async fn in_headless_chromium_the_page_sees_its_own_protocol() {
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .expect("this test needs chromium (apt-get install chromium)");
+    let dir = tempfile::tempdir().unwrap();
+    let a = tagged("app").await;
+    let mut cfg = pool_config(dir.path(), &[&a], Balance::LeastConnections);
+    cfg.auth.carriers = vec![portcullis::config::Carrier::Subprotocol];
+    let gw = start(cfg).await;
+    let page = PAGE.replace("GATEWAY", &gw.public.to_string()).replace("TOKEN", &token("browser"));
+    // The page's own origin: a one-page HTTP server.
+    let site = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let site_addr = site.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = site.accept().await else { return };
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut b = [0u8; 4096];
+                let _ = s.read(&mut b).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    page.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(page.as_bytes()).await;
+            });
+        }
+    });
+    let profile = dir.path().join("chromium-profile");
+    let url = format!("http://{site_addr}/");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--virtual-time-budget=10000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--dump-dom", &url])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium finished")
+    .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("protocol=graphql-transport-ws echo=app|hello"),
+        "the page saw: {dom}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.abort();
+    gw.stop().await;
+}
