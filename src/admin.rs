@@ -121,7 +121,12 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
             match (req.method(), p) {
                 (&Method::POST, "/admin/revoke") => revoke(shared, req).await,
                 (&Method::GET, "/admin/backends") => {
-                    json(StatusCode::OK, &serde_json::to_value(shared.upstream.list()).unwrap_or_default())
+                    // Serialised from the struct, so the keys keep their
+                    // documented order (a `Value` would sort them).
+                    let body = serde_json::to_string(&shared.upstream.list()).unwrap_or_else(|_| "[]".into());
+                    let mut r = text(StatusCode::OK, body);
+                    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    r
                 }
                 (&Method::POST, "/admin/backends/drain") => backend_drain(shared, req, true).await,
                 (&Method::POST, "/admin/backends/undrain") => backend_drain(shared, req, false).await,
