@@ -827,3 +827,36 @@ async fn in_headless_chromium_the_page_sees_its_own_protocol() {
     server.abort();
     gw.stop().await;
 }
+
+#[test]
+fn check_config_reads_the_backend_tls_files_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    let write = |upstream: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[auth]\nhmac_secret = \"{SECRET}\"\n[revocation]\npath = \"{}\"\n[upstream]\n{upstream}",
+                dir.path().join("r.log").display()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let missing = dir.path().join("missing-ca.pem");
+    let out = write(&format!("backends = [\"wss://127.0.0.1:1/\"]\nca_file = \"{}\"\n", missing.display()));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("upstream.ca_file") && err.contains("missing-ca.pem"), "{err}");
+    // ws:// only: the TLS files are not needed, so not read.
+    let out = write(&format!("backends = [\"ws://127.0.0.1:1/\"]\nca_file = \"{}\"\n", missing.display()));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let pki = ca(dir.path(), "ok");
+    let out =
+        write(&format!("backends = [\"wss://127.0.0.1:1/\"]\nca_file = \"{}\"\n", pki.ca_file.display()));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}

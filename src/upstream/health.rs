@@ -51,7 +51,14 @@ pub async fn run(pools: Arc<Pools>) {
 /// One check: upgrade, then close.
 async fn check(pools: &PoolSet, b: &BackendState, timeout: Duration) -> Result<(), String> {
     let target = if b.url.prefix.is_empty() { "/" } else { b.url.prefix.as_str() };
-    let headers = [("User-Agent".to_string(), "portcullis-health-check".to_string())];
+    // No identity: the check is nobody's connection. A backend that refuses
+    // upgrades without `X-Portcullis-Sub` can recognise the check by this
+    // header, which no client can send (the gateway strips every
+    // client-sent `X-Portcullis-*`).
+    let headers = [
+        ("User-Agent".to_string(), "portcullis-health-check".to_string()),
+        ("X-Portcullis-Health-Check".to_string(), "1".to_string()),
+    ];
     let offer = Offer::new(&b.url, target, &headers, Vec::new(), None)?;
     let tls = match (b.url.tls, pools.tls()) {
         (true, Some(t)) => Some(t.connector(&b.url)?),
