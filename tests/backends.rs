@@ -757,14 +757,17 @@ async fn a_reload_changes_the_pools_and_routes_and_live_sessions_keep_their_back
 }
 
 /// A page that opens a WebSocket through the subprotocol carrier beside its
-/// own protocol, as browser applications do, and writes what it saw.
+/// own protocol, as browser applications do, and reports what it saw to
+/// `/done`. Its iframe (`/hold`) is answered only then, so the page's load
+/// event, and Chromium's `--dump-dom`, wait for the WebSocket.
 const PAGE: &str = r#"<!doctype html><html><body><pre id="out">pending</pre><script>
 const out = document.getElementById("out");
+const done = (r) => { out.textContent = r; fetch("/done?" + encodeURIComponent(r)); };
 const ws = new WebSocket("ws://GATEWAY/", ["graphql-transport-ws", "bearer", "TOKEN"]);
 ws.onopen = () => ws.send("hello");
-ws.onmessage = (e) => { out.textContent = "protocol=" + ws.protocol + " echo=" + e.data; ws.close(); };
-ws.onerror = () => { out.textContent = "error"; };
-</script></body></html>"#;
+ws.onmessage = (e) => { done("protocol=" + ws.protocol + " echo=" + e.data); ws.close(); };
+ws.onerror = () => done("error");
+</script><iframe src="/hold"></iframe></body></html>"#;
 
 #[tokio::test]
 async fn in_headless_chromium_the_page_sees_its_own_protocol() {
@@ -778,52 +781,60 @@ async fn in_headless_chromium_the_page_sees_its_own_protocol() {
     cfg.auth.carriers = vec![portcullis::config::Carrier::Subprotocol];
     let gw = start(cfg).await;
     let page = PAGE.replace("GATEWAY", &gw.public.to_string()).replace("TOKEN", &token("browser"));
-    // The page's own origin: a one-page HTTP server.
+    // The page's own origin: a small HTTP server (page, report, hold).
     let site = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let site_addr = site.local_addr().unwrap();
+    let (report_tx, mut report_rx) = tokio::sync::watch::channel(None::<String>);
+    let report_tx = Arc::new(report_tx);
     let server = tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         loop {
             let Ok((mut s, _)) = site.accept().await else { return };
             let page = page.clone();
+            let tx = report_tx.clone();
             tokio::spawn(async move {
                 let mut b = [0u8; 4096];
-                let _ = s.read(&mut b).await;
+                let n = s.read(&mut b).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&b[..n]).to_string();
+                let target = head.split(' ').nth(1).unwrap_or("/").to_string();
+                let body = if let Some(q) = target.strip_prefix("/done?") {
+                    let r = percent_encoding::percent_decode_str(q).decode_utf8_lossy().to_string();
+                    tx.send_replace(Some(r));
+                    String::new()
+                } else if target == "/hold" {
+                    let mut rx = tx.subscribe();
+                    let _ = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| r.is_some())).await;
+                    "held".to_string()
+                } else {
+                    page
+                };
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    page.len()
+                    body.len()
                 );
                 let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(page.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
             });
         }
     });
     let profile = dir.path().join("chromium-profile");
     let url = format!("http://{site_addr}/");
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--virtual-time-budget=10000",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(["--dump-dom", &url])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("chromium finished")
-    .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        dom.contains("protocol=graphql-transport-ws echo=app|hello"),
-        "the page saw: {dom}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let browser = tokio::process::Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--dump-dom", &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(60), report_rx.wait_for(|r| r.is_some()))
+        .await
+        .expect("the page reported within 60 s")
+        .unwrap()
+        .clone();
+    assert_eq!(seen.as_deref(), Some("protocol=graphql-transport-ws echo=app|hello"));
+    drop(browser);
     server.abort();
     gw.stop().await;
 }
