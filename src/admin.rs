@@ -223,7 +223,11 @@ async fn backend_drain(shared: &Shared, req: Request<Incoming>, drain: bool) -> 
         return bad("over_s must be between 0 and 86400");
     }
     let over = std::time::Duration::from_secs_f64(over_s);
-    match shared.upstream.drain(&b.url, over, shared.registry.clone()) {
+    let registry = shared.registry.clone();
+    let kick = std::sync::Arc::new(move |id| {
+        registry.kick_id(id, crate::reject::CloseReason::BackendDrain);
+    });
+    match shared.upstream.drain(&b.url, over, kick) {
         Some(n) => json(
             StatusCode::OK,
             &serde_json::json!({ "url": b.url, "draining": true, "connections": n, "over_s": over_s }),

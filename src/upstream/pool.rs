@@ -26,8 +26,6 @@ use super::tls::Tls;
 use super::{Backend, Offer};
 use crate::config::{Balance, ConfigError, Upstream, UpstreamUrl};
 use crate::metrics::{BackendSeries, Metrics};
-use crate::reject::CloseReason;
-use crate::session::registry::Registry;
 
 /// Without active checks (`health_interval_ms = 0`), how long a backend
 /// taken out by failed connects stays out before one connection tries it
@@ -116,6 +114,10 @@ pub struct BackendView {
     pub connections: usize,
 }
 
+/// Closes one connection by id (the registry's kick with `backend_drain`):
+/// given by the caller, so the pools need not know the sessions.
+pub type Kick = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// Why no backend connection came of a handshake.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Unavailable {
@@ -178,8 +180,8 @@ impl Pools {
     }
 
     /// See [`PoolSet::drain`].
-    pub fn drain(&self, url: &str, over: Duration, registry: Arc<Registry>) -> Option<usize> {
-        self.current.load().drain(url, over, registry)
+    pub fn drain(&self, url: &str, over: Duration, kick: Kick) -> Option<usize> {
+        self.current.load().drain(url, over, kick)
     }
 
     /// See [`PoolSet::undrain`].
@@ -357,7 +359,7 @@ impl PoolSet {
     /// the spread runs (handshakes already past the choice) are closed at
     /// its end. `None`: the URL is not configured. Returns how many were
     /// live.
-    pub fn drain(&self, url: &str, over: Duration, registry: Arc<Registry>) -> Option<usize> {
+    pub fn drain(&self, url: &str, over: Duration, kick: Kick) -> Option<usize> {
         let b = self.find(url)?.clone();
         b.draining.store(true, Ordering::Release);
         let generation = b.drain_gen.fetch_add(1, Ordering::AcqRel) + 1;
@@ -376,13 +378,13 @@ impl PoolSet {
                 if !still(&b) {
                     return;
                 }
-                registry.kick_id(*id, CloseReason::BackendDrain);
+                kick(*id);
             }
             tokio::time::sleep_until(start + over).await;
             if still(&b) {
                 let late: Vec<u64> = lock(&b.ids).iter().copied().collect();
                 for id in late {
-                    registry.kick_id(id, CloseReason::BackendDrain);
+                    kick(id);
                 }
             }
         });
