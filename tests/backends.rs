@@ -305,9 +305,10 @@ async fn a_dead_backend_costs_no_handshake_and_is_taken_out_then_put_back() {
     }
     assert!(gw.metric(&errors(&b.url())).await >= 1.0, "the failed connects are counted");
     assert_eq!(gw.metric(&errors(&a.url())).await, 0.0);
-    // Taken out within two checks (passive ejection may come first).
-    wait_health(&gw, &b.url(), false, Duration::from_secs(2)).await;
-    assert!(killed.elapsed() < Duration::from_millis(2 * 200 + 1000), "{:?}", killed.elapsed());
+    // Taken out: by the handshakes' own failed connects (passive), else
+    // within two checks.
+    wait_health(&gw, &b.url(), false, Duration::from_millis(2 * 200 + 1000)).await;
+    assert!(killed.elapsed() < Duration::from_secs(10), "{:?}", killed.elapsed());
     assert_eq!(gw.metric(&up(&b.url())).await, 0.0);
     assert_eq!(gw.rejected("upstream_unavailable").await, 0.0);
     // Back: two good checks put it back, not before.
