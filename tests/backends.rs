@@ -24,8 +24,9 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
 
-/// Request-targets a backend was asked for (health checks included).
-type Seen = Arc<Mutex<Vec<String>>>;
+/// Request-targets a backend was asked for (health checks included), with
+/// the request's headers (names in lower case).
+type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>;
 
 struct Tagged {
     addr: SocketAddr,
@@ -65,7 +66,13 @@ impl Tagged {
     }
 
     fn targets(&self) -> Vec<String> {
-        self.seen.lock().unwrap().clone()
+        self.seen.lock().unwrap().iter().map(|(t, _)| t.clone()).collect()
+    }
+
+    /// Values of header `name` in the `i`-th request it was asked for.
+    fn header(&self, i: usize, name: &str) -> Vec<String> {
+        let seen = self.seen.lock().unwrap();
+        seen[i].1.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
     }
 }
 
@@ -114,7 +121,12 @@ fn spawn_backend(
 #[allow(clippy::result_large_err)] // tungstenite's callback signature
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(io: S, tag: &'static str, seen: Seen) {
     let cb = |req: &Request, mut resp: Response| {
-        seen.lock().unwrap().push(req.uri().to_string());
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        seen.lock().unwrap().push((req.uri().to_string(), headers));
         if let Some(p) = req.headers().get("sec-websocket-protocol") {
             let first = p.to_str().unwrap().split(',').next().unwrap().trim().to_string();
             resp.headers_mut().insert("sec-websocket-protocol", first.parse().unwrap());
@@ -871,4 +883,52 @@ fn check_config_reads_the_backend_tls_files_and_names_the_key() {
     let out =
         write(&format!("backends = [\"wss://127.0.0.1:1/\"]\nca_file = \"{}\"\n", pki.ca_file.display()));
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_route_forwards_its_own_claim_headers_and_every_pools_are_stripped_from_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (tagged("a").await, tagged("b").await);
+    let mut cfg = config(dir.path());
+    cfg.upstream.url = a.url();
+    cfg.upstream.claim_headers.insert("role".into(), "X-Role".into());
+    cfg.upstream.health_interval_ms = 0;
+    cfg.upstream.routes = vec![portcullis::config::Route {
+        path_prefix: "/t".into(),
+        backends: vec![b.url()],
+        claim_headers: Some([("tenant".to_string(), "X-Tenant".to_string())].into()),
+        ..Default::default()
+    }];
+    let gw = start(cfg).await;
+    let t = token_with(serde_json::json!({ "sub": "cy", "role": "admin", "tenant": "acme" }));
+    let spoof =
+        [("Authorization", format!("Bearer {t}")), ("X-Tenant", "evil".into()), ("X-Role", "root".into())];
+    let spoof: Vec<(&str, &str)> = spoof.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut ws = ws_connect(gw.public, "/", &spoof).await.unwrap();
+    assert_eq!(served_by(&mut ws).await, "a");
+    let mut ws = ws_connect(gw.public, "/t", &spoof).await.unwrap();
+    assert_eq!(served_by(&mut ws).await, "b");
+    assert_eq!(a.header(0, "x-role"), vec!["admin"]);
+    assert!(a.header(0, "x-tenant").is_empty(), "another route's claim header is stripped, not forwarded");
+    assert_eq!(b.header(0, "x-tenant"), vec!["acme"]);
+    assert!(b.header(0, "x-role").is_empty());
+    assert_eq!(b.header(0, "x-portcullis-sub"), vec!["cy"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn health_checks_name_themselves_and_carry_no_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = tagged("a").await;
+    let gw = start(pool_config(dir.path(), &[&a], Balance::LeastConnections)).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while a.targets().is_empty() {
+        assert!(Instant::now() < deadline, "no health check reached the backend");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.targets()[0], "/");
+    assert_eq!(a.header(0, "x-portcullis-health-check"), vec!["1"]);
+    assert_eq!(a.header(0, "user-agent"), vec!["portcullis-health-check"]);
+    assert!(a.header(0, "x-portcullis-sub").is_empty());
+    gw.stop().await;
 }
