@@ -66,13 +66,15 @@ impl Shared {
             merged.listen.backlog = old.listen.backlog;
             merged.revocation = old.revocation.clone();
             let tls = crate::tls::acceptor(&merged.listen)?;
-            let pools = self.upstream.prepare(&merged.upstream)?;
             let signer = self.login.as_ref().map(|_| Login::prepare(&merged.auth)).transpose()?;
             let claims = merged.upstream.all_claim_headers();
             let auth = match &self.jwt {
                 Some(_) => Some(JwtAuthenticator::prepare(&merged.auth, &claims)?),
                 None => None,
             };
+            // Last of the fallible steps: it registers the series of new
+            // backends, which a refused reload must not leave behind.
+            let pools = self.upstream.prepare(&merged.upstream)?;
             if let (Some(jwt), Some(auth)) = (&self.jwt, auth) {
                 jwt.install(auth);
             }

@@ -764,6 +764,13 @@ async fn a_reload_changes_the_pools_and_routes_and_live_sessions_keep_their_back
     let mut bad = cfg.clone();
     bad.upstream.backends = vec!["ws://no port:x/".into()];
     assert!(shared.reload(bad).is_err());
+    // Refused later (its CA file is missing): no series for the URL either.
+    let mut bad = cfg.clone();
+    bad.upstream.backends = vec!["wss://127.0.0.1:1/".into()];
+    bad.upstream.ca_file = dir.path().join("missing.pem");
+    let e = shared.reload(bad).unwrap_err().to_string();
+    assert!(e.starts_with("upstream.ca_file"), "{e}");
+    assert!(!gw.metrics().await.contains("wss://127.0.0.1:1/"), "a refused reload left a series");
     let mut ws = connect_as(&gw, "s5", "/").await;
     assert_eq!(served_by(&mut ws).await, "c");
     gw.stop().await;

@@ -110,6 +110,12 @@ impl Upstream {
         }
     }
 
+    /// As [`default_backends`](Upstream::default_backends), borrowed.
+    pub fn default_backends_ref(&self) -> impl Iterator<Item = &String> {
+        let one = (self.backends.is_empty() && self.url != "echo").then_some(&self.url);
+        self.backends.iter().chain(one)
+    }
+
     /// The route a request path goes to, if any: the first whose prefix
     /// matches (see [`Route::matches`]).
     pub fn route_for(&self, path: &str) -> Option<(usize, &Route)> {

@@ -222,62 +222,70 @@ impl PoolSet {
         previous: Option<&PoolSet>,
         epoch: Instant,
     ) -> Result<PoolSet, ConfigError> {
-        let mut backends: Vec<Arc<BackendState>> = Vec::new();
-        let pooled = |text: &str| {
-            u.backends.iter().chain(u.routes.iter().flat_map(|r| r.backends.iter())).any(|b| b == text)
-        };
-        let mut member = |text: &str| -> Result<Arc<BackendState>, ConfigError> {
-            if let Some(b) = backends.iter().find(|b| b.url.text == text) {
-                return Ok(b.clone());
-            }
-            let known = previous
-                .and_then(|p| p.backends.iter().find(|b| b.url.text == text && b.pooled == pooled(text)));
-            if let Some(b) = known {
-                b.series.up.set(if b.healthy() { 1.0 } else { 0.0 });
-                backends.push(b.clone());
-                return Ok(b.clone());
-            }
+        // Everything that can fail comes first: a set that is not built
+        // (a reload refused) registers no series for URLs never in force.
+        let mut texts: Vec<&String> = u.default_backends_ref().collect();
+        texts.extend(u.routes.iter().flat_map(|r| r.backends.iter()));
+        let mut urls: Vec<UpstreamUrl> = Vec::with_capacity(texts.len());
+        for text in texts {
             let url = UpstreamUrl::parse(text).ok_or_else(|| ConfigError::Invalid {
                 key: "upstream.backends",
                 msg: format!("cannot parse {text:?}"),
             })?;
-            let series = metrics.backend(text);
-            series.up.set(1.0);
-            let b = Arc::new(BackendState {
-                url,
-                pooled: pooled(text),
-                healthy: AtomicBool::new(true),
-                draining: AtomicBool::new(false),
-                drain_gen: AtomicU64::new(0),
-                conns: AtomicUsize::new(0),
-                ids: Mutex::new(HashSet::new()),
-                fails: AtomicU32::new(0),
-                goods: AtomicU32::new(0),
-                retry_at: AtomicU64::new(0),
-                series,
-            });
-            backends.push(b.clone());
-            Ok(b)
+            if !urls.contains(&url) {
+                urls.push(url);
+            }
+        }
+        let tls = Tls::load(u, &urls.iter().collect::<Vec<_>>())?;
+        let pooled = |text: &str| {
+            u.backends.iter().chain(u.routes.iter().flat_map(|r| r.backends.iter())).any(|b| b == text)
+        };
+        let backends: Vec<Arc<BackendState>> = urls
+            .into_iter()
+            .map(|url| {
+                let pooled = pooled(&url.text);
+                let known = previous
+                    .and_then(|p| p.backends.iter().find(|b| b.url.text == url.text && b.pooled == pooled));
+                if let Some(b) = known {
+                    b.series.up.set(if b.healthy() { 1.0 } else { 0.0 });
+                    return b.clone();
+                }
+                let series = metrics.backend(&url.text);
+                series.up.set(1.0);
+                Arc::new(BackendState {
+                    url,
+                    pooled,
+                    healthy: AtomicBool::new(true),
+                    draining: AtomicBool::new(false),
+                    drain_gen: AtomicU64::new(0),
+                    conns: AtomicUsize::new(0),
+                    ids: Mutex::new(HashSet::new()),
+                    fails: AtomicU32::new(0),
+                    goods: AtomicU32::new(0),
+                    retry_at: AtomicU64::new(0),
+                    series,
+                })
+            })
+            .collect();
+        // Every text was parsed into `backends` above.
+        let members = |texts: &[String]| -> Vec<Arc<BackendState>> {
+            texts.iter().filter_map(|t| backends.iter().find(|b| &b.url.text == t).cloned()).collect()
         };
         let default_urls = u.default_backends();
         let default = if default_urls.is_empty() {
             None
         } else {
-            let members = default_urls.iter().map(|t| member(t)).collect::<Result<Vec<_>, _>>()?;
-            Some(Pool::new("default".into(), members, u.balance, u.retries))
+            Some(Pool::new("default".into(), members(&default_urls), u.balance, u.retries))
         };
         let mut routes = Vec::with_capacity(u.routes.len());
         for r in &u.routes {
-            let members = r.backends.iter().map(|t| member(t)).collect::<Result<Vec<_>, _>>()?;
             routes.push(Pool::new(
                 r.path_prefix.clone(),
-                members,
+                members(&r.backends),
                 r.balance.unwrap_or(u.balance),
                 r.retries.unwrap_or(u.retries),
             ));
         }
-        let urls: Vec<&UpstreamUrl> = backends.iter().map(|b| &b.url).collect();
-        let tls = Tls::load(u, &urls)?;
         Ok(PoolSet {
             default,
             routes,
