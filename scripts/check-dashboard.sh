@@ -15,6 +15,8 @@
 #          listening public=HOST:PORT admin=HOST:PORT
 #          token: <TOKEN>
 #      and sends some traffic (404s, 401s, 426, 101s, a few echoed messages);
+#      and a second gateway with a backend pool (the demo as its backend), so
+#      the per-backend series exist too;
 #   5. scrapes http://ADMIN/metrics and runs `promtool check metrics` on it
 #      (fatal/style classification below);
 #   6. checks that every metric name a dashboard query or alert rule names
@@ -56,6 +58,7 @@ APT_TIMEOUT=900
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-check.XXXXXX")
 GW_PID=""
+POOL_PID=""
 PROM_PID=""
 POLICY_RC=/usr/sbin/policy-rc.d
 POLICY_STATE=""      # "" = untouched, "created" = ours (remove), "replaced" = restore backup
@@ -95,6 +98,7 @@ cleanup() {
   set +e
   stop_pid "$PROM_PID"
   stop_pid "$GW_PID"
+  stop_pid "$POOL_PID"
   restore_policy_rc
   if [ -n "${PORTCULLIS_CHECK_KEEP:-}" ]; then
     log "kept $WORK"
@@ -657,6 +661,38 @@ fi
 read -r PUBLIC ADMIN TOKEN <<<"$addrs"
 pass "gateway started: public=$PUBLIC admin=$ADMIN (token parsed, ${#TOKEN} chars)"
 
+# The pool gateway: echo mode has no backend series; this one proxies to
+# the demo (whose upgrades it answers 401: the backend is taken out, which
+# is the state the backend panels and alerts exist for).
+cat >"$WORK/pool.toml" <<EOF
+[listen]
+public = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[auth]
+hmac_secret = "check-dashboard-pool-secret-0123456789"
+[revocation]
+path = "$WORK/pool-revocations.log"
+[upstream]
+backends = ["ws://$PUBLIC/"]
+health_interval_ms = 500
+EOF
+NO_COLOR=1 RUST_BACKTRACE=0 "$BIN" serve --config "$WORK/pool.toml" \
+  >"$WORK/pool.stdout" 2>"$WORK/pool.stderr" </dev/null &
+POOL_PID=$!
+POOL_ADMIN=""
+deadline=$((SECONDS + GATEWAY_START_TIMEOUT))
+while [ $SECONDS -lt $deadline ]; do
+  POOL_ADMIN=$(grep -o 'admin=[0-9.:]*' "$WORK/pool.stderr" 2>/dev/null | head -1 | cut -d= -f2 || true)
+  [ -n "$POOL_ADMIN" ] && break
+  kill -0 "$POOL_PID" 2>/dev/null || break
+  sleep 0.2
+done
+if [ -z "$POOL_ADMIN" ]; then
+  show_log "pool gateway stderr" "$WORK/pool.stderr"
+  abort "the pool gateway printed no 'listening ... admin=...' line"
+fi
+pass "pool gateway started: admin=$POOL_ADMIN"
+
 UPGRADE=(-H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13'
          -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==')
 
@@ -733,7 +769,12 @@ while IFS= read -r line; do
 done <"$WORK/lint.err"
 
 # ---------------------------------------------------------------- 6. names in the dashboard vs the scrape
-if names=$(py names "$WORK/metrics.txt" "$WORK/dashboard-queries.json"); then
+if ! curl -sS --fail --max-time 5 "http://$POOL_ADMIN/metrics" -o "$WORK/pool-metrics.txt" 2>"$WORK/scrape.err"; then
+  show_log "curl" "$WORK/scrape.err"
+  abort "scrape of the pool gateway http://$POOL_ADMIN/metrics failed"
+fi
+cat "$WORK/metrics.txt" "$WORK/pool-metrics.txt" >"$WORK/all-metrics.txt"
+if names=$(py names "$WORK/all-metrics.txt" "$WORK/dashboard-queries.json"); then
   pass "dashboard metric names: $names"
 else
   fail "dashboard metric names: $names"
@@ -753,7 +794,7 @@ rule_files:
 scrape_configs:
   - job_name: portcullis
     static_configs:
-      - targets: ["$ADMIN"]
+      - targets: ["$ADMIN", "$POOL_ADMIN"]
 EOF
 log "starting prometheus on 127.0.0.1:$PROM_PORT"
 prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb" \
@@ -793,7 +834,7 @@ else
 fi
 
 if [ -s "$WORK/rule-queries.json" ]; then
-  if names=$(py names "$WORK/metrics.txt" "$WORK/rule-queries.json"); then
+  if names=$(py names "$WORK/all-metrics.txt" "$WORK/rule-queries.json"); then
     pass "alert rule metric names: $names"
   else
     fail "alert rule metric names: $names"

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 # redis-server (its package brings redis-tools: redis-cli, which the Cluster test uses to create the cluster).
 command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-server redis-tools)
-# A real browser for the demo page's test (tests/demo_page.rs).
+# A real browser: the demo page's test (tests/demo_page.rs), and a browser's
+# view of the subprotocol the 101 names (tests/backends.rs).
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_apt[*]} from Debian's packages"

@@ -1,6 +1,7 @@
 //! The admin plane, on its own listener (loopback by default):
 //! `/metrics`, `/healthz`, `/readyz`, `POST /admin/revoke`,
-//! `GET /admin/connections`, `/admin/bans` (list, ban, lift), `POST /admin/upgrade`. With `admin.token` set, `/admin/*` requires
+//! `GET /admin/connections`, `/admin/bans` (list, ban, lift), `POST /admin/upgrade`,
+//! `GET /admin/backends`, `POST /admin/backends/drain` and `/undrain`. With `admin.token` set, `/admin/*` requires
 //! `Authorization: Bearer <token>`, compared in constant time.
 
 use std::convert::Infallible;
@@ -144,6 +145,16 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Resp {
                         &serde_json::json!({ "error": "this process cannot upgrade itself (not the portcullis binary)" }),
                     ),
                 },
+                (&Method::GET, "/admin/backends") => {
+                    // Serialised from the struct, so the keys keep their
+                    // documented order (a `Value` would sort them).
+                    let body = serde_json::to_string(&shared.upstream.list()).unwrap_or_else(|_| "[]".into());
+                    let mut r = text(StatusCode::OK, body);
+                    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    r
+                }
+                (&Method::POST, "/admin/backends/drain") => backend_drain(shared, req, true).await,
+                (&Method::POST, "/admin/backends/undrain") => backend_drain(shared, req, false).await,
                 (&Method::GET, "/admin/connections") => {
                     // A bad escape matches no subject rather than listing everyone.
                     let sub = req.uri().query().and_then(|q| query_param(q, "sub"));
@@ -258,6 +269,54 @@ fn unban(shared: &Shared, req: &Request<Incoming>) -> Resp {
             json(status, &serde_json::json!({ "key": k.to_string(), "lifted": lifted }))
         }
         Err(e) => bad_request(&format!("key: {e}")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    url: String,
+    /// Seconds the closes are spread over; `listen.drain_timeout_s` when absent.
+    over_s: Option<f64>,
+}
+
+/// `POST /admin/backends/drain` (`drain`) and `/undrain`: 404 for a URL
+/// that is not configured.
+async fn backend_drain(shared: &Shared, req: Request<Incoming>, drain: bool) -> Resp {
+    let bad = |msg: &str| json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": msg }));
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad("body too large or unreadable"),
+    };
+    let Ok(b) = serde_json::from_slice::<DrainBody>(&body) else {
+        return bad("expected {\"url\": \"…\", \"over_s\": seconds}");
+    };
+    let unknown =
+        || json(StatusCode::NOT_FOUND, &serde_json::json!({ "error": "no such backend", "url": b.url }));
+    if !drain {
+        if b.over_s.is_some() {
+            return bad("undrain takes only \"url\"");
+        }
+        return match shared.upstream.undrain(&b.url) {
+            Some(()) => json(StatusCode::OK, &serde_json::json!({ "url": b.url, "draining": false })),
+            None => unknown(),
+        };
+    }
+    let over_s = b.over_s.unwrap_or(shared.config.load().listen.drain_timeout_s as f64);
+    if !(over_s.is_finite() && (0.0..=crate::config::bounds::MAX_DRAIN_S as f64).contains(&over_s)) {
+        return bad("over_s must be between 0 and 86400");
+    }
+    let over = std::time::Duration::from_secs_f64(over_s);
+    let registry = shared.registry.clone();
+    let kick = std::sync::Arc::new(move |id| {
+        registry.kick_id(id, crate::reject::CloseReason::BackendDrain);
+    });
+    match shared.upstream.drain(&b.url, over, kick) {
+        Some(n) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "url": b.url, "draining": true, "connections": n, "over_s": over_s }),
+        ),
+        None => unknown(),
     }
 }
 

@@ -72,7 +72,7 @@ fn carriers_of(head: &RequestHead) {
     cfg.auth.carriers = ALL_CARRIERS.to_vec();
     let identity = Identity { sub: "fuzz".into(), ..Identity::default() };
     let peer = SocketAddr::from(([127, 0, 0, 1], 1));
-    let _ = crate::upstream::request_headers(head, &identity, &cfg, peer, peer);
+    let _ = crate::upstream::request_headers(head, &identity, &cfg.upstream.claim_headers, &cfg, peer, peer);
 }
 
 /// A store that revokes nothing, for the verifier below.

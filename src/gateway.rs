@@ -25,7 +25,7 @@ use crate::revocation::SharedStore;
 use crate::session::leases::{RedisLeases, UserCaps};
 use crate::session::registry::Registry;
 pub use crate::shared::Shared;
-use crate::upstream::UpstreamUrl;
+use crate::upstream::pool::Pools;
 use crate::{admin, server};
 
 /// How often background upkeep runs (rate-limiter eviction, gauges).
@@ -53,7 +53,8 @@ pub enum StartError {
 
 impl Shared {
     /// Applies a new configuration (SIGHUP): keys, TLS certificates,
-    /// limits, heartbeat and allowed origins, all or nothing.
+    /// limits, heartbeat, allowed origins and the backend pools and routes,
+    /// all or nothing.
     pub fn reload(&self, new: Config) -> Result<(), ConfigError> {
         let result = (|| {
             // Everything that can fail is loaded first; only then applied.
@@ -61,28 +62,32 @@ impl Shared {
             // Nothing is swapped before every part has been built: a
             // failure anywhere leaves the old configuration whole.
             new.validate()?;
-            let tls = crate::tls::acceptor(&new.listen)?;
-            let signer = self.login.as_ref().map(|_| Login::prepare(&new.auth)).transpose()?;
-            let auth = match &self.jwt {
-                Some(jwt) => Some(jwt.prepare_reload(&new.auth, &new.upstream.claim_headers)?),
-                None => None,
-            };
-            if let (Some(jwt), Some(auth)) = (&self.jwt, auth) {
-                jwt.install(auth);
-            }
-            if let (Some(login), Some(signer)) = (&self.login, signer) {
-                login.apply(signer, &new.auth.login);
-            }
-            self.tls.store(Arc::new(tls));
-            self.rate.set_quota(new.limits.per_ip_rate, new.limits.per_ip_burst);
-            // Fixed at start: addresses, upstream, store; keep the old ones.
+            // Fixed at start: addresses and the store; keep the old ones.
             let old = self.config.load_full();
             let mut merged = new;
             merged.listen.public = old.listen.public;
             merged.listen.admin = old.listen.admin;
             merged.listen.backlog = old.listen.backlog;
-            merged.upstream.url = old.upstream.url.clone();
             merged.revocation = old.revocation.clone();
+            let tls = crate::tls::acceptor(&merged.listen)?;
+            let signer = self.login.as_ref().map(|_| Login::prepare(&merged.auth)).transpose()?;
+            let claims = merged.upstream.all_claim_headers();
+            let auth = match &self.jwt {
+                Some(jwt) => Some(jwt.prepare_reload(&merged.auth, &claims)?),
+                None => None,
+            };
+            // Last of the fallible steps: it registers the series of new
+            // backends, which a refused reload must not leave behind.
+            let pools = self.upstream.prepare(&merged.upstream)?;
+            if let (Some(jwt), Some(auth)) = (&self.jwt, auth) {
+                jwt.install(auth);
+            }
+            if let (Some(login), Some(signer)) = (&self.login, signer) {
+                login.apply(signer, &merged.auth.login);
+            }
+            self.tls.store(Arc::new(tls));
+            self.upstream.install(pools);
+            self.rate.set_quota(merged.limits.per_ip_rate, merged.limits.per_ip_burst);
             self.config.store(Arc::new(merged));
             Ok(())
         })();
@@ -109,7 +114,7 @@ pub fn preflight(cfg: &Config, jwt: bool) -> Result<(), StartError> {
     }
     crate::revocation::file::check_path(&cfg.revocation.path)?;
     if jwt {
-        JwtAuthenticator::prepare(&cfg.auth, &cfg.upstream.claim_headers)?;
+        JwtAuthenticator::prepare(&cfg.auth, &cfg.upstream.all_claim_headers())?;
         // What `serve` fetches before it binds, fetched once.
         crate::auth::provider::check::check(&cfg.auth)?;
     }
@@ -117,6 +122,8 @@ pub fn preflight(cfg: &Config, jwt: bool) -> Result<(), StartError> {
         Login::load(&cfg.auth)?;
     }
     crate::tls::acceptor(&cfg.listen)?;
+    // The backends' CA, certificate and key files (for wss://).
+    crate::upstream::pool::check(&cfg.upstream)?;
     Ok(())
 }
 
@@ -264,7 +271,7 @@ impl Gateway {
             None => {
                 let j = Arc::new(JwtAuthenticator::new(
                     &cfg.auth,
-                    &cfg.upstream.claim_headers,
+                    &cfg.upstream.all_claim_headers(),
                     store.clone(),
                     metrics.clone(),
                 )?);
@@ -284,10 +291,10 @@ impl Gateway {
             }
         }
         let login = if cfg.auth.login.enabled { Some(Login::load(&cfg.auth)?) } else { None };
-        let upstream = if cfg.upstream.url == "echo" { None } else { UpstreamUrl::parse(&cfg.upstream.url) };
         let tls = crate::tls::acceptor(&cfg.listen)?;
+        let upstream = Arc::new(Pools::new(&cfg.upstream, metrics.clone())?);
 
-        crate::fdlimit::check(cfg.limits.max_connections, upstream.is_some());
+        crate::fdlimit::check(cfg.limits.max_connections, upstream.proxies());
 
         let id_floor = inherited.as_ref().map(|i| i.next_id);
         let (public, admin, inherit) = match inherited {
@@ -381,6 +388,7 @@ impl Gateway {
             let s = shared.clone();
             crate::ban::fleet::start(shared.bans.clone(), r.link(), move || s.config.load().ban.clone())
         });
+        let health = tokio::spawn(crate::upstream::health::run(shared.upstream.clone()));
 
         // A committed binary upgrade ends this process too: the new one
         // accepts now; only what could not move is drained (at once, no
@@ -410,6 +418,7 @@ impl Gateway {
         if let Some(f) = ban_fleet {
             f.abort();
         }
+        health.abort();
         // Released leases reach Redis before the link stops (else they
         // would linger until they expire).
         let _ = tokio::time::timeout(Duration::from_secs(2), shared.registry.flush_caps()).await;

@@ -40,6 +40,9 @@ pub const BAN_DRY_RUN_TOTAL: &str = "portcullis_ban_dry_run_total";
 pub const JWKS_FETCHES_TOTAL: &str = "portcullis_jwks_fetches_total";
 pub const JWKS_KEYS: &str = "portcullis_jwks_keys";
 pub const JWKS_AGE: &str = "portcullis_jwks_age_seconds";
+pub const BACKEND_UP: &str = "portcullis_backend_up";
+pub const BACKEND_CONNECTIONS: &str = "portcullis_backend_connections";
+pub const BACKEND_CONNECT_ERRORS_TOTAL: &str = "portcullis_backend_connect_errors_total";
 
 /// Every `portcullis_*` name above: the reference documentation is checked
 /// against this list (`tests/reference.rs`).
@@ -68,6 +71,9 @@ pub const NAMES: &[&str] = &[
     JWKS_FETCHES_TOTAL,
     JWKS_KEYS,
     JWKS_AGE,
+    BACKEND_UP,
+    BACKEND_CONNECTIONS,
+    BACKEND_CONNECT_ERRORS_TOTAL,
 ];
 
 /// Handshake latency: from accept to the verdict; sub-millisecond refusals
@@ -258,6 +264,17 @@ impl Metrics {
             JWKS_AGE,
             None,
             "Seconds since the last successful key fetch, the oldest over identity providers.",
+        );
+        describe(BACKEND_UP, None, "1 while a configured backend is healthy, 0 while it is taken out.");
+        describe(
+            BACKEND_CONNECTIONS,
+            None,
+            "Live connections (and connects in progress) per configured backend.",
+        );
+        describe(
+            BACKEND_CONNECT_ERRORS_TOTAL,
+            None,
+            "Failed connects to a backend for a client's handshake (refused, timeout, TLS, not a 101).",
         );
 
         let process = metrics_process::Collector::default();
@@ -451,12 +468,35 @@ impl Metrics {
         self.store_up.set(if up { 1.0 } else { 0.0 });
     }
 
+    /// The series of one configured backend (`backend` = its URL as
+    /// configured: a closed set, registered at start), at 0.
+    pub fn backend(&self, url: &str) -> BackendSeries {
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+        let key = |name: &'static str| Key::from_parts(name, vec![Label::new("backend", url.to_string())]);
+        let s = BackendSeries {
+            up: self.recorder.register_gauge(&key(BACKEND_UP), &meta),
+            connections: self.recorder.register_gauge(&key(BACKEND_CONNECTIONS), &meta),
+            connect_errors: self.recorder.register_counter(&key(BACKEND_CONNECT_ERRORS_TOTAL), &meta),
+        };
+        s.up.set(0.0);
+        s.connections.set(0.0);
+        s.connect_errors.increment(0);
+        s
+    }
+
     /// `op` must be one of [`STORE_OPS`]; an unknown op is counted as the
     /// first so a typo cannot invent a label value.
     pub fn store_error(&self, op: &str) {
         let i = STORE_OPS.iter().position(|o| *o == op).unwrap_or(0);
         self.store_errors[i].increment(1);
     }
+}
+
+/// One backend's series (see [`Metrics::backend`]).
+pub struct BackendSeries {
+    pub up: Gauge,
+    pub connections: Gauge,
+    pub connect_errors: Counter,
 }
 
 const HANDSHAKE_DURATION_HELP: &str = "Seconds from accept to the handshake's verdict.";

@@ -448,20 +448,27 @@ where
     };
     // Echo mode is the endpoint: it answers a `permessage-deflate` offer
     // itself (a backend answers its own in proxy mode).
-    let echo_deflate = match shared.upstream {
-        None => session::deflate::negotiate(head.headers_named("sec-websocket-extensions")),
-        Some(_) => None,
+    let echo_deflate = {
+        let set = shared.upstream.load();
+        let pick = upstream::route::pick(set.config(), head.path());
+        match set.pool(pick.route()) {
+            None => session::deflate::negotiate(head.headers_named("sec-websocket-extensions")),
+            Some(_) => None,
+        }
     };
     // Owned: the head goes to the upstream stage, which drops it early.
     let key = String::from(key);
-    let mut upstream = match upstream(shared, cfg, ctx, head, &identity).await {
+    let mut upstream = match upstream(shared, cfg, ctx, head, &identity, slot.info.id).await {
         Ok(u) => u,
         Err(r) => return Err(refuse(&mut io, r, None).await),
     };
     let mut protocol = upstream.as_mut().and_then(|b| b.protocol.take());
     let deflate = echo_deflate.is_some();
     let extensions = upstream.as_ref().and_then(|b| b.extensions.clone()).or(echo_deflate.map(Box::from));
-    if identity.carrier == Some(Carrier::Subprotocol) {
+    // The subprotocol carrier: the 101 names what the backend chose among
+    // the client's other protocols (a browser application checks it), and
+    // `bearer` only when it chose none.
+    if identity.carrier == Some(Carrier::Subprotocol) && protocol.is_none() {
         protocol = Some("bearer".into());
     }
     let ws = upgrade(io, &key, protocol.as_deref(), extensions.as_deref(), rest, &live).await?;
@@ -507,7 +514,7 @@ fn client(
 /// Stage 3, second half: path, RFC 6455 upgrade, `Origin`. Returns the
 /// `Sec-WebSocket-Key`. (The refusal fast path runs it too.)
 pub(crate) fn validate<'a, R: Request>(cfg: &Config, head: &'a R) -> Result<&'a str, Reject> {
-    if !cfg.listen.paths.iter().any(|p| p == head.path()) {
+    if !upstream::route::accepts(cfg, head.path()) {
         return Err(Reject::BadPath);
     }
     let key = handshake::validate_upgrade(head)?;
@@ -555,47 +562,43 @@ async fn user_cap(
     Ok(slot)
 }
 
-/// Stage 6: the backend, connected before any 101, offered the client's
-/// extensions. Returns it (none in echo mode). It takes the client's head
-/// and drops it once the offer is built: a handshake waiting on a busy
-/// backend holds a few hundred bytes, not the head and everything built
-/// from it.
+/// Stage 6: a backend of the request's pool, connected before any 101
+/// (others tried when one fails, see `upstream::pool`), offered the
+/// client's extensions. Returns it (none in echo mode). It takes the
+/// client's head and drops it once the offer's parts are built: a
+/// handshake waiting on a busy backend holds a few hundred bytes, not the
+/// head and everything built from it.
 async fn upstream(
     shared: &Shared,
     cfg: &Config,
     ctx: &Ctx,
     head: RequestHead,
     identity: &Identity,
+    conn_id: u64,
 ) -> Result<session::Upstream, Reject> {
-    let Some(url) = &shared.upstream else { return Ok(None) };
-    let timeout = std::time::Duration::from_millis(cfg.upstream.connect_timeout_ms);
-    let connected = match offer(url, cfg, ctx, head, identity) {
-        Ok(offer) => upstream::connect(url, offer, timeout).await,
-        Err(e) => Err(e),
-    };
-    match connected {
-        Ok(backend) => Ok(Some(backend)),
-        Err(e) => {
-            tracing::warn!(error = %e, upstream = %url.authority, "upstream unavailable");
-            Err(Reject::UpstreamUnavailable)
-        }
-    }
-}
-
-/// The backend's upgrade request, from the client's head.
-fn offer(
-    url: &upstream::UpstreamUrl,
-    cfg: &Config,
-    ctx: &Ctx,
-    head: RequestHead,
-    identity: &Identity,
-) -> Result<upstream::Offer, String> {
-    let headers = upstream::request_headers(&head, identity, cfg, ctx.peer, ctx.client);
-    let target = url.target_for(&carrier::strip_access_token(&head.target));
+    // One set of pools from the choice to the 101, whatever a reload does.
+    let set = shared.upstream.load();
+    let pick = upstream::route::pick(set.config(), head.path());
+    let Some(pool) = set.pool(pick.route()) else { return Ok(None) };
+    let timeout = std::time::Duration::from_millis(set.config().connect_timeout_ms);
+    let claims = set.config().claim_headers_of(pick.route());
+    let headers = upstream::request_headers(&head, identity, claims, cfg, ctx.peer, ctx.client);
+    let target = carrier::strip_access_token(&head.target);
     let protocols = carrier::other_subprotocols(&head);
     let extensions = head.headers_named("sec-websocket-extensions").collect::<Vec<_>>().join(", ");
     let extensions = (!extensions.trim().is_empty()).then_some(extensions);
-    upstream::Offer::new(url, &target, &headers, protocols, extensions)
+    drop(head);
+    let offer_for = |url: &upstream::UpstreamUrl| {
+        let to = upstream::route::target(url, pick, &target);
+        upstream::Offer::new(url, &to, &headers, protocols.clone(), extensions.clone())
+    };
+    match set.connect(pool, &identity.sub, conn_id, offer_for, timeout).await {
+        Ok(backend) => Ok(Some(backend)),
+        Err(e) => {
+            tracing::debug!(route = %pool.name, why = ?e, "no backend for the handshake");
+            Err(Reject::UpstreamUnavailable)
+        }
+    }
 }
 
 /// Stage 7: the 101 (naming the subprotocol and the backend's extensions),

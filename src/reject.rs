@@ -172,10 +172,11 @@ pub enum CloseReason {
     Drain,
     Error,
     UpstreamStalled,
+    BackendDrain,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::ClientClose,
         CloseReason::UpstreamClose,
         CloseReason::PongTimeout,
@@ -191,6 +192,7 @@ impl CloseReason {
         CloseReason::Drain,
         CloseReason::Error,
         CloseReason::UpstreamStalled,
+        CloseReason::BackendDrain,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -210,6 +212,7 @@ impl CloseReason {
             CloseReason::Drain => "drain",
             CloseReason::Error => "error",
             CloseReason::UpstreamStalled => "upstream_stalled",
+            CloseReason::BackendDrain => "backend_drain",
         }
     }
 
@@ -228,6 +231,8 @@ impl CloseReason {
             CloseReason::MessageTooBig => 1009,
             CloseReason::MaxLifetime | CloseReason::Drain => 1001,
             CloseReason::UpstreamLost => 1014,
+            // Service Restart: the client may reconnect at once (to another backend).
+            CloseReason::BackendDrain => 1012,
         }
     }
 }
@@ -323,6 +328,7 @@ mod tests {
             (UpstreamLost, 1014),
             (UpstreamStalled, 1011),
             (Drain, 1001),
+            (BackendDrain, 1012),
         ];
         for (reason, code) in want {
             assert_eq!(reason.close_code(), code, "{reason}");

@@ -19,12 +19,12 @@ use crate::revocation::file::FileStore;
 use crate::revocation::redis::RedisStore;
 use crate::revocation::SharedStore;
 use crate::session::registry::Registry;
-use crate::upstream::UpstreamUrl;
+use crate::upstream::pool::Pools;
 
 /// State every connection task and the admin plane share.
 pub struct Shared {
-    /// The configuration in force; SIGHUP swaps it whole. Listen addresses,
-    /// the upstream and the store backend are fixed at start.
+    /// The configuration in force; SIGHUP swaps it whole. Listen addresses
+    /// and the store backend are fixed at start.
     pub config: ArcSwap<Config>,
     pub metrics: Arc<Metrics>,
     pub caps: Arc<Caps>,
@@ -39,7 +39,9 @@ pub struct Shared {
     pub jwt: Option<Arc<JwtAuthenticator>>,
     pub store: SharedStore,
     pub registry: Arc<Registry>,
-    pub upstream: Option<UpstreamUrl>,
+    /// The backends of every route (none in echo mode); SIGHUP swaps the
+    /// set, keeping each backend's state.
+    pub upstream: Arc<Pools>,
     pub login: Option<Login>,
     pub tls: ArcSwap<Option<TlsAcceptor>>,
     pub log_limiter: crate::events::LogLimiter,

@@ -814,7 +814,7 @@ async fn redis_leases_and_caps_carry_over_counted_once() {
     let mut gw = start_with("echo", "", "per_user_max_connections = 1", &revocation, &[]);
     let mut live = ws(gw.public, &token("leased")).await;
     echo(&mut live, "before").await;
-    let members = || redis_cmd(&sock, &["ZRANGE", "portcullis:lease:leased", "0", "-1"]);
+    let members = || redis_cmd(&sock, &["ZRANGE", "portcullis:lease:{0}:leased", "0", "-1"]);
     let before = members();
     assert!(before.starts_with("*1\r\n"), "one lease: {before:?}");
     let old = gw.pid().await.unwrap();

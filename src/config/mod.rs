@@ -4,7 +4,6 @@
 //! (`deny_unknown_fields`), and every validation error names its key, so an
 //! operator's typo never silently becomes a default.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,10 +14,12 @@ use serde::Deserialize;
 mod ban;
 pub mod jwks;
 pub mod redis;
+pub mod upstream;
 
 pub use ban::*;
 pub use jwks::IssuerEntry;
 pub use redis::RedisMode;
+pub use upstream::{Balance, Route, Upstream, UpstreamUrl, DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS};
 
 pub const DEFAULT_PUBLIC: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
@@ -69,7 +70,6 @@ pub const DEFAULT_LOGIN_PER_IP_BURST: u32 = 5;
 
 pub const DEFAULT_REVOCATION_PATH: &str = "portcullis-revocations.log";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 3000;
 
 /// A configuration error, one line, naming the dotted TOML key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -444,26 +444,6 @@ impl Default for Revocation {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Upstream {
-    /// `echo` or `ws://host:port/path`.
-    pub url: String,
-    pub connect_timeout_ms: u64,
-    /// Claim name → request header sent upstream.
-    pub claim_headers: BTreeMap<String, String>,
-}
-
-impl Default for Upstream {
-    fn default() -> Self {
-        Upstream {
-            url: "echo".into(),
-            connect_timeout_ms: DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS,
-            claim_headers: BTreeMap::new(),
-        }
-    }
-}
-
 #[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Admin {
@@ -597,7 +577,12 @@ impl Config {
                 serde_path_to_error::deserialize(de)
                     .map_err(|e| parse_error(text, &e.path().to_string(), e.inner()))
             })?;
-        if cfg.upstream.url != "echo" && !sets_key(text, "limits", "max_connections") {
+        // `url = "echo"` written out beside a pool is a contradiction too
+        // (validate sees only the value, the default's).
+        if sets_key(text, "upstream", "url") && !cfg.upstream.backends.is_empty() {
+            return Err(invalid("upstream.backends", "set upstream.url or upstream.backends, not both"));
+        }
+        if cfg.upstream.proxies() && !sets_key(text, "limits", "max_connections") {
             cfg.limits.max_connections = default_max_connections(true);
         }
         cfg.validate()?;
@@ -670,7 +655,6 @@ impl Config {
         within("auth.leeway_s", a.leeway_s, 0, MAX_LEEWAY_S)?;
         within("auth.max_token_ttl_s", a.max_token_ttl_s, 1, MAX_LIFETIME_S)?;
         within("auth.cache_capacity", a.cache_capacity, 0, MAX_CACHE)?;
-        within("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms, 1, MAX_MS)?;
         within("revocation.lease_ttl_ms", self.revocation.lease_ttl_ms, 100, MAX_MS)?;
         if a.algorithms.is_empty() {
             return Err(invalid("auth.algorithms", "needs at least one algorithm"));
@@ -734,30 +718,7 @@ impl Config {
             rate_within("auth.login.per_ip_rate", a.login.per_ip_rate, false)?;
             within("auth.login.per_ip_burst", u64::from(a.login.per_ip_burst), 1, MAX_BURST)?;
         }
-        if self.upstream.url != "echo" {
-            if !self.upstream.url.starts_with("ws://") {
-                return Err(invalid("upstream.url", "must be \"echo\" or a ws://host:port/path URL"));
-            }
-            if UpstreamUrl::parse(&self.upstream.url).is_none() {
-                return Err(invalid("upstream.url", format!("cannot parse {:?}", self.upstream.url)));
-            }
-        }
-        for (claim, header) in &self.upstream.claim_headers {
-            let ok = !header.is_empty()
-                && header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !ok || claim.is_empty() {
-                return Err(invalid(
-                    "upstream.claim_headers",
-                    format!("{claim:?} -> {header:?} is not a valid header name"),
-                ));
-            }
-            if crate::header::reserved_header(header) {
-                return Err(invalid(
-                    "upstream.claim_headers",
-                    format!("{claim:?} -> {header:?}: the gateway sets or checks {header:?} itself"),
-                ));
-            }
-        }
+        upstream::validate(&self.upstream)?;
         redis::validate(&self.revocation)?;
         if self.revocation.path.as_os_str().is_empty() {
             return Err(invalid("revocation.path", "must not be empty"));
@@ -852,52 +813,6 @@ fn found(got: &str) -> String {
         "sequence" => "a list".into(),
         "map" => "a table".into(),
         other => other.to_string(),
-    }
-}
-
-/// A parsed `ws://host:port/path`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    /// `host:port` as dialled and sent in `Host`.
-    pub authority: String,
-    /// The path prefix, without a trailing `/`.
-    pub prefix: String,
-}
-
-impl UpstreamUrl {
-    /// Parses `ws://host[:port][/path]` (port 80 when absent) with the
-    /// `http` crate's URI parser. Refused: another scheme, user info, a
-    /// query or fragment (the client's own query follows the prefix), an
-    /// empty host, a port out of range.
-    pub fn parse(url: &str) -> Option<UpstreamUrl> {
-        // `Uri` keeps a fragment silently; it has no place in a request-target.
-        if url.contains('#') {
-            return None;
-        }
-        let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse().ok()?;
-        if uri.scheme_str() != Some("ws") || uri.query().is_some() {
-            return None;
-        }
-        let authority = uri.authority()?;
-        if authority.as_str().contains('@') || authority.host().is_empty() {
-            return None;
-        }
-        // `Authority::port` is `None` for a non-numeric port too, so the
-        // text after the host is checked: nothing, or `:` and a u16.
-        let port = match authority.as_str().strip_prefix(authority.host())? {
-            "" => 80,
-            rest => rest.strip_prefix(':')?.parse::<u16>().ok()?,
-        };
-        Some(UpstreamUrl {
-            authority: format!("{}:{port}", authority.host()),
-            prefix: uri.path().trim_end_matches('/').to_string(),
-        })
-    }
-
-    /// The request-target upstream for a client target (already stripped of
-    /// `access_token`).
-    pub fn target_for(&self, client_target: &str) -> String {
-        format!("{}{}", self.prefix, client_target)
     }
 }
 

@@ -46,7 +46,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::{Heartbeat, Limits};
@@ -54,7 +53,8 @@ use crate::metrics::{Direction, Metrics};
 use crate::reject::CloseReason;
 use crate::relay::frame::{self, CLOSE, PING, PONG};
 use crate::relay::{Event, Filter, Refusal, Rules};
-use crate::upstream::Backend;
+use crate::upstream::pool::Lease;
+use crate::upstream::{Backend, BackendIo};
 use echo::{Action, Echo};
 use registry::{unix_now, ConnInfo};
 use timer::{Ms, NEVER};
@@ -420,9 +420,11 @@ enum Fire {
 /// Proxy mode's half of a session: the backend and a filter each way.
 /// Boxed in [`Mode`], so that echo sessions do not carry its room.
 struct Proxy {
-    up: Side<TcpStream>,
+    up: Side<BackendIo>,
     from_client: Filter,
     from_up: Filter,
+    /// Counts the session against its backend until it ends.
+    _lease: Option<Lease>,
 }
 
 /// How the client's side is handled: relayed to a backend, or answered.
@@ -493,7 +495,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin + handover::Movable> Session<C> {
             Some(b) => {
                 let from_client = Filter::new(Rules { from_client: true, deflate: b.deflate, max_message });
                 let from_up = Filter::new(Rules { from_client: false, deflate: b.deflate, max_message });
-                (Mode::Proxy(Box::new(Proxy { up: Side::new(b.tcp), from_client, from_up })), b.rest)
+                let proxy = Proxy { up: Side::new(b.io), from_client, from_up, _lease: b.lease };
+                (Mode::Proxy(Box::new(proxy)), b.rest)
             }
             None => (Mode::Echo(Echo::new(max_message, deflate)), Box::default()),
         };
@@ -710,7 +713,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin + handover::Movable> Session<C> {
         first
     }
 
-    fn up(&self) -> Option<&Side<TcpStream>> {
+    fn up(&self) -> Option<&Side<BackendIo>> {
         match &self.mode {
             Mode::Proxy(p) => Some(&p.up),
             Mode::Echo(_) => None,
@@ -1184,6 +1187,7 @@ mod tests {
     use super::*;
     use crate::config::OnUserCap;
     use registry::Registry;
+    use tokio::net::TcpStream;
 
     async fn pair() -> (TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1265,7 +1269,14 @@ mod tests {
         let echo = run(Client { io: a, rest: Vec::new() }, None, params());
         let (c, _d) = pair().await;
         let (e, _f) = pair().await;
-        let up = Backend { tcp: c, rest: Box::default(), protocol: None, extensions: None, deflate: false };
+        let up = Backend {
+            io: BackendIo::Plain(c),
+            rest: Box::default(),
+            protocol: None,
+            extensions: None,
+            deflate: false,
+            lease: None,
+        };
         let proxy = run(Client { io: e, rest: Vec::new() }, Some(up), params());
         assert!(std::mem::size_of_val(&echo) <= 320, "{}", std::mem::size_of_val(&echo));
         assert_eq!(std::mem::size_of_val(&echo), std::mem::size_of_val(&proxy));

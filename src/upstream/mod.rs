@@ -1,15 +1,34 @@
-//! Stage 6, the upstream: connect to the backend **before** answering 101,
+//! Stage 6, the upstream: connect to a backend **before** answering 101,
 //! carrying the identity and the client's request across.
 //!
-//! Request-target upstream: the `upstream.url` path as a prefix, then the
-//! client's path and query without `access_token` (`ws://b:9000/api` and a
-//! client on `/chat?room=1` → `/api/chat?room=1`).
+//! Request-target upstream: outside any route, the backend URL's path as a
+//! prefix, then the client's path and query without `access_token`
+//! (`ws://b:9000/api` and a client on `/chat?room=1` → `/api/chat?room=1`);
+//! within a route, the matched prefix replaced by the URL's path.
+//!
+//! This file is one backend connection (the request, the handshake, the
+//! transport); the rooms beside it:
+//! - [`pool`]: the backends of each route, their choice (balance), retries
+//!   and connection accounting, drain;
+//! - [`health`]: active checks and the hysteresis;
+//! - [`route`]: which pool a request path goes to;
+//! - [`tls`]: `wss://` toward backends (roots, SNI, client certificates).
 
+pub mod health;
+pub mod pool;
+pub mod route;
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::Request;
@@ -53,14 +72,20 @@ fn connection_named(head: &RequestHead) -> Vec<String> {
 /// and `X-Forwarded-For` with the client appended. `peer` is the TCP peer
 /// (its `X-Forwarded-For` is kept only when it is a trusted proxy);
 /// `client` the client as resolved.
+///
+/// `claims` are the claim headers of the chosen pool: the identity's other
+/// forwarded claims (another route's) are not sent, yet every pool's claim
+/// header names are stripped from what the client sent.
 pub fn request_headers(
     head: &RequestHead,
     identity: &Identity,
+    claims: &BTreeMap<String, String>,
     cfg: &Config,
     peer: SocketAddr,
     client: SocketAddr,
 ) -> Vec<(String, String)> {
-    let mut reserved: Vec<&str> = cfg.upstream.claim_headers.values().map(String::as_str).collect();
+    let every = cfg.upstream.every_claim_header();
+    let mut reserved: Vec<&str> = every.clone().collect();
     reserved.extend(identity.forward.iter().map(|(n, _)| n.as_str()));
     let hop = connection_named(head);
     let strip_cookie = cfg.auth.carriers.contains(&Carrier::Cookie);
@@ -78,7 +103,11 @@ pub fn request_headers(
         headers.push((name.clone(), value.clone()));
     }
     headers.push(("X-Portcullis-Sub".into(), identity.sub.clone()));
-    headers.extend(identity.forward.iter().cloned());
+    // A claim header is the pool's when it names it; an authenticator's
+    // own identity headers (not claim headers at all) always go.
+    let claim_named = |n: &str| every.clone().any(|h| h.eq_ignore_ascii_case(n));
+    let ours = |n: &str| claims.values().any(|h| h.eq_ignore_ascii_case(n));
+    headers.extend(identity.forward.iter().filter(|(n, _)| !claim_named(n) || ours(n)).cloned());
     let mut xff: Vec<String> = if is_trusted(&cfg.listen.trusted_proxies, peer.ip()) {
         head.headers_named("x-forwarded-for").map(str::to_string).collect()
     } else {
@@ -100,7 +129,7 @@ pub fn request_headers(
 /// session, so every word here is paid per connection.
 #[derive(Debug)]
 pub struct Backend {
-    pub tcp: TcpStream,
+    pub io: BackendIo,
     /// Bytes the backend sent right behind its 101 (frames already).
     pub rest: Box<[u8]>,
     /// The subprotocol the backend chose, if any.
@@ -109,6 +138,67 @@ pub struct Backend {
     pub extensions: Option<Box<str>>,
     /// `permessage-deflate` was agreed: RSV1 may be set on messages.
     pub deflate: bool,
+    /// Counts this connection against its backend (`/admin/backends`, the
+    /// `least_connections` choice, drain) until the session drops it.
+    pub lease: Option<pool::Lease>,
+}
+
+/// A backend transport: TCP, or TLS over it (`wss://`). The TLS state is
+/// boxed: plain backends do not carry its room.
+#[derive(Debug)]
+pub enum BackendIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            BackendIo::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendIo::Plain(t) => Pin::new(t).poll_write(cx, buf),
+            BackendIo::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendIo::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            BackendIo::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            BackendIo::Plain(t) => t.is_write_vectored(),
+            BackendIo::Tls(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Plain(t) => Pin::new(t).poll_flush(cx),
+            BackendIo::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            BackendIo::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// The upgrade request for one backend connection, built and checked
@@ -173,24 +263,39 @@ impl Offer {
     }
 }
 
-/// Opens the backend WebSocket within `timeout` and makes `offer`.
-pub async fn connect(url: &UpstreamUrl, offer: Offer, timeout: Duration) -> Result<Backend, String> {
+/// Opens the backend WebSocket within `timeout` and makes `offer`; a
+/// `wss://` URL through `tls` (its verification name given by
+/// [`tls::Tls::connector`]).
+pub async fn connect(
+    url: &UpstreamUrl,
+    tls: Option<(&TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    offer: Offer,
+    timeout: Duration,
+) -> Result<Backend, String> {
     let attempt = async {
         let Offer { head, key, subprotocols, extensions } = offer;
         // Boxed: the connect is short, the wait for the answer can be
         // long, and this future keeps the room of its largest state.
-        let mut tcp =
-            Box::pin(TcpStream::connect(&url.authority)).await.map_err(|e| format!("connect: {e}"))?;
+        let tcp = Box::pin(TcpStream::connect(&url.authority)).await.map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        tcp.write_all(&head).await.map_err(|e| format!("handshake: {e}"))?;
+        let mut io = match (url.tls, tls) {
+            (false, _) => BackendIo::Plain(tcp),
+            (true, Some((connector, name))) => BackendIo::Tls(Box::new(
+                Box::pin(connector.connect(name, tcp)).await.map_err(|e| format!("tls: {e}"))?,
+            )),
+            (true, None) => return Err("tls: no TLS configuration for a wss:// backend".into()),
+        };
+        io.write_all(&head).await.map_err(|e| format!("handshake: {e}"))?;
+        io.flush().await.map_err(|e| format!("handshake: {e}"))?;
         drop(head);
-        let answer = read_upgrade_answer(&mut tcp, &key, &subprotocols, extensions.as_deref()).await?;
+        let answer = read_upgrade_answer(&mut io, &key, &subprotocols, extensions.as_deref()).await?;
         Ok(Backend {
-            tcp,
+            io,
             rest: answer.rest.into_boxed_slice(),
             protocol: answer.protocol.map(String::into_boxed_str),
             deflate: answer.extensions.as_deref().is_some_and(agrees_deflate),
             extensions: answer.extensions.map(String::into_boxed_str),
+            lease: None,
         })
     };
     tokio::time::timeout(timeout, attempt).await.map_err(|_| "connect timeout".to_string())?
@@ -200,8 +305,8 @@ pub async fn connect(url: &UpstreamUrl, offer: Offer, timeout: Duration) -> Resu
 /// §4.1): 101, `Upgrade: websocket`, `Connection: upgrade`, the accept key,
 /// a subprotocol only among those offered, extensions only among those
 /// offered.
-async fn read_upgrade_answer(
-    tcp: &mut TcpStream,
+async fn read_upgrade_answer<S: AsyncRead + Unpin>(
+    tcp: &mut S,
     key: &str,
     offered: &[String],
     offered_extensions: Option<&str>,
@@ -318,7 +423,6 @@ mod tests {
             "",
             "ws://",
             "ws:///path",
-            "wss://backend:443/",
             "WS-ish://backend/",
             "ws://backend:65536/",
             "ws://backend:-1/",
