@@ -71,7 +71,14 @@ pub struct SideState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModeState {
     Echo(EchoState),
-    Proxy { up: SideState, from_client: FilterState, from_up: FilterState },
+    /// `backend`: the URL as configured of the backend it counts against
+    /// (empty for none), so the new process counts it there too.
+    Proxy {
+        up: SideState,
+        from_client: FilterState,
+        from_up: FilterState,
+        backend: String,
+    },
 }
 
 /// Everything a session is, besides its sockets. Times are the shared
@@ -185,12 +192,12 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Movable> Session<C> {
                 // An echo half-way through inflating a compressed message
                 // cannot move either (the inflater's window is not plain
                 // data); it stays, as a TLS session does.
-                let state = client_fd.filter(|_| self.can_move()).map(|_| Box::new(self.snapshot()));
-                let movable = state.is_some();
                 let up_fd = match &self.mode {
-                    Mode::Proxy(p) => Some(p.up.io.as_raw_fd()),
+                    Mode::Proxy(p) => p.up.io.plain_fd(),
                     Mode::Echo(_) => None,
                 };
+                let state = client_fd.filter(|_| self.can_move()).map(|_| Box::new(self.snapshot()));
+                let movable = state.is_some();
                 // Paused before the upgrade can see the answer, so its
                 // verdict always finds the session waiting for it.
                 self.info.set_pause(if movable { PAUSED } else { NONE });
@@ -207,7 +214,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Movable> Session<C> {
     fn can_move(&self) -> bool {
         match &self.mode {
             Mode::Echo(e) => e.movable(),
-            Mode::Proxy(_) => true,
+            // A wss:// backend's TLS state is not plain data either.
+            Mode::Proxy(p) => p.up.io.plain_fd().is_some(),
         }
     }
 
@@ -245,6 +253,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Movable> Session<C> {
                     up: side_state(&p.up),
                     from_client: p.from_client.snapshot(),
                     from_up: p.from_up.snapshot(),
+                    backend: p._lease.as_ref().map(|l| l.url().to_string()).unwrap_or_default(),
                 },
             },
         }
@@ -314,14 +323,16 @@ pub fn resume(
     up: Option<TcpStream>,
     info: Arc<ConnInfo>,
     metrics: Arc<Metrics>,
+    lease: Option<crate::upstream::pool::Lease>,
 ) -> Result<impl Future<Output = CloseReason> + Send, &'static str> {
     check(&state, up.is_some())?;
     let mode = match (state.mode, up) {
         (ModeState::Echo(e), None) => Mode::Echo(Echo::restore(e).ok_or("echo state")?),
-        (ModeState::Proxy { up: us, from_client, from_up }, Some(io)) => Mode::Proxy(Box::new(Proxy {
-            up: side_from(io, us),
+        (ModeState::Proxy { up: us, from_client, from_up, .. }, Some(io)) => Mode::Proxy(Box::new(Proxy {
+            up: side_from(crate::upstream::BackendIo::Plain(io), us),
             from_client: Filter::restore(from_client).ok_or("client filter state")?,
             from_up: Filter::restore(from_up).ok_or("backend filter state")?,
+            _lease: lease,
         })),
         _ => return Err("mode and descriptors disagree"),
     };

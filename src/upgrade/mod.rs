@@ -812,7 +812,13 @@ impl Rebuild {
         let client = socket(self.client)?;
         let up = self.up.map(socket).transpose()?;
         let info = self.slot.info.clone();
-        let session = handover::resume(self.state, client, up, info, shared.metrics.clone())
+        let lease = match &self.state.mode {
+            handover::ModeState::Proxy { backend, .. } if !backend.is_empty() => {
+                shared.upstream.lease_for(backend, info.id)
+            }
+            _ => None,
+        };
+        let session = handover::resume(self.state, client, up, info, shared.metrics.clone(), lease)
             .map_err(|_| UpgradeError::Protocol("session state"))?;
         Ok(Box::pin(crate::pipeline::adopted(shared, Box::pin(session), self.slot, self.ip, self.conn)))
     }

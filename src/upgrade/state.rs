@@ -210,11 +210,12 @@ fn session(w: &mut W, s: &SessionState) {
             w.u8(e.utf8_n);
             w.bool(e.deflate);
         }
-        ModeState::Proxy { up, from_client, from_up } => {
+        ModeState::Proxy { up, from_client, from_up, backend } => {
             w.u8(1);
             side(w, up);
             filter(w, from_client);
             filter(w, from_up);
+            w.bytes(backend.as_bytes());
         }
     }
 }
@@ -304,9 +305,12 @@ fn read_session(r: &mut R) -> Result<SessionState, StateError> {
                 utf8_n: r.u8()?,
                 deflate: r.bool()?,
             }),
-            1 => {
-                ModeState::Proxy { up: read_side(r)?, from_client: read_filter(r)?, from_up: read_filter(r)? }
-            }
+            1 => ModeState::Proxy {
+                up: read_side(r)?,
+                from_client: read_filter(r)?,
+                from_up: read_filter(r)?,
+                backend: String::from_utf8(r.bytes()?).map_err(|_| StateError::Invalid("backend url"))?,
+            },
             _ => return Err(StateError::Invalid("session mode")),
         },
     })
@@ -522,6 +526,7 @@ mod tests {
                     in_message: false,
                     message_bytes: 0,
                 },
+                backend: "ws://10.0.0.1:8000/ws".into(),
             }
         } else {
             ModeState::Echo(EchoState {

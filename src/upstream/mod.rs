@@ -151,6 +151,17 @@ pub enum BackendIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl BackendIo {
+    /// The socket, when nothing but the kernel holds the connection's
+    /// state (a TLS session's is in this process: it cannot be handed over).
+    pub fn plain_fd(&self) -> Option<std::os::fd::RawFd> {
+        match self {
+            BackendIo::Plain(t) => Some(std::os::fd::AsRawFd::as_raw_fd(t)),
+            BackendIo::Tls(_) => None,
+        }
+    }
+}
+
 impl AsyncRead for BackendIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {

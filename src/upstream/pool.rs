@@ -174,6 +174,13 @@ impl Pools {
         self.current.load().proxies()
     }
 
+    /// A lease on the backend configured as `url`, for connection `id`
+    /// (one a binary upgrade moved here); `None` when no pool lists it now.
+    pub fn lease_for(&self, url: &str, id: u64) -> Option<Lease> {
+        let set = self.current.load();
+        set.backends().iter().find(|b| b.url.text == url).map(|b| Lease::new(b.clone(), id))
+    }
+
     /// `/admin/backends`, of the set in force.
     pub fn list(&self) -> Vec<BackendView> {
         self.current.load().list()
@@ -555,6 +562,13 @@ impl Lease {
         lock(&backend.ids).insert(id);
         backend.series.connections.increment(1.0);
         Lease { backend, id }
+    }
+}
+
+impl Lease {
+    /// Its backend's URL as configured.
+    pub fn url(&self) -> &str {
+        &self.backend.url.text
     }
 }
 
