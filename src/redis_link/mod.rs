@@ -84,6 +84,9 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// The sorted set of revocations: the store's (`revocation::redis`), and
+/// on a Cluster the key whose slot's primary the link follows.
+pub const REVOCATIONS_KEY: &str = "portcullis:revocations";
 /// Where `evict_oldest` names a lease whose connection must close.
 pub const EVICT_CHANNEL: &str = "portcullis:evict";
 /// Bound on calls no handshake waits for (revoke's publish, lease renewal

@@ -147,7 +147,7 @@ impl Target {
                 Ok((c, format!("{host}:{port}")))
             }
             RedisMode::Cluster => {
-                let slot = cluster::slot(crate::revocation::redis::REVOCATIONS_KEY);
+                let slot = cluster::slot(super::REVOCATIONS_KEY);
                 let mut errors = Vec::new();
                 for (host, port) in &self.seeds {
                     let asked = async {

@@ -80,8 +80,9 @@ use crate::metrics::Metrics;
 use crate::redis_link::target::{classify, connect as open_conn, LinkError, Target};
 use crate::redis_link::{cluster, sentinel, Conn, RedisLink, BACKGROUND_TIMEOUT, EVICT_CHANNEL};
 
-/// The sorted set of revocations.
-pub const REVOCATIONS_KEY: &str = "portcullis:revocations";
+/// The sorted set of revocations (named in `redis_link`, which must find
+/// its Cluster slot before the store exists).
+pub use crate::redis_link::REVOCATIONS_KEY;
 /// Where a newly added revocation is announced.
 pub const REVOKED_CHANNEL: &str = "portcullis:revoked";
 
