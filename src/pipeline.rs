@@ -226,9 +226,7 @@ async fn front(
                 ctx.client = a;
                 // The first moment a proxied client is known: a banned one
                 // goes now, before anything of its own is read.
-                if !is_trusted(&cfg.listen.trusted_proxies, a.ip())
-                    && shared.bans.is_banned(a.ip(), crate::clock::unix_now())
-                {
+                if !is_trusted(&cfg.listen.trusted_proxies, a.ip()) && shared.bans.is_banned(a.ip()) {
                     reset_on_close(&tcp);
                     return Err(Reject::Banned);
                 }
@@ -501,7 +499,7 @@ fn client(
         return Ok(());
     }
     ctx.client = SocketAddr::new(client_ip, 0);
-    if shared.bans.is_banned(client_ip, crate::clock::unix_now()) {
+    if shared.bans.is_banned(client_ip) {
         return Err((Reject::Banned, None));
     }
     let key = IpKey::new(client_ip);

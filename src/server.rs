@@ -158,7 +158,7 @@ impl Acceptor {
         let key = (!is_trusted(&cfg.listen.trusted_proxies, peer.ip())).then(|| IpKey::new(peer.ip()));
         // First of all, and cheapest: nothing read, no cap taken, no log
         // line (a ban is logged when it starts and ends, not per attempt).
-        if key.is_some() && shared.bans.is_banned(peer.ip(), crate::clock::unix_now()) {
+        if key.is_some() && shared.bans.is_banned(peer.ip()) {
             let _ = sock.set_linger(Some(Duration::ZERO));
             drop(sock);
             return shared.metrics.handshake_rejected(Reject::Banned, now.elapsed());
@@ -250,9 +250,6 @@ impl Acceptor {
 fn refuse_unread(shared: &Shared, sock: Socket, reason: Reject, peer: SocketAddr, since: Instant) {
     let _ = sock.set_linger(Some(Duration::ZERO));
     drop(sock);
-    if reason.strike() > 0.0 && !is_trusted(&shared.config.load().listen.trusted_proxies, peer.ip()) {
-        shared.bans.judge(&shared.config.load().ban, peer.ip(), Some(reason.strike()));
-    }
     events::rejected(&shared.metrics, &shared.log_limiter, reason, peer, None, since.elapsed());
 }
 
